@@ -1,0 +1,1 @@
+"""Command-line converters: diffusers/HF checkpoint folders -> vap_jax Orbax folders."""

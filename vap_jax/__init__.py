@@ -1,0 +1,1 @@
+"""vap_jax: Video-As-Prompt in JAX/Flax."""

@@ -1,0 +1,302 @@
+"""CogVideoX-5B-I2V transformer with the VAP reference-video expert (Mixture-of-Transformers).
+
+The target stream is the base CogVideoX-I2V model. Blocks listed in ``block_idx_with_mot_ref``
+carry a second, expert copy of the block weights for the reference stream; the two streams meet
+in `mot.joint_attention` over ``[text_tgt, video_tgt, text_ref..., video_ref...]``. Blocks without
+an expert pass the reference stream through. The expert has its own patch/text embedding and time
+MLP, sees the same timestep as the target, and its final hidden state is discarded: only the
+target is decoded. Without a reference the model *is* the base CogVideoX-I2V transformer.
+
+Latents are (B, F, C, H, W) as in diffusers. n references arrive concatenated along frames,
+(B, n*F, C, H, W), with their captions concatenated along the sequence, (B, n*L, text_dim).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vap_jax.models.mot import StreamAttention, joint_attention
+from vap_jax.nn.embeddings import sincos_3d_table, timestep_features
+from vap_jax.nn.layers import (AdaLayerNorm, Buffer, FeedForward, LayerNorm, LayerNormZero, Linear,
+                               TimestepEmbedding)
+from vap_jax.nn.rope import RopeTable, cogvideox_rope
+from vap_jax.parallel import constrain
+
+log = logging.getLogger(__name__)
+
+TOKEN_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+
+
+@dataclasses.dataclass(frozen=True)
+class CogVideoXConfig:
+  """Architecture (diffusers ``CogVideoXTransformer3DMOTModel`` fields) plus runtime choices."""
+  num_layers: int = 42
+  num_attention_heads: int = 48
+  attention_head_dim: int = 64
+  in_channels: int = 32
+  out_channels: int = 16
+  time_embed_dim: int = 512
+  text_embed_dim: int = 4096
+  patch_size: int = 2
+  max_text_seq_length: int = 226
+  sample_height: int = 60
+  sample_width: int = 90
+  sample_frames: int = 49
+  temporal_compression_ratio: int = 4
+  spatial_interpolation_scale: float = 1.875
+  temporal_interpolation_scale: float = 1.0
+  use_rotary_positional_embeddings: bool = True
+  use_learned_positional_embeddings: bool = True
+  flip_sin_to_cos: bool = True
+  freq_shift: int = 0
+  norm_eps: float = 1e-5
+  norm_elementwise_affine: bool = True
+  attention_bias: bool = True
+  patch_bias: bool = True
+  block_idx_with_mot_ref: tuple[int, ...] = ()
+  # Runtime: compute dtype, parameter dtype, attention implementation (vap_jax.nn.attention).
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  attention: str = 'xla'
+
+  @property
+  def inner_dim(self) -> int:
+    return self.num_attention_heads * self.attention_head_dim
+
+  def __post_init__(self):
+    bad = [i for i in self.block_idx_with_mot_ref if not 0 <= i < self.num_layers]
+    if bad:
+      raise ValueError(f'block_idx_with_mot_ref {bad} outside the {self.num_layers} layers')
+
+  @classmethod
+  def from_diffusers(cls, config: dict[str, Any], **runtime) -> 'CogVideoXConfig':
+    """Build from a diffusers ``transformer/config.json`` dict; rejects features we do not run."""
+    unsupported = {
+        'patch_size_t': None, 'ofs_embed_dim': None, 'attention_head_dim_mot_ref': None,
+        'supported_effect_types': None, 'num_ref_embeddings': None, 'reference_train_mode': None,
+        'ablation_single_encoder': False, 'ablation_residual_addition': False,
+        'activation_fn': 'gelu-approximate', 'timestep_activation_fn': 'silu',
+    }
+    for key, expected in unsupported.items():
+      if config.get(key, expected) != expected:
+        raise ValueError(f'transformer config field {key}={config[key]!r} is not supported '
+                         f'(expected {expected!r})')
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in config.items() if k in names}
+    kwargs['block_idx_with_mot_ref'] = tuple(config.get('block_idx_with_mot_ref') or ())
+    return cls(**kwargs, **runtime)
+
+
+class Stream(NamedTuple):
+  """One token stream flowing through the blocks: video and text tokens, its temb and RoPE."""
+  video: jax.Array
+  text: jax.Array
+  temb: jax.Array
+  rope: RopeTable | None
+
+
+def _dtypes(cfg: CogVideoXConfig):
+  return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+class PatchEmbed(nnx.Module):
+  """Text projection + 2x2 patchify-and-project of every frame, plus the absolute position table."""
+
+  def __init__(self, cfg: CogVideoXConfig, *, rngs: nnx.Rngs):
+    self.cfg, p, d = cfg, cfg.patch_size, cfg.inner_dim
+    self.proj = Linear(cfg.in_channels * p * p, d, axes=('patch', 'embed'), use_bias=cfg.patch_bias,
+                       rngs=rngs, **_dtypes(cfg))
+    self.text_proj = Linear(cfg.text_embed_dim, d, axes=('text_embed', 'embed'), rngs=rngs,
+                            **_dtypes(cfg))
+    # Learned tables are checkpoint buffers, initialised (as in diffusers) to the sin-cos table.
+    self.pos_embedding = (Buffer(jnp.asarray(self._sincos(cfg.sample_height, cfg.sample_width,
+                                                          cfg.sample_frames), cfg.param_dtype)[None],
+                                 logical_axes=(None, 'length', 'embed'))
+                          if cfg.use_learned_positional_embeddings else None)
+
+  def _sincos(self, height: int, width: int, frames: int) -> np.ndarray:
+    cfg, p = self.cfg, self.cfg.patch_size
+    latent_frames = (frames - 1) // cfg.temporal_compression_ratio + 1
+    table = sincos_3d_table(cfg.inner_dim, height // p, width // p, latent_frames,
+                            spatial_scale=cfg.spatial_interpolation_scale,
+                            temporal_scale=cfg.temporal_interpolation_scale)
+    return np.concatenate([np.zeros((cfg.max_text_seq_length, cfg.inner_dim)), table])
+
+  def __call__(self, text: jax.Array, latents: jax.Array) -> jax.Array:
+    cfg, p = self.cfg, self.cfg.patch_size
+    b, f, c, h, w = latents.shape
+    patches = latents.reshape(b, f, c, h // p, p, w // p, p).transpose(0, 1, 3, 5, 2, 4, 6)
+    video = self.proj(patches.reshape(b, f * (h // p) * (w // p), c * p * p))
+    x = jnp.concatenate([self.text_proj(text), video], axis=1)
+    if cfg.use_rotary_positional_embeddings and not cfg.use_learned_positional_embeddings:
+      return x  # CogVideoX-5B: RoPE only.
+    if cfg.use_learned_positional_embeddings and (h, w) != (cfg.sample_height, cfg.sample_width):
+      raise ValueError(f'learned positional embeddings fix the latent size to '
+                       f'{cfg.sample_height}x{cfg.sample_width}, got {h}x{w}')
+    if cfg.use_learned_positional_embeddings and (f - 1) * cfg.temporal_compression_ratio + 1 == cfg.sample_frames:
+      pos = self.pos_embedding[...]
+    else:
+      if cfg.use_learned_positional_embeddings:
+        log.warning('%d latent frames differ from sample_frames=%d: the learned position table is '
+                    'replaced by sin-cos positions, as diffusers does', f, cfg.sample_frames)
+      pos = jnp.asarray(self._sincos(h, w, (f - 1) * cfg.temporal_compression_ratio + 1))[None]
+    return x + pos.astype(x.dtype)
+
+
+class CogVideoXLayer(nnx.Module):
+  """One stream's block weights: norm1, attn1, norm2, ff (the base or the expert copy)."""
+
+  def __init__(self, cfg: CogVideoXConfig, *, rngs: nnx.Rngs):
+    d, kw = cfg.inner_dim, dict(rngs=rngs, **_dtypes(cfg))
+    norm_kw = dict(eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, **kw)
+    self.norm1 = LayerNormZero(cfg.time_embed_dim, d, **norm_kw)
+    self.attn1 = StreamAttention(d, cfg.num_attention_heads, cfg.attention_head_dim,
+                                 qk_norm='layer_norm', eps=1e-6, bias=cfg.attention_bias, **kw)
+    self.norm2 = LayerNormZero(cfg.time_embed_dim, d, **norm_kw)
+    self.ff = FeedForward(d, 4 * d, **kw)
+
+  def attention_input(self, s: Stream):
+    video, text, gate, text_gate = self.norm1(s.video, s.text, s.temb)
+    return jnp.concatenate([text, video], axis=1), (gate, text_gate)
+
+  def finish(self, s: Stream, attn: jax.Array, gates) -> Stream:
+    """Gated attention residual, then the gated feed-forward on [text ; video]."""
+    n_text, (gate, text_gate) = s.text.shape[1], gates
+    video = s.video + gate * attn[:, n_text:]
+    text = s.text + text_gate * attn[:, :n_text]
+    norm_video, norm_text, gate, text_gate = self.norm2(video, text, s.temb)
+    ff = self.ff(jnp.concatenate([norm_text, norm_video], axis=1))
+    video = constrain(video + gate * ff[:, n_text:], TOKEN_AXES)
+    return s._replace(video=video, text=text + text_gate * ff[:, :n_text])
+
+
+class CogVideoXBlock(nnx.Module):
+  """A base layer for the target and, on expert blocks, an expert layer for the references."""
+
+  def __init__(self, cfg: CogVideoXConfig, with_expert: bool, *, rngs: nnx.Rngs):
+    self.attention = cfg.attention
+    self.base = CogVideoXLayer(cfg, rngs=rngs)
+    self.expert = CogVideoXLayer(cfg, rngs=rngs) if with_expert else None
+
+  def __call__(self, target: Stream, ref: Stream | None) -> tuple[Stream, Stream | None]:
+    pairs = [(self.base, target)]
+    if self.expert is not None and ref is not None:
+      pairs.append((self.expert, ref))
+    inputs = [layer.attention_input(s) for layer, s in pairs]
+    attn = joint_attention([layer.attn1 for layer, _ in pairs], [x for x, _ in inputs],
+                           [s.rope for _, s in pairs], [s.text.shape[1] for _, s in pairs],
+                           implementation=self.attention)
+    out = [layer.finish(s, a, gates) for (layer, s), a, (_, gates) in zip(pairs, attn, inputs)]
+    return out[0], (out[1] if len(out) > 1 else ref)
+
+
+class CogVideoXTransformer(nnx.Module):
+  """CogVideoX-I2V DiT + VAP expert. ``__call__`` returns the target's prediction (B,F,C_out,H,W)."""
+
+  def __init__(self, cfg: CogVideoXConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, kw = cfg.inner_dim, dict(rngs=rngs, **_dtypes(cfg))
+    expert_blocks = set(cfg.block_idx_with_mot_ref)
+    self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+    self.time_embedding = TimestepEmbedding(d, cfg.time_embed_dim, **kw)
+    if expert_blocks:
+      self.expert_patch_embed = PatchEmbed(cfg, rngs=rngs)
+      self.expert_time_embedding = TimestepEmbedding(d, cfg.time_embed_dim, **kw)
+    else:
+      self.expert_patch_embed = self.expert_time_embedding = None
+    self.blocks = nnx.List([CogVideoXBlock(cfg, i in expert_blocks, rngs=rngs)
+                            for i in range(cfg.num_layers)])
+    self.norm_final = LayerNorm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine,
+                                param_dtype=kw['param_dtype'], rngs=rngs)
+    self.norm_out = AdaLayerNorm(cfg.time_embed_dim, d, eps=cfg.norm_eps,
+                                 affine=cfg.norm_elementwise_affine, **kw)
+    self.proj_out = Linear(d, cfg.patch_size ** 2 * cfg.out_channels, axes=('embed', None), **kw)
+
+  def rope(self, frames: int, height: int, width: int, num_refs: int = 0) -> RopeTable | None:
+    """RoPE table for latents of (frames, height, width): target, or ``num_refs`` references."""
+    cfg, p = self.cfg, self.cfg.patch_size
+    if not cfg.use_rotary_positional_embeddings:
+      return None
+    cos, sin = cogvideox_rope(cfg.attention_head_dim, frames, height // p, width // p,
+                              base_h=cfg.sample_height // p, base_w=cfg.sample_width // p,
+                              num_refs=num_refs)
+    return jnp.asarray(cos), jnp.asarray(sin)
+
+  def __call__(self, latents: jax.Array, text: jax.Array, timestep: jax.Array,
+               ref_latents: jax.Array | None = None, ref_text: jax.Array | None = None) -> jax.Array:
+    """latents (B,F,C,H,W), text (B,L,text_dim), timestep (B,) or scalar.
+
+    ref_latents (B, n*F, C, H, W) and ref_text (B, n*L, text_dim) feed the expert; leave both
+    None to run the base model.
+    """
+    target, ref = self.embed(latents, text, timestep, ref_latents, ref_text)
+    for block in self.blocks:
+      target, ref = block(target, ref)
+    return self.head(target, latents.shape)
+
+  def embed(self, latents, text, timestep, ref_latents=None, ref_text=None):
+    """Inputs -> (target stream, reference stream or None) ready for the blocks."""
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    b, f, c, h, w = self._check_inputs(latents, text, ref_latents, ref_text)
+    n_text = text.shape[1]
+    t_feat = timestep_features(jnp.broadcast_to(timestep, (b,)), cfg.inner_dim,
+                               flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+    t_feat = t_feat.astype(dtype)
+    x = constrain(self.patch_embed(text.astype(dtype), latents.astype(dtype)), TOKEN_AXES)
+    target = Stream(x[:, n_text:], x[:, :n_text], self.time_embedding(t_feat), self.rope(f, h, w))
+    if ref_latents is None:
+      return target, None
+    n = ref_latents.shape[1] // f
+    # Each reference is embedded on its own (own text chunk, own frames, same position table).
+    chunks = self.expert_patch_embed(
+        ref_text.astype(dtype).reshape(b * n, n_text, -1),
+        ref_latents.astype(dtype).reshape(b * n, f, c, h, w)).reshape(b, n, -1, cfg.inner_dim)
+    ref = Stream(constrain(chunks[:, :, n_text:].reshape(b, -1, cfg.inner_dim), TOKEN_AXES),
+                 chunks[:, :, :n_text].reshape(b, -1, cfg.inner_dim),
+                 self.expert_time_embedding(t_feat), self.rope(f, h, w, num_refs=n))
+    return target, ref
+
+  def head(self, target: Stream, latent_shape) -> jax.Array:
+    """Final norms and projection of the target stream, unpatchified to (B, F, C_out, H, W)."""
+    b, f, _, h, w = latent_shape
+    p = self.cfg.patch_size
+    video = self.proj_out(self.norm_out(self.norm_final(target.video), target.temb))
+    out = video.reshape(b, f, h // p, w // p, -1, p, p).transpose(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(b, f, -1, h, w)
+
+  def _check_inputs(self, latents, text, ref_latents, ref_text):
+    cfg = self.cfg
+    if latents.ndim != 5 or latents.shape[2] != cfg.in_channels:
+      raise ValueError(f'latents must be (B, F, {cfg.in_channels}, H, W), got {latents.shape}')
+    b, f, c, h, w = latents.shape
+    if h % cfg.patch_size or w % cfg.patch_size:
+      raise ValueError(f'latent height/width {h}x{w} must be multiples of patch_size {cfg.patch_size}')
+    if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_embed_dim:
+      raise ValueError(f'text must be ({b}, L, {cfg.text_embed_dim}), got {text.shape}')
+    if (ref_latents is None) != (ref_text is None):
+      raise ValueError('ref_latents and ref_text must be given together')
+    if ref_latents is None:
+      return latents.shape
+    if self.expert_patch_embed is None:
+      raise ValueError('references were given but this model has no expert '
+                       '(block_idx_with_mot_ref is empty)')
+    if (ref_latents.ndim != 5 or ref_latents.shape[0] != b or ref_latents.shape[2:] != (c, h, w)
+        or ref_latents.shape[1] % f or ref_latents.shape[1] == 0):
+      raise ValueError(f'ref_latents must be ({b}, n*{f}, {c}, {h}, {w}) for n >= 1 references, '
+                       f'got {ref_latents.shape}')
+    n = ref_latents.shape[1] // f
+    if ref_text.shape != (b, n * text.shape[1], cfg.text_embed_dim):
+      raise ValueError(f'ref_text must be ({b}, {n}*{text.shape[1]}, {cfg.text_embed_dim}) for '
+                       f'{n} references, got {ref_text.shape}')
+    return latents.shape
+
+
+def trainable_filter(path: Sequence[Any], _value=None) -> bool:
+  """True for expert parameters (the only ones VAP trains)."""
+  return any(str(part).startswith('expert') for part in path)

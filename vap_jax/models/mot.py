@@ -1,0 +1,87 @@
+"""Mixture-of-Transformers joint attention: the heart of VAP, shared by both backbones.
+
+Every stream (the target video, and the reference-video expert) owns its attention weights. Each
+projects its own tokens to Q/K/V and normalises them, applies its own RoPE table, then *one*
+full, unmasked, bidirectional attention runs over the concatenation of all streams' tokens, in
+stream order (target first). The result is split back at the stream boundaries and each stream
+applies its own output projection. With a single stream this is ordinary self-attention, which is
+how the base model (expert off) runs through the same code.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vap_jax.nn.attention import attention
+from vap_jax.nn.layers import LayerNorm, Linear, RMSNorm
+from vap_jax.nn.rope import RopeTable, apply_rope
+from vap_jax.parallel import constrain
+
+QK_NORMS = (None, 'layer_norm', 'rms_norm_across_heads')
+HEADS_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
+
+
+class StreamAttention(nnx.Module):
+  """One stream's attention weights: to_q/to_k/to_v/to_out and the Q/K normalisation.
+
+  ``qk_norm='layer_norm'`` normalises each head separately (CogVideoX);
+  ``'rms_norm_across_heads'`` normalises the full width before the head split (Wan).
+  """
+
+  def __init__(self, dim: int, heads: int, head_dim: int, *, qk_norm: str | None, eps: float,
+               bias: bool = True, out_bias: bool = True, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if qk_norm not in QK_NORMS:
+      raise ValueError(f'qk_norm {qk_norm!r} is not one of {QK_NORMS}')
+    self.heads, self.head_dim, self.qk_norm = heads, head_dim, qk_norm
+    inner = heads * head_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.to_q = Linear(dim, inner, axes=('embed', 'heads'), use_bias=bias, **kw)
+    self.to_k = Linear(dim, inner, axes=('embed', 'heads'), use_bias=bias, **kw)
+    self.to_v = Linear(dim, inner, axes=('embed', 'heads'), use_bias=bias, **kw)
+    self.to_out = Linear(inner, dim, axes=('heads', 'embed'), use_bias=out_bias, **kw)
+    norm_kw = dict(eps=eps, param_dtype=param_dtype, rngs=rngs)
+    if qk_norm == 'layer_norm':
+      self.norm_q, self.norm_k = LayerNorm(head_dim, **norm_kw), LayerNorm(head_dim, **norm_kw)
+    elif qk_norm == 'rms_norm_across_heads':
+      self.norm_q, self.norm_k = RMSNorm(inner, **norm_kw), RMSNorm(inner, **norm_kw)
+    else:
+      self.norm_q = self.norm_k = None
+
+  def qkv(self, x: jax.Array, rope: RopeTable | None = None, rope_start: int = 0):
+    """x: (B, S, dim) -> q, k, v: (B, S, heads, head_dim); RoPE on tokens [rope_start:]."""
+    q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+    if self.qk_norm == 'rms_norm_across_heads':
+      q, k = self.norm_q(q), self.norm_k(k)
+    q, k, v = (t.reshape(*t.shape[:-1], self.heads, self.head_dim) for t in (q, k, v))
+    if self.qk_norm == 'layer_norm':
+      q, k = self.norm_q(q), self.norm_k(k)
+    if rope is not None:
+      q, k = (jnp.concatenate([t[:, :rope_start], apply_rope(t[:, rope_start:], rope)], axis=1)
+              for t in (q, k))
+    return tuple(constrain(t, HEADS_AXES) for t in (q, k, v))
+
+  def out(self, o: jax.Array) -> jax.Array:
+    """(B, S, heads, head_dim) -> (B, S, dim)."""
+    return self.to_out(o.reshape(*o.shape[:-2], self.heads * self.head_dim))
+
+
+def joint_attention(streams: Sequence[StreamAttention], tokens: Sequence[jax.Array],
+                    ropes: Sequence[RopeTable | None], rope_starts: Sequence[int], *,
+                    implementation: str = 'xla') -> list[jax.Array]:
+  """One attention over all streams' tokens; returns each stream's projected output.
+
+  ``tokens[i]`` is stream i's (B, S_i, dim) input, ``ropes[i]`` its RoPE table for the tokens from
+  ``rope_starts[i]`` on (CogVideoX leaves its text prefix unrotated).
+  """
+  qkvs = [s.qkv(x, rope, start) for s, x, rope, start in zip(streams, tokens, ropes, rope_starts)]
+  q, k, v = (jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0] for parts in zip(*qkvs))
+  o = attention(q, k, v, implementation=implementation)
+  bounds, offset = [], 0
+  for x in tokens[:-1]:
+    offset += x.shape[1]
+    bounds.append(offset)
+  return [s.out(part) for s, part in zip(streams, jnp.split(o, bounds, axis=1))]

@@ -1,0 +1,6 @@
+"""Device mesh, logical->mesh sharding rules and activation constraints."""
+from vap_jax.parallel.sharding import (MESH_AXES, DEFAULT_RULES, constrain, logical_to_spec,
+                                       make_mesh, param_shardings, sharding_context)
+
+__all__ = ['MESH_AXES', 'DEFAULT_RULES', 'constrain', 'logical_to_spec', 'make_mesh',
+           'param_shardings', 'sharding_context']

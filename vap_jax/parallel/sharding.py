@@ -1,0 +1,139 @@
+"""Mesh over ('data', 'fsdp', 'context', 'tensor') and an ordered logical->mesh rule list.
+
+Parameters and activations are annotated with logical axis names (``embed``, ``heads``, ``mlp``,
+``activation_batch``, ...). A rule list maps each name to candidate mesh axes, first match wins,
+and a mesh axis is used at most once per tensor (so a (embed, embed) kernel shards only one dim).
+Model code only names logical axes; the mesh and the rules come from the config.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'context', 'tensor')
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# Weights: FSDP over the model width, tensor parallel over heads/MLP. Activations: batch over
+# data+fsdp, sequence over context, heads over tensor.
+DEFAULT_RULES: Rules = (
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_length', 'context'),
+    ('activation_heads', 'tensor'),
+    ('activation_mlp', 'tensor'),
+    ('activation_embed', None),
+    ('heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('embed', 'fsdp'),
+    ('text_embed', 'fsdp'),
+    ('time_embed', None),
+    ('patch', None),
+    ('length', None),
+    ('norm', None),
+)
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
+  """Mesh over MESH_AXES. ``shape`` maps axis -> size (missing axes are 1); -1 takes the rest."""
+  if not isinstance(shape, dict):
+    shape = dict(zip(MESH_AXES, shape))
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f'mesh axes {sorted(unknown)} are not among {MESH_AXES}')
+  devices = jax.devices() if devices is None else devices
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+  if -1 in sizes:
+    rest = math.prod(s for s in sizes if s != -1)
+    sizes[sizes.index(-1)] = len(devices) // rest
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
+                     f'{len(devices)} are available')
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+
+
+def logical_to_spec(names: Iterable[str | None], rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
+  """Logical axis names -> PartitionSpec under ordered ``rules`` (first unused mesh axis wins).
+
+  Mesh axes of size 1 are skipped when a mesh is given, so specs stay minimal.
+  """
+  used: set[str] = set()
+  spec = []
+  for name in names:
+    chosen = None
+    if name is not None:
+      for logical, mesh_axes in rules:
+        if logical != name or mesh_axes is None:
+          continue
+        axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        if mesh is not None:
+          axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        if axes and not used.intersection(axes):
+          chosen = axes[0] if len(axes) == 1 else axes
+          used.update(axes)
+          break
+    spec.append(chosen)
+  return PartitionSpec(*spec)
+
+
+def _logical_axes(variable: nnx.Variable, ndim: int) -> tuple[str | None, ...]:
+  axes = variable.get_metadata().get('logical_axes')
+  return tuple(axes) if axes is not None else (None,) * ndim
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+  """NamedSharding for every variable of ``state`` (abstract or concrete), validated for the mesh.
+
+  Raises a ValueError naming the parameter when a sharded dimension does not divide evenly.
+  """
+  def one(path, variable):
+    shape = variable.shape
+    spec = logical_to_spec(_logical_axes(variable, len(shape)), rules, mesh)
+    for dim, axes in zip(shape, spec):
+      if axes is None:
+        continue
+      size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+      if dim % size:
+        name = '.'.join(map(str, path))
+        raise ValueError(f'parameter {name} of shape {tuple(shape)} cannot be sharded as {spec} '
+                         f'on mesh {dict(mesh.shape)}: {dim} is not divisible by {size}')
+    return NamedSharding(mesh, spec)
+  return nnx.map_state(one, state)
+
+
+# ---- activation constraints -------------------------------------------------------------------
+
+class _Context(threading.local):
+  mesh: Mesh | None = None
+  rules: Rules = ()
+
+
+_context = _Context()
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """Within this context `constrain` pins activations to the mesh; outside it is a no-op."""
+  previous = (_context.mesh, _context.rules)
+  _context.mesh, _context.rules = mesh, rules
+  try:
+    with jax.set_mesh(mesh):
+      yield mesh
+  finally:
+    _context.mesh, _context.rules = previous
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """with_sharding_constraint by logical names, when a sharding context is active."""
+  if _context.mesh is None:
+    return x
+  spec = logical_to_spec(names, _context.rules, _context.mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(_context.mesh, spec))
