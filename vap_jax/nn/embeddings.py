@@ -17,7 +17,9 @@ def timestep_features(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
   """(B,) timesteps -> (B, dim) float32 [sin | cos] features (diffusers ``get_timestep_embedding``)."""
   half = dim // 2
   exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
-  freqs = np.exp(exponent / np.float32(half - freq_shift)).astype(np.float32)
+  exponent = exponent / np.float32(half - freq_shift)
+  # PyTorch's float32 exp is correctly rounded, numpy's is not: round the float64 result.
+  freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
   args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
   sin, cos = jnp.sin(args), jnp.cos(args)
   emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
