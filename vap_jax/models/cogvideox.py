@@ -23,8 +23,8 @@ from flax import nnx
 
 from vap_jax.models.mot import StreamAttention, joint_attention
 from vap_jax.nn.embeddings import sincos_3d_table, timestep_features
-from vap_jax.nn.layers import (AdaLayerNorm, Buffer, FeedForward, LayerNorm, LayerNormZero, Linear,
-                               TimestepEmbedding)
+from vap_jax.nn.layers import (AdaLayerNorm, FeedForward, LayerNorm, LayerNormZero, Linear,
+                               TimestepEmbedding, buffer)
 from vap_jax.nn.rope import RopeTable, cogvideox_rope
 from vap_jax.parallel import constrain
 
@@ -73,6 +73,9 @@ class CogVideoXConfig:
     bad = [i for i in self.block_idx_with_mot_ref if not 0 <= i < self.num_layers]
     if bad:
       raise ValueError(f'block_idx_with_mot_ref {bad} outside the {self.num_layers} layers')
+    if self.use_rotary_positional_embeddings and self.attention_head_dim % 16:
+      raise ValueError(f'3D RoPE splits attention_head_dim into [d/4, 3d/8, 3d/8] channel pairs: '
+                       f'it must be a multiple of 16, got {self.attention_head_dim}')
 
   @classmethod
   def from_diffusers(cls, config: dict[str, Any], **runtime) -> 'CogVideoXConfig':
@@ -115,10 +118,12 @@ class PatchEmbed(nnx.Module):
     self.text_proj = Linear(cfg.text_embed_dim, d, axes=('text_embed', 'embed'), rngs=rngs,
                             **_dtypes(cfg))
     # Learned tables are checkpoint buffers, initialised (as in diffusers) to the sin-cos table.
-    self.pos_embedding = (Buffer(jnp.asarray(self._sincos(cfg.sample_height, cfg.sample_width,
-                                                          cfg.sample_frames), cfg.param_dtype)[None],
-                                 logical_axes=(None, 'length', 'embed'))
-                          if cfg.use_learned_positional_embeddings else None)
+    frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+    length = cfg.max_text_seq_length + frames * (cfg.sample_height // p) * (cfg.sample_width // p)
+    self.pos_embedding = buffer(
+        lambda: self._sincos(cfg.sample_height, cfg.sample_width, cfg.sample_frames),
+        (1, length, d), cfg.param_dtype, (None, 'length', 'embed'),
+    ) if cfg.use_learned_positional_embeddings else None
 
   def _sincos(self, height: int, width: int, frames: int) -> np.ndarray:
     cfg, p = self.cfg, self.cfg.patch_size

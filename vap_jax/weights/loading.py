@@ -14,6 +14,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from vap_jax.nn.layers import abstract_variables
 from vap_jax.parallel import DEFAULT_RULES, param_shardings
 from vap_jax.parallel.sharding import Rules
 from vap_jax.weights import keymap as km
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def abstract_model(factory: Callable[[], nnx.Module]) -> nnx.Module:
-  """The model with ShapeDtypeStruct leaves: no memory, no compute."""
-  return nnx.eval_shape(factory)
+  """The model with ShapeDtypeStruct leaves: no memory, no compute (see `abstract_variables`)."""
+  with abstract_variables():
+    return factory()
 
 
 def placement(state: nnx.State, mesh: Mesh | None, rules: Rules):

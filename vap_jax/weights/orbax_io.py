@@ -154,7 +154,7 @@ def restore_model(factory: Callable[[], nnx.Module], src: str | Path, *, mesh: M
     return jax.ShapeDtypeStruct(variables[path].shape, variables[path].dtype, sharding=sharding)
 
   ocp = _ocp()
-  stored = ocp.pytree_metadata(target).metadata
+  stored = ocp.metadata(target).metadata
   stored_paths = set()
 
   def walk(node, prefix=()):

@@ -1,0 +1,37 @@
+"""Real-size configs build abstractly with the parameter counts of VAP_SPEC §4.4."""
+import dataclasses
+
+import jax
+from flax import nnx
+
+from configs import cogvideox_5b_vap
+from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer, trainable_filter
+from vap_jax.nn.layers import Buffer
+from vap_jax.weights.loading import abstract_model, count_params
+
+
+def test_cogvideox_5b_vap_parameter_counts():
+  config = CogVideoXConfig(**cogvideox_5b_vap.get_config().model)
+  model = abstract_model(lambda: CogVideoXTransformer(config, rngs=nnx.Rngs(0)))
+  total = count_params(model)
+  expert = count_params(model, trainable=trainable_filter)
+  assert expert == 5_434_921_216
+  assert total - expert == 5_570_479_680
+  buffers = [v for _, v in nnx.to_flat_state(nnx.state(model, Buffer))]
+  assert [tuple(b.shape) for b in buffers] == [(1, 226 + 17550, 3072)] * 2
+  assert len(model.blocks) == 42 and model.blocks[41].expert is None
+  assert all(isinstance(v.get_value(), jax.ShapeDtypeStruct)
+             for _, v in nnx.to_flat_state(nnx.state(model)))
+
+
+def test_abstract_build_matches_nnx_eval_shape():
+  """The fast abstract build gives exactly nnx.eval_shape's shapes/dtypes/metadata (2 layers)."""
+  config = dataclasses.replace(CogVideoXConfig(**cogvideox_5b_vap.get_config().model),
+                               num_layers=2, block_idx_with_mot_ref=(0,))
+  factory = lambda: CogVideoXTransformer(config, rngs=nnx.Rngs(0))
+  fast = nnx.to_flat_state(nnx.state(abstract_model(factory)))
+  slow = nnx.to_flat_state(nnx.state(nnx.eval_shape(factory)))
+  assert [p for p, _ in fast] == [p for p, _ in slow]
+  for (path, a), (_, b) in zip(fast, slow):
+    assert (a.shape, a.dtype, type(a)) == (b.shape, b.dtype, type(b)), path
+    assert a.get_metadata()['logical_axes'] == b.get_metadata()['logical_axes'], path

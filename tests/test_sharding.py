@@ -1,0 +1,74 @@
+"""The tiny CogVideoX-VAP model sharded over 8 CPU devices gives the one-device numbers."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from configs import cogvideox_tiny
+from conftest import assert_close
+from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
+from vap_jax.parallel import (DEFAULT_RULES, logical_to_spec, make_mesh, param_shardings,
+                              sharding_context)
+from vap_jax.weights.loading import shard_model
+
+
+def _inputs(batch, n_refs=2, seed=0):
+  rng = np.random.default_rng(seed)
+  cfg = cogvideox_tiny.get_config().model
+  lat = lambda f: rng.standard_normal((batch, f, cfg.in_channels, 8, 12)).astype(np.float32)
+  txt = lambda n: rng.standard_normal((batch, n, cfg.text_embed_dim)).astype(np.float32)
+  return lat(3), txt(8), np.arange(batch) * 97 + 5, lat(3 * n_refs), txt(8 * n_refs)
+
+
+@pytest.fixture(scope='module')
+def reference():
+  config = cogvideox_tiny.get_config()
+  model = CogVideoXTransformer(CogVideoXConfig(**config.model), rngs=nnx.Rngs(0))
+  state = nnx.state(model)  # perturb zero biases / unit norms so every parameter matters
+  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
+  nnx.update(model, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state))
+  inputs = _inputs(batch=8)
+  expected = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, *inputs))
+  return config, model, inputs, expected
+
+
+@pytest.mark.parametrize('mesh_shape', [
+    dict(fsdp=2, tensor=4),
+    dict(context=2, tensor=4),
+    dict(data=2, fsdp=4),
+    dict(data=2, context=2, tensor=2),
+])
+def test_sharded_forward_equals_single_device(reference, mesh_shape):
+  config, model, inputs, expected = reference
+  mesh = make_mesh(mesh_shape)
+  sharded = shard_model(nnx.clone(model), mesh, config.rules)
+  kernel = sharded.blocks[0].base.attn1.to_q.kernel[...]
+  assert len(kernel.sharding.device_set) == 8
+  with sharding_context(mesh, config.rules):
+    actual = nnx.jit(lambda m, *a: m(*a))(sharded, *inputs)
+  assert_close(actual, expected, atol=1e-5, rtol=1e-5, what=f'sharded {mesh_shape}')
+
+
+def test_rules_are_ordered_and_use_each_mesh_axis_once():
+  mesh = make_mesh(dict(fsdp=2, tensor=4))
+  assert logical_to_spec(('embed', 'heads'), DEFAULT_RULES, mesh) == P('fsdp', 'tensor')
+  assert logical_to_spec(('embed', 'embed'), DEFAULT_RULES, mesh) == P('fsdp', None)
+  assert logical_to_spec(('activation_batch', 'activation_length'), DEFAULT_RULES, mesh) == \
+      P('fsdp', None)  # data and context have size 1 here
+  rules = (('heads', 'tensor'), ('heads', 'fsdp'))
+  assert logical_to_spec(('heads', 'heads'), rules, mesh) == P('tensor', 'fsdp')
+
+
+def test_mesh_and_sharding_errors_are_clear():
+  with pytest.raises(ValueError, match='needs 16 devices, 8 are available'):
+    make_mesh(dict(fsdp=4, tensor=4))
+  with pytest.raises(ValueError, match='not among'):
+    make_mesh(dict(model=8))
+  assert make_mesh(dict(fsdp=-1, tensor=2)).shape['fsdp'] == 4
+
+  class Odd(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(np.zeros((4, 6), np.float32), logical_axes=('embed', 'heads'))
+  with pytest.raises(ValueError, match=r'parameter w of shape \(4, 6\).*6 is not divisible by 4'):
+    param_shardings(nnx.state(Odd()), make_mesh(dict(fsdp=2, tensor=4)), DEFAULT_RULES)
