@@ -1,0 +1,79 @@
+"""Shared building blocks against their diffusers/PyTorch definitions."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_close
+from vap_jax.nn.attention import attention
+from vap_jax.nn.embeddings import sincos_3d_table, timestep_features
+from vap_jax.nn.rope import apply_rope, cogvideox_rope
+
+
+@pytest.mark.parametrize('dim,atol', [(32, 1e-6), (256, 1e-4), (3072, 1e-4)])
+def test_timestep_features_equal_diffusers(dim, atol):
+  """At widths 256+ PyTorch's float32 exp is 1 ulp off a few frequencies (ours are correctly
+  rounded); times t=999 that is 6e-5 in the phase, hence the looser bound there."""
+  from diffusers.models.embeddings import get_timestep_embedding
+  t = np.array([0, 1, 249, 749, 999], np.int64)
+  expected = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=True,
+                                    downscale_freq_shift=0).numpy()
+  assert_close(timestep_features(jnp.asarray(t), dim), expected, atol=atol, rtol=0)
+
+
+def test_sincos_table_equals_diffusers():
+  from diffusers.models.embeddings import get_3d_sincos_pos_embed
+  expected = get_3d_sincos_pos_embed(64, (6, 4), 3, 1.875, 1.0, output_type='pt').flatten(0, 1)
+  actual = sincos_3d_table(64, 4, 6, 3, spatial_scale=1.875, temporal_scale=1.0)
+  assert_close(actual, expected.double().numpy(), atol=1e-12, rtol=0)
+
+
+def test_apply_rope_is_a_complex_rotation_of_adjacent_pairs():
+  """The CogVideoX real/interleaved form equals Wan's complex multiply, so one op serves both."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)
+  angles = rng.uniform(-3, 3, (5, 4))
+  table = (np.repeat(np.cos(angles), 2, -1).astype(np.float32),
+           np.repeat(np.sin(angles), 2, -1).astype(np.float32))
+  z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angles)[None, :, None]
+  expected = np.stack([z.real, z.imag], -1).reshape(x.shape)
+  assert_close(apply_rope(jnp.asarray(x), table), expected, atol=1e-6)
+
+
+def test_cogvideox_rope_equals_diffusers_at_real_size():
+  from diffusers.models.embeddings import get_3d_rotary_pos_embed
+  cos, sin = get_3d_rotary_pos_embed(64, ((0, 0), (30, 45)), (30, 45), 13)
+  ours = cogvideox_rope(64, 13, 30, 45, base_h=30, base_w=45)
+  assert_close(ours[0], cos.numpy(), atol=1e-6)
+  assert_close(ours[1], sin.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize('num_refs', [1, 3])
+def test_reference_rope_has_negative_time_and_target_space(num_refs):
+  """n refs of T frames sit at t = -n*T..-1; their spatial rows equal the target's."""
+  head_dim, frames = 64, 2
+  target = cogvideox_rope(head_dim, frames, 3, 4, base_h=3, base_w=4)
+  ref = cogvideox_rope(head_dim, frames, 3, 4, base_h=3, base_w=4, num_refs=num_refs)
+  assert ref[0].shape == (num_refs * frames * 12, head_dim)
+  t_cols = slice(0, head_dim // 4)
+  inv_freq = 1.0 / 10000 ** (np.arange(0, head_dim // 4, 2) / (head_dim // 4))
+  for i, t in enumerate(range(-num_refs * frames, 0)):
+    np.testing.assert_allclose(ref[0][i * 12, t_cols][::2], np.cos(t * inv_freq), atol=1e-6)
+    np.testing.assert_allclose(ref[1][i * 12, t_cols][::2], np.sin(t * inv_freq), atol=1e-6)
+  np.testing.assert_array_equal(ref[0][:12, head_dim // 4:], target[0][:12, head_dim // 4:])
+
+
+def test_attention_equals_naive_softmax_attention():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((2, 7, 3, 16)).astype(np.float32) for _ in range(3))
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(16)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.einsum('bhqk,bkhd->bqhd', weights, v)
+  assert_close(attention(q, k, v), expected, atol=1e-6)
+  with pytest.raises(ValueError, match='not one of'):
+    attention(q, k, v, implementation='flash')
+  assert jax.devices()[0].platform == 'cpu'
