@@ -26,7 +26,7 @@ def main(argv=None) -> int:
   parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32', 'float16'],
                       help='parameter dtype written (default: bfloat16, as released)')
   parser.add_argument('--group-mb', type=float, default=None,
-                      help='MB per Orbax write (bounds host memory; default 4x the largest tensor)')
+                      help='MB per Orbax write (bounds host memory; default 2x the largest tensor)')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing dst/state')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')

@@ -11,6 +11,8 @@ sharding on the mesh.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import shutil
@@ -38,6 +40,16 @@ CONFIG_FILE = 'config.json'
 def _ocp():
   from orbax.checkpoint.experimental import v1 as ocp  # imported lazily: slow, and noisy
   return ocp
+
+
+def _release_freed_memory() -> None:
+  """Return freed heap to the OS (glibc). Orbax's writer threads free their buffers into per-thread
+  malloc arenas that glibc keeps: without this, converter RSS grows with every write (measured:
+  +400 MB over a 490 MB checkpoint; with it, flat at one write group)."""
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
 
 
 def _nest(flat: dict[km.Path, object]) -> dict:
@@ -79,7 +91,7 @@ def convert_safetensors(checkpoint: SafetensorsCheckpoint, keymap: km.KeyMap,
   """Stream a safetensors checkpoint into ``dst/state`` (Orbax), group by group.
 
   Every tensor is checked against the model first (`keymap.plan`), so a bad checkpoint fails
-  before anything is written. ``group_bytes`` bounds the host memory of one write; default 4x the
+  before anything is written. ``group_bytes`` bounds the host memory of one write; default 2x the
   largest tensor. Returns the number of tensors written.
   """
   dst = Path(dst)
@@ -94,7 +106,7 @@ def convert_safetensors(checkpoint: SafetensorsCheckpoint, keymap: km.KeyMap,
   sizes = {p: int(np.prod(variables[p].shape)) * np.dtype(variables[p].dtype).itemsize
            for p in the_plan.entries}
   if group_bytes is None:
-    group_bytes = 4 * max(sizes.values())
+    group_bytes = 2 * max(sizes.values())
   ocp = _ocp()
   group, group_size, written = {}, 0, 0
   bar = None
@@ -109,6 +121,8 @@ def convert_safetensors(checkpoint: SafetensorsCheckpoint, keymap: km.KeyMap,
         warnings.simplefilter('ignore')
         ocp.partial.save(target, _nest(group))
       group, group_size = {}, 0
+      gc.collect()
+      _release_freed_memory()
 
   for path, array in km.stream(checkpoint, the_plan, state):
     if group and group_size + sizes[path] > group_bytes:
