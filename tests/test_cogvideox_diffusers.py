@@ -165,3 +165,22 @@ def test_bad_checkpoints_give_clear_errors(learned, tmp_path):
   (broken / 'diffusion_pytorch_model.safetensors').write_bytes(b'not a safetensors file')
   with pytest.raises(CheckpointError, match='cannot read safetensors file'):
     load_cogvideox(broken, dtype='float32')
+
+
+def test_orbax_and_safetensors_load_onto_a_mesh(learned, tmp_path):
+  """Both layouts load straight onto an 8-device mesh and give the one-device output."""
+  from jax.sharding import PartitionSpec as P
+
+  from vap_jax.parallel import make_mesh, sharding_context
+  torch_model, folder = learned
+  convert(folder, tmp_path / 'orbax', param_dtype='float32', progress=False)
+  mesh = make_mesh(dict(fsdp=2, tensor=4))
+  latents, text, t = _inputs()
+  expected = _torch_forward(torch_model, dict(torch_model.config), latents, text, t)
+  for source in (folder, tmp_path / 'orbax'):
+    model = load_cogvideox(source, mesh=mesh, dtype='float32')
+    kernel = model.blocks[1].base.ff.proj_in.kernel[...]
+    assert kernel.sharding.spec == P('fsdp', 'tensor') and len(kernel.sharding.device_set) == 8
+    with sharding_context(mesh):
+      actual = nnx.jit(lambda m, *a: m(*a))(model, latents, text, t)
+    assert_close(actual, expected, atol=1e-5, rtol=1e-5, what=f'{source.name} on mesh')

@@ -100,7 +100,7 @@ def model_factory(config: CogVideoXConfig, seed: int = 0):
 
 def load_cogvideox(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                    dtype: str = 'bfloat16', param_dtype: str | None = None,
-                   attention: str = 'xla') -> CogVideoXTransformer:
+                   attention: str = 'xla', progress: bool = False) -> CogVideoXTransformer:
   """Load a CogVideoX(-VAP) transformer from a diffusers folder or a converted Orbax folder.
 
   ``dtype`` is the compute dtype; parameters are stored as ``param_dtype`` (default: ``dtype``).
@@ -113,7 +113,8 @@ def load_cogvideox(path: str | Path, *, mesh: Mesh | None = None, rules: Rules =
     return orbax_io.restore_model(model_factory(config), path, mesh=mesh, rules=rules)
   config = CogVideoXConfig.from_diffusers(read_diffusers_config(path), **runtime)
   checkpoint = SafetensorsCheckpoint(_resolve_transformer_dir(path))
-  return load_model(model_factory(config), checkpoint, COGVIDEOX, mesh=mesh, rules=rules)
+  return load_model(model_factory(config), checkpoint, COGVIDEOX, mesh=mesh, rules=rules,
+                    progress=progress)
 
 
 def convert(src: str | Path, dst: str | Path, *, param_dtype: str = 'bfloat16',
