@@ -1,7 +1,8 @@
 """Key map for diffusers ``CogVideoXTransformer3DModel`` / VAP ``CogVideoXTransformer3DMOTModel``.
 
 Expert tensors carry ``_mot_ref``; removing it gives the base key with the same shape. Here the
-base lives under ``base``/top-level names and the expert under ``expert``/``expert_*``.
+base lives under top-level names and ``blocks.i.base``; the expert under ``expert_*`` and
+``blocks.i.expert``.
 """
 from __future__ import annotations
 
@@ -20,49 +21,35 @@ from vap_jax.weights.loading import load_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 _BLOCK = r'transformer_blocks\.(\d+)\.'
-_LAYER = r'blocks.\1.'
+_LAYER = r'blocks.\1.base.'
+
+
+def _expert_path(path):
+  """Base variable path -> its expert twin: blocks.i.base.* -> blocks.i.expert.*, x -> expert_x."""
+  if path[0] == 'blocks':
+    return path[:2] + ('expert',) + path[3:]
+  return (f'expert_{path[0]}',) + path[1:]
+
 
 COGVIDEOX = KeyMap('cogvideox', [
-    # Embeddings: base and expert copies.
     Rule(r'patch_embed\.proj\.weight', 'patch_embed.proj.kernel', CONV_TO_DENSE),
-    Rule(r'patch_embed_mot_ref\.proj\.weight', 'expert_patch_embed.proj.kernel', CONV_TO_DENSE),
     Rule(r'patch_embed\.(proj|text_proj)\.bias', r'patch_embed.\1.bias'),
-    Rule(r'patch_embed_mot_ref\.(proj|text_proj)\.bias', r'expert_patch_embed.\1.bias'),
     Rule(r'patch_embed\.text_proj\.weight', 'patch_embed.text_proj.kernel', TRANSPOSE),
-    Rule(r'patch_embed_mot_ref\.text_proj\.weight', 'expert_patch_embed.text_proj.kernel', TRANSPOSE),
     Rule(r'patch_embed\.pos_embedding', 'patch_embed.pos_embedding'),
-    Rule(r'patch_embed_mot_ref\.pos_embedding', 'expert_patch_embed.pos_embedding'),
     Rule(r'time_embedding\.(linear_[12])\.weight', r'time_embedding.\1.kernel', TRANSPOSE),
-    Rule(r'time_embedding_mot_ref\.(linear_[12])\.weight', r'expert_time_embedding.\1.kernel',
-         TRANSPOSE),
     Rule(r'time_embedding\.(linear_[12])\.bias', r'time_embedding.\1.bias'),
-    Rule(r'time_embedding_mot_ref\.(linear_[12])\.bias', r'expert_time_embedding.\1.bias'),
-    # Blocks: X -> blocks.i.base.X, X_mot_ref -> blocks.i.expert.X.
-    Rule(_BLOCK + r'(norm[12])\.linear\.weight', _LAYER + r'base.\2.linear.kernel', TRANSPOSE),
-    Rule(_BLOCK + r'(norm[12])_mot_ref\.linear\.weight', _LAYER + r'expert.\2.linear.kernel', TRANSPOSE),
-    Rule(_BLOCK + r'(norm[12])\.linear\.bias', _LAYER + r'base.\2.linear.bias'),
-    Rule(_BLOCK + r'(norm[12])_mot_ref\.linear\.bias', _LAYER + r'expert.\2.linear.bias'),
-    Rule(_BLOCK + r'(norm[12])\.norm\.weight', _LAYER + r'base.\2.norm.scale'),
-    Rule(_BLOCK + r'(norm[12])_mot_ref\.norm\.weight', _LAYER + r'expert.\2.norm.scale'),
-    Rule(_BLOCK + r'(norm[12])\.norm\.bias', _LAYER + r'base.\2.norm.bias'),
-    Rule(_BLOCK + r'(norm[12])_mot_ref\.norm\.bias', _LAYER + r'expert.\2.norm.bias'),
-    Rule(_BLOCK + r'attn1\.(to_[qkv]|to_out)(?:\.0)?\.weight', _LAYER + r'base.attn1.\2.kernel', TRANSPOSE),
-    Rule(_BLOCK + r'attn1_mot_ref\.(to_[qkv]|to_out)(?:\.0)?\.weight', _LAYER + r'expert.attn1.\2.kernel',
-         TRANSPOSE),
-    Rule(_BLOCK + r'attn1\.(to_[qkv]|to_out)(?:\.0)?\.bias', _LAYER + r'base.attn1.\2.bias'),
-    Rule(_BLOCK + r'attn1_mot_ref\.(to_[qkv]|to_out)(?:\.0)?\.bias', _LAYER + r'expert.attn1.\2.bias'),
-    Rule(_BLOCK + r'attn1\.(norm_[qk])\.weight', _LAYER + r'base.attn1.\2.scale'),
-    Rule(_BLOCK + r'attn1_mot_ref\.(norm_[qk])\.weight', _LAYER + r'expert.attn1.\2.scale'),
-    Rule(_BLOCK + r'attn1\.(norm_[qk])\.bias', _LAYER + r'base.attn1.\2.bias'),
-    Rule(_BLOCK + r'attn1_mot_ref\.(norm_[qk])\.bias', _LAYER + r'expert.attn1.\2.bias'),
-    Rule(_BLOCK + r'ff\.net\.0\.proj\.weight', _LAYER + r'base.ff.proj_in.kernel', TRANSPOSE),
-    Rule(_BLOCK + r'ff_mot_ref\.net\.0\.proj\.weight', _LAYER + r'expert.ff.proj_in.kernel', TRANSPOSE),
-    Rule(_BLOCK + r'ff\.net\.0\.proj\.bias', _LAYER + r'base.ff.proj_in.bias'),
-    Rule(_BLOCK + r'ff_mot_ref\.net\.0\.proj\.bias', _LAYER + r'expert.ff.proj_in.bias'),
-    Rule(_BLOCK + r'ff\.net\.2\.weight', _LAYER + r'base.ff.proj_out.kernel', TRANSPOSE),
-    Rule(_BLOCK + r'ff_mot_ref\.net\.2\.weight', _LAYER + r'expert.ff.proj_out.kernel', TRANSPOSE),
-    Rule(_BLOCK + r'ff\.net\.2\.bias', _LAYER + r'base.ff.proj_out.bias'),
-    Rule(_BLOCK + r'ff_mot_ref\.net\.2\.bias', _LAYER + r'expert.ff.proj_out.bias'),
+    Rule(_BLOCK + r'(norm[12])\.linear\.weight', _LAYER + r'\2.linear.kernel', TRANSPOSE),
+    Rule(_BLOCK + r'(norm[12])\.linear\.bias', _LAYER + r'\2.linear.bias'),
+    Rule(_BLOCK + r'(norm[12])\.norm\.weight', _LAYER + r'\2.norm.scale'),
+    Rule(_BLOCK + r'(norm[12])\.norm\.bias', _LAYER + r'\2.norm.bias'),
+    Rule(_BLOCK + r'attn1\.(to_[qkv]|to_out)(?:\.0)?\.weight', _LAYER + r'attn1.\2.kernel', TRANSPOSE),
+    Rule(_BLOCK + r'attn1\.(to_[qkv]|to_out)(?:\.0)?\.bias', _LAYER + r'attn1.\2.bias'),
+    Rule(_BLOCK + r'attn1\.(norm_[qk])\.weight', _LAYER + r'attn1.\2.scale'),
+    Rule(_BLOCK + r'attn1\.(norm_[qk])\.bias', _LAYER + r'attn1.\2.bias'),
+    Rule(_BLOCK + r'ff\.net\.0\.proj\.weight', _LAYER + r'ff.proj_in.kernel', TRANSPOSE),
+    Rule(_BLOCK + r'ff\.net\.0\.proj\.bias', _LAYER + r'ff.proj_in.bias'),
+    Rule(_BLOCK + r'ff\.net\.2\.weight', _LAYER + r'ff.proj_out.kernel', TRANSPOSE),
+    Rule(_BLOCK + r'ff\.net\.2\.bias', _LAYER + r'ff.proj_out.bias'),
     # Output head (target stream only).
     Rule(r'norm_final\.weight', 'norm_final.scale'),
     Rule(r'norm_final\.bias', 'norm_final.bias'),
@@ -72,7 +59,7 @@ COGVIDEOX = KeyMap('cogvideox', [
     Rule(r'norm_out\.norm\.bias', 'norm_out.norm.bias'),
     Rule(r'proj_out\.weight', 'proj_out.kernel', TRANSPOSE),
     Rule(r'proj_out\.bias', 'proj_out.bias'),
-])
+], marker='_mot_ref', marked_path=_expert_path)
 
 
 def _resolve_transformer_dir(path: Path) -> Path:

@@ -43,11 +43,22 @@ class Rule:
 
 
 class KeyMap:
-  def __init__(self, name: str, rules: Sequence[Rule]):
+  """Ordered rules; optionally a ``marker`` for tensors that mirror a base tensor.
+
+  VAP names every expert tensor like its base twin plus ``_mot_ref``: a marked key is mapped as
+  its unmarked twin, then ``marked_path`` moves the result to the expert's variable.
+  """
+
+  def __init__(self, name: str, rules: Sequence[Rule], *, marker: str | None = None,
+               marked_path: Callable[[Path], Path] | None = None):
     self.name = name
     self.rules = [(re.compile(r.pattern), r) for r in rules]
+    self.marker, self.marked_path = marker, marked_path
 
   def __call__(self, key: str) -> tuple[Path, Transform] | None:
+    if self.marker and self.marker in key:
+      hit = self(key.replace(self.marker, ''))
+      return None if hit is None else (self.marked_path(hit[0]), hit[1])
     for regex, rule in self.rules:
       m = regex.fullmatch(key)
       if m:
