@@ -116,6 +116,14 @@ def test_converter_round_trip_equals_direct_load(learned, tmp_path):
                                   err_msg=str(path))
   with pytest.raises(FileExistsError):
     convert(folder, tmp_path / 'orbax', progress=False)
+  # A live model saved by save_model restores the same way (e.g. after training).
+  from vap_jax.weights import orbax_io
+  from vap_jax.weights.cogvideox import model_factory
+  config = CogVideoXConfig.from_diffusers(json.loads((folder / 'config.json').read_text()))
+  orbax_io.save_model(load_cogvideox(folder, dtype='float32'), tmp_path / 'saved')
+  saved = nnx.state(orbax_io.restore_model(model_factory(config), tmp_path / 'saved'))
+  for path, var in nnx.to_flat_state(saved):
+    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(flat_restored[path][...]))
 
 
 def test_converter_cli_and_bf16(learned, tmp_path, capsys):

@@ -43,7 +43,8 @@ def abstract_variables():
     _mode.abstract = previous
 
 
-def _param(rngs: nnx.Rngs, init, shape, dtype, axes: Axes) -> nnx.Param:
+def param(rngs: nnx.Rngs, init, shape, dtype, axes: Axes) -> nnx.Param:
+  """A Param with logical axes, ``init(key, shape, dtype)``d (or abstract, see above)."""
   if _mode.abstract:
     return nnx.Param(jax.ShapeDtypeStruct(shape, dtype), logical_axes=axes)
   return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
@@ -62,9 +63,9 @@ class Linear(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.dtype = dtype
-    self.kernel = _param(rngs, nnx.initializers.lecun_normal(), (in_features, out_features),
+    self.kernel = param(rngs, nnx.initializers.lecun_normal(), (in_features, out_features),
                          param_dtype, axes)
-    self.bias = (_param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, (axes[1],))
+    self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, (axes[1],))
                  if use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -80,8 +81,8 @@ class LayerNorm(nnx.Module):
   def __init__(self, dim: int, *, eps: float, affine: bool = True, axis_name: str | None = 'norm',
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.eps = eps
-    self.scale = _param(rngs, nnx.initializers.ones, (dim,), param_dtype, (axis_name,)) if affine else None
-    self.bias = _param(rngs, nnx.initializers.zeros, (dim,), param_dtype, (axis_name,)) if affine else None
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, (axis_name,)) if affine else None
+    self.bias = param(rngs, nnx.initializers.zeros, (dim,), param_dtype, (axis_name,)) if affine else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -99,7 +100,7 @@ class RMSNorm(nnx.Module):
   def __init__(self, dim: int, *, eps: float, axis_name: str | None = 'norm',
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.eps = eps
-    self.scale = _param(rngs, nnx.initializers.ones, (dim,), param_dtype, (axis_name,))
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, (axis_name,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
