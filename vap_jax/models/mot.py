@@ -56,13 +56,16 @@ class StreamAttention(nnx.Module):
     q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
     if self.qk_norm == 'rms_norm_across_heads':
       q, k = self.norm_q(q), self.norm_k(k)
-    q, k, v = (t.reshape(*t.shape[:-1], self.heads, self.head_dim) for t in (q, k, v))
+    q, k, v = (self.split_heads(t) for t in (q, k, v))
     if self.qk_norm == 'layer_norm':
       q, k = self.norm_q(q), self.norm_k(k)
     if rope is not None:
       q, k = (jnp.concatenate([t[:, :rope_start], apply_rope(t[:, rope_start:], rope)], axis=1)
               for t in (q, k))
     return tuple(constrain(t, HEADS_AXES) for t in (q, k, v))
+
+  def split_heads(self, t: jax.Array) -> jax.Array:
+    return t.reshape(*t.shape[:-1], self.heads, self.head_dim)
 
   def out(self, o: jax.Array) -> jax.Array:
     """(B, S, heads, head_dim) -> (B, S, dim)."""

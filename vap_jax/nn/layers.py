@@ -109,16 +109,18 @@ class RMSNorm(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-  """Linear -> tanh-GELU -> Linear (diffusers ``FeedForward`` with ``gelu-approximate``)."""
+  """Linear -> GELU -> Linear (diffusers ``FeedForward``; tanh GELU unless ``approximate=False``)."""
 
-  def __init__(self, dim: int, inner_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, dim: int, inner_dim: int, out_dim: int | None = None, *,
+               approximate: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs, axes: tuple[str, str, str] = ('embed', 'mlp', 'embed')):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.proj_in = Linear(dim, inner_dim, axes=('embed', 'mlp'), **kw)
-    self.proj_out = Linear(inner_dim, dim, axes=('mlp', 'embed'), **kw)
+    self.approximate = approximate
+    self.proj_in = Linear(dim, inner_dim, axes=axes[:2], **kw)
+    self.proj_out = Linear(inner_dim, out_dim or dim, axes=axes[1:], **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.proj_out(jax.nn.gelu(self.proj_in(x), approximate=True))
+    return self.proj_out(jax.nn.gelu(self.proj_in(x), approximate=self.approximate))
 
 
 class TimestepEmbedding(nnx.Module):

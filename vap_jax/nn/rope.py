@@ -26,11 +26,30 @@ def apply_rope(x: jax.Array, table: RopeTable) -> jax.Array:
   return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-def _angles(dim: int, positions: np.ndarray, theta: float) -> np.ndarray:
-  """(len(positions), dim // 2) float32 angles, as diffusers ``get_1d_rotary_pos_embed``."""
-  inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32)[: dim // 2]
-                                          / np.float32(dim)))
-  return np.outer(positions.astype(np.float32), inv_freq.astype(np.float32)).astype(np.float32)
+def _axis_angles(dim: int, positions: np.ndarray, theta: float, dtype) -> np.ndarray:
+  """(len(positions), dim // 2) angles pos * theta^(-2i/dim), computed in ``dtype``."""
+  inv_freq = 1.0 / (dtype(theta) ** (np.arange(0, dim, 2, dtype=dtype)[: dim // 2] / dtype(dim)))
+  return np.outer(positions.astype(dtype), inv_freq.astype(dtype)).astype(dtype)
+
+
+def _table(pos_t, pos_h, pos_w, dims: tuple[int, int, int], theta: float, dtype):
+  """Per-token (cos, sin), tokens t-major then h then w; pair angles [t | h | w], each repeated."""
+  t, h, w = len(pos_t), len(pos_h), len(pos_w)
+  parts = [_axis_angles(d, p, theta, dtype) for d, p in zip(dims, (pos_t, pos_h, pos_w))]
+  angles = np.concatenate([
+      np.broadcast_to(parts[0][:, None, None], (t, h, w, parts[0].shape[-1])),
+      np.broadcast_to(parts[1][None, :, None], (t, h, w, parts[1].shape[-1])),
+      np.broadcast_to(parts[2][None, None, :], (t, h, w, parts[2].shape[-1])),
+  ], axis=-1).reshape(t * h * w, -1)
+  angles = np.repeat(angles, 2, axis=-1)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def _time_positions(frames: int, num_refs: int) -> np.ndarray:
+  """Target: 0..T-1. ``num_refs`` references: -n*T..-1 (reference 0 first, the last adjacent)."""
+  if num_refs:
+    return np.linspace(-num_refs * frames, -1, num_refs * frames)
+  return np.arange(frames)
 
 
 def crop_region(grid_h: int, grid_w: int, base_h: int, base_w: int):
@@ -47,23 +66,28 @@ def cogvideox_rope(head_dim: int, frames: int, grid_h: int, grid_w: int, *, base
                    base_w: int, num_refs: int = 0, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
   """CogVideoX 3D RoPE table ("linspace" grid), for the target or for ``num_refs`` references.
 
-  The head dim splits [t | h | w] = [d/4 | 3d/8 | 3d/8]; tokens are t-major, then h, then w.
-  Spatial positions span the crop region of the training grid. The target's temporal positions
-  are 0..T-1; ``num_refs=n`` gives the reference stream, positions -n*T..-1 (ref 0 first).
+  The head dim splits [t | h | w] = [d/4 | 3d/8 | 3d/8]; angles in float32 as diffusers.
+  Spatial positions span the crop region of the training grid.
   """
   (top, left), (bottom, right) = crop_region(grid_h, grid_w, base_h, base_w)
   pos_h = np.linspace(top, bottom * (grid_h - 1) / grid_h, grid_h, dtype=np.float32)
   pos_w = np.linspace(left, right * (grid_w - 1) / grid_w, grid_w, dtype=np.float32)
   if num_refs:
-    pos_t = np.linspace(-num_refs * frames, -1, num_refs * frames, dtype=np.float32)
+    pos_t = _time_positions(frames, num_refs).astype(np.float32)
   else:
     pos_t = np.linspace(0, frames * (frames - 1) / frames, frames, dtype=np.float32)
-  dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
-  t, h, w = len(pos_t), grid_h, grid_w
-  angles = np.concatenate([
-      np.broadcast_to(_angles(dim_t, pos_t, theta)[:, None, None], (t, h, w, dim_t // 2)),
-      np.broadcast_to(_angles(dim_hw, pos_h, theta)[None, :, None], (t, h, w, dim_hw // 2)),
-      np.broadcast_to(_angles(dim_hw, pos_w, theta)[None, None, :], (t, h, w, dim_hw // 2)),
-  ], axis=-1).reshape(t * h * w, -1)
-  angles = np.repeat(angles, 2, axis=-1)
-  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+  dims = (head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3)
+  return _table(pos_t, pos_h, pos_w, dims, theta, np.float32)
+
+
+def wan_rope(head_dim: int, frames: int, grid_h: int, grid_w: int, *, num_refs: int = 0,
+             theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+  """Wan 3D RoPE table: integer positions, angles in float64 (as the official complex128).
+
+  Channel split [t | h | w] = [d - 4(d//6) | 2(d//6) | 2(d//6)], each axis with its own
+  frequencies; references take t = -n*T..-1.
+  """
+  hw = 2 * (head_dim // 6)
+  dims = (head_dim - 2 * hw, hw, hw)
+  return _table(_time_positions(frames, num_refs).astype(np.float64), np.arange(grid_h, dtype=np.float64),
+                np.arange(grid_w, dtype=np.float64), dims, theta, np.float64)

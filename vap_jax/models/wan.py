@@ -1,0 +1,356 @@
+"""Wan2.1-I2V-14B transformer with the VAP reference-video expert (Mixture-of-Transformers).
+
+The target stream is the base Wan2.1 I2V model. Blocks listed in ``block_idx_with_mot_ref`` carry
+an expert copy of the block for the reference stream; the streams meet in `mot.joint_attention`
+over ``[video_tgt ; video_ref...]`` (text is not in the joint attention). Cross-attention is per
+stream: the target reads [CLIP(image) ; umT5(prompt)], each reference reads its own CLIP tokens
+and caption. Blocks without an expert pass the reference through; only the target is decoded.
+The expert has its own patch embedding and condition embedder and sees a fixed "clean" timestep
+(t = 1 in the official pipeline).
+
+Dtypes follow the official ``_keep_in_fp32_modules``: time embedder, modulation tables and the
+norm1/norm2/norm3 LayerNorms (including the image embedder's) keep float32 parameters and
+compute; everything else runs in ``dtype``.
+
+Latents are (B, C, F, H, W) as in diffusers, C = 16 noisy + 4 mask + 16 image-condition.
+n references: ref_latents (B, C, n*F, H, W), ref_text (B, n*L, text_dim), ref_image
+(B, n*257, image_dim); the official code supports n = 1, for which this is exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vap_jax.models.mot import StreamAttention, joint_attention
+from vap_jax.nn.attention import attention
+from vap_jax.nn.embeddings import timestep_features
+from vap_jax.nn.layers import FeedForward, LayerNorm, Linear, RMSNorm, TimestepEmbedding, param
+from vap_jax.nn.rope import RopeTable, wan_rope
+from vap_jax.parallel import constrain
+
+TOKEN_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig:
+  """Architecture (diffusers ``WanTransformer3DMOTModel`` fields) plus runtime choices."""
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  num_attention_heads: int = 40
+  attention_head_dim: int = 128
+  in_channels: int = 36
+  out_channels: int = 16
+  text_dim: int = 4096
+  freq_dim: int = 256
+  ffn_dim: int = 13824
+  num_layers: int = 40
+  cross_attn_norm: bool = True
+  qk_norm: str | None = 'rms_norm_across_heads'
+  eps: float = 1e-6
+  image_dim: int | None = 1280
+  added_kv_proj_dim: int | None = 5120
+  rope_max_seq_len: int = 1024
+  block_idx_with_mot_ref: tuple[int, ...] = ()
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  attention: str = 'xla'
+
+  @property
+  def inner_dim(self) -> int:
+    return self.num_attention_heads * self.attention_head_dim
+
+  def __post_init__(self):
+    bad = [i for i in self.block_idx_with_mot_ref if not 0 <= i < self.num_layers]
+    if bad:
+      raise ValueError(f'block_idx_with_mot_ref {bad} outside the {self.num_layers} layers')
+    if (self.image_dim is None) != (self.added_kv_proj_dim is None):
+      raise ValueError('image_dim and added_kv_proj_dim must both be set (I2V) or both be None')
+
+  @classmethod
+  def from_diffusers(cls, config: dict[str, Any], **runtime) -> 'WanConfig':
+    """Build from a diffusers ``transformer/config.json`` dict; rejects features we do not run."""
+    unsupported = {'pos_embed_seq_len': None, 'attention_head_dim_mot_ref': None,
+                   'supported_effect_types': None, 'num_ref_embeddings': None,
+                   'reference_train_mode': None}
+    for key, expected in unsupported.items():
+      if config.get(key, expected) != expected:
+        raise ValueError(f'transformer config field {key}={config[key]!r} is not supported '
+                         f'(expected {expected!r})')
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in config.items() if k in names}
+    kwargs['patch_size'] = tuple(config.get('patch_size', (1, 2, 2)))
+    kwargs['block_idx_with_mot_ref'] = tuple(config.get('block_idx_with_mot_ref') or ())
+    return cls(**kwargs, **runtime)
+
+
+class Stream(NamedTuple):
+  """One token stream: video tokens, its cross-attention context, modulation and RoPE.
+
+  ``chunks`` is the number of references packed in the stream (1 for the target); modulation is
+  (B, chunks, 6, dim) float32 and each chunk cross-attends to its own text/image tokens.
+  """
+  video: jax.Array
+  text: jax.Array
+  image: jax.Array | None
+  modulation: jax.Array
+  rope: RopeTable
+  chunks: int
+
+
+def _kw(cfg: WanConfig, rngs, fp32: bool = False):
+  dtype = F32 if fp32 else jnp.dtype(cfg.dtype)
+  return dict(dtype=dtype, param_dtype=F32 if fp32 else jnp.dtype(cfg.param_dtype), rngs=rngs)
+
+
+class ConditionEmbedder(nnx.Module):
+  """Timestep -> (temb, 6-way modulation); umT5 text and CLIP image tokens -> model width."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    d, self.cfg = cfg.inner_dim, cfg
+    self.time_embedder = TimestepEmbedding(cfg.freq_dim, d, **_kw(cfg, rngs, fp32=True))
+    self.time_proj = Linear(d, 6 * d, axes=(None, 'embed'), **_kw(cfg, rngs))
+    self.text_embedder = FeedForward(cfg.text_dim, d, d, axes=('text_embed', 'embed', None),
+                                     **_kw(cfg, rngs))
+    if cfg.image_dim is not None:
+      self.image_norm1 = LayerNorm(cfg.image_dim, eps=1e-5, param_dtype=F32, rngs=rngs)
+      self.image_ff = FeedForward(cfg.image_dim, cfg.image_dim, d, approximate=False,
+                                  axes=(None, None, 'embed'), **_kw(cfg, rngs))
+      self.image_norm2 = LayerNorm(d, eps=1e-5, param_dtype=F32, rngs=rngs)
+    else:
+      self.image_norm1 = self.image_ff = self.image_norm2 = None
+
+  def time(self, t: jax.Array):
+    """(...,) timesteps -> temb (..., dim) in dtype and modulation (..., 6, dim) float32."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    shape = t.shape
+    feats = timestep_features(t.reshape(-1), self.cfg.freq_dim)
+    temb = self.time_embedder(feats).astype(dtype)
+    modulation = self.time_proj(jax.nn.silu(temb)).reshape(*shape, 6, -1).astype(F32)
+    return temb.reshape(*shape, -1), modulation
+
+  def context(self, text: jax.Array, image: jax.Array | None):
+    dtype = jnp.dtype(self.cfg.dtype)
+    text = self.text_embedder(text.astype(dtype))
+    if image is None:
+      return text, None
+    # FP32LayerNorm: float32 in and out, then the image MLP in dtype.
+    image = self.image_norm1(image.astype(F32)).astype(dtype)
+    image = self.image_norm2(self.image_ff(image).astype(F32)).astype(dtype)
+    return text, image
+
+
+class CrossAttention(StreamAttention):
+  """Wan I2V cross-attention: text attention plus an image branch with its own K/V (to_out shared)."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    d = cfg.inner_dim
+    super().__init__(d, cfg.num_attention_heads, cfg.attention_head_dim, qk_norm=cfg.qk_norm,
+                     eps=cfg.eps, **_kw(cfg, rngs))
+    self.attention = cfg.attention
+    if cfg.added_kv_proj_dim is not None:
+      self.add_k_proj = Linear(cfg.added_kv_proj_dim, d, axes=('embed', 'heads'), **_kw(cfg, rngs))
+      self.add_v_proj = Linear(cfg.added_kv_proj_dim, d, axes=('embed', 'heads'), **_kw(cfg, rngs))
+      self.norm_added_k = RMSNorm(d, eps=cfg.eps, rngs=rngs)
+    else:
+      self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+
+  def __call__(self, x: jax.Array, text: jax.Array, image: jax.Array | None) -> jax.Array:
+    q = self.to_q(x)
+    k = self.to_k(text)
+    if self.norm_q is not None:
+      q, k = self.norm_q(q), self.norm_k(k)
+    q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(self.to_v(text))
+    o = attention(q, k, v, implementation=self.attention)
+    if image is not None:
+      k_img = self.split_heads(self.norm_added_k(self.add_k_proj(image)))
+      v_img = self.split_heads(self.add_v_proj(image))
+      o = o + attention(q, k_img, v_img, implementation=self.attention)
+    return self.out(o)
+
+
+class WanLayer(nnx.Module):
+  """One stream's block weights (the base or the expert copy)."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    d = cfg.inner_dim
+    self.norm1 = LayerNorm(d, eps=cfg.eps, affine=False, rngs=rngs)
+    self.attn1 = StreamAttention(d, cfg.num_attention_heads, cfg.attention_head_dim,
+                                 qk_norm=cfg.qk_norm, eps=cfg.eps, **_kw(cfg, rngs))
+    self.attn2 = CrossAttention(cfg, rngs=rngs)
+    self.norm2 = (LayerNorm(d, eps=cfg.eps, param_dtype=F32, rngs=rngs)
+                  if cfg.cross_attn_norm else None)
+    self.ffn = FeedForward(d, cfg.ffn_dim, **_kw(cfg, rngs))
+    self.norm3 = LayerNorm(d, eps=cfg.eps, affine=False, rngs=rngs)
+    self.scale_shift_table = param(rngs, lambda k, s, t: jax.random.normal(k, s, t) / d ** 0.5,
+                                   (1, 6, d), F32, (None, None, 'embed'))
+
+  @staticmethod
+  def _chunked(s: Stream, x: jax.Array) -> jax.Array:
+    """(B, n*T, D) -> (B, n, T, D): one modulation per reference chunk."""
+    return x.reshape(x.shape[0], s.chunks, -1, x.shape[-1])
+
+  def _modulated(self, s: Stream, norm: LayerNorm, x, shift, scale):
+    y = self._chunked(s, norm(x.astype(F32))) * (1 + scale) + shift
+    return y.reshape(x.shape).astype(x.dtype)
+
+  def attention_input(self, s: Stream):
+    mods = [m[:, :, None] for m in jnp.unstack(self.scale_shift_table[...] + s.modulation, axis=2)]
+    return self._modulated(s, self.norm1, s.video, mods[0], mods[1]), mods
+
+  def finish(self, s: Stream, attn: jax.Array, mods) -> Stream:
+    _, _, gate, c_shift, c_scale, c_gate = mods
+    x = s.video
+    x = (x.astype(F32) + (self._chunked(s, attn) * gate).reshape(x.shape)).astype(x.dtype)
+    normed = x if self.norm2 is None else self.norm2(x.astype(F32)).astype(x.dtype)
+    b, n = x.shape[0], s.chunks
+    per_chunk = lambda t: None if t is None else t.reshape(b * n, -1, t.shape[-1])
+    cross = self.attn2(per_chunk(normed), per_chunk(s.text), per_chunk(s.image))
+    x = x + cross.reshape(x.shape)
+    ff = self.ffn(self._modulated(s, self.norm3, x, c_shift, c_scale))
+    x = (x.astype(F32) + (self._chunked(s, ff.astype(F32)) * c_gate).reshape(x.shape)).astype(x.dtype)
+    return s._replace(video=constrain(x, TOKEN_AXES))
+
+
+class WanBlock(nnx.Module):
+  """A base layer for the target and, on expert blocks, an expert layer for the references."""
+
+  def __init__(self, cfg: WanConfig, with_expert: bool, *, rngs: nnx.Rngs):
+    self.attention = cfg.attention
+    self.base = WanLayer(cfg, rngs=rngs)
+    self.expert = WanLayer(cfg, rngs=rngs) if with_expert else None
+
+  def __call__(self, target: Stream, ref: Stream | None) -> tuple[Stream, Stream | None]:
+    pairs = [(self.base, target)]
+    if self.expert is not None and ref is not None:
+      pairs.append((self.expert, ref))
+    inputs = [layer.attention_input(s) for layer, s in pairs]
+    attn = joint_attention([layer.attn1 for layer, _ in pairs], [x for x, _ in inputs],
+                           [s.rope for _, s in pairs], [0] * len(pairs),
+                           implementation=self.attention)
+    out = [layer.finish(s, a, mods) for (layer, s), a, (_, mods) in zip(pairs, attn, inputs)]
+    return out[0], (out[1] if len(out) > 1 else ref)
+
+
+class WanTransformer(nnx.Module):
+  """Wan2.1 I2V DiT + VAP expert. ``__call__`` returns the target's flow prediction (B,C,F,H,W)."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, patch = cfg.inner_dim, cfg.in_channels * math.prod(cfg.patch_size)
+    expert_blocks = set(cfg.block_idx_with_mot_ref)
+    self.patch_embedding = Linear(patch, d, axes=('patch', 'embed'), **_kw(cfg, rngs))
+    self.condition_embedder = ConditionEmbedder(cfg, rngs=rngs)
+    if expert_blocks:
+      self.expert_patch_embedding = Linear(patch, d, axes=('patch', 'embed'), **_kw(cfg, rngs))
+      self.expert_condition_embedder = ConditionEmbedder(cfg, rngs=rngs)
+    else:
+      self.expert_patch_embedding = self.expert_condition_embedder = None
+    self.blocks = nnx.List([WanBlock(cfg, i in expert_blocks, rngs=rngs)
+                            for i in range(cfg.num_layers)])
+    self.norm_out = LayerNorm(d, eps=cfg.eps, affine=False, rngs=rngs)
+    self.proj_out = Linear(d, cfg.out_channels * math.prod(cfg.patch_size), axes=('embed', None),
+                           **_kw(cfg, rngs))
+    self.scale_shift_table = param(rngs, lambda k, s, t: jax.random.normal(k, s, t) / d ** 0.5,
+                                   (1, 2, d), F32, (None, None, 'embed'))
+
+  def rope(self, frames: int, height: int, width: int, num_refs: int = 0) -> RopeTable:
+    pt, ph, pw = self.cfg.patch_size
+    cos, sin = wan_rope(self.cfg.attention_head_dim, frames // pt, height // ph, width // pw,
+                        num_refs=num_refs)
+    return jnp.asarray(cos), jnp.asarray(sin)
+
+  def _patchify(self, proj: Linear, latents: jax.Array) -> jax.Array:
+    b, c, f, h, w = latents.shape
+    pt, ph, pw = self.cfg.patch_size
+    x = latents.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+    x = x.transpose(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, -1, c * pt * ph * pw)
+    return constrain(proj(x.astype(jnp.dtype(self.cfg.dtype))), TOKEN_AXES)
+
+  def __call__(self, latents: jax.Array, timestep: jax.Array, text: jax.Array,
+               image: jax.Array | None = None, ref_latents: jax.Array | None = None,
+               ref_text: jax.Array | None = None, ref_image: jax.Array | None = None,
+               ref_timestep: jax.Array | int = 1) -> jax.Array:
+    """latents (B,C,F,H,W), timestep (B,) or scalar, text (B,L,text_dim), image (B,257,image_dim).
+
+    References (optional; all or none): ref_latents (B, C, n*F, H, W), ref_text (B, n*L, text_dim),
+    ref_image (B, n*257, image_dim); ref_timestep broadcasts to (B, n), default 1 (clean).
+    """
+    target, ref, temb = self.embed(latents, timestep, text, image, ref_latents, ref_text,
+                                   ref_image, ref_timestep)
+    for block in self.blocks:
+      target, ref = block(target, ref)
+    return self.head(target, temb, latents.shape)
+
+  def embed(self, latents, timestep, text, image=None, ref_latents=None, ref_text=None,
+            ref_image=None, ref_timestep=1):
+    """Inputs -> (target stream, reference stream or None, target temb)."""
+    b, _, f, h, w = self._check_inputs(latents, text, image, ref_latents, ref_text, ref_image)
+    temb, modulation = self.condition_embedder.time(jnp.broadcast_to(timestep, (b,)))
+    text_ctx, image_ctx = self.condition_embedder.context(text, image)
+    target = Stream(self._patchify(self.patch_embedding, latents), text_ctx, image_ctx,
+                    modulation[:, None], self.rope(f, h, w), 1)
+    if ref_latents is None:
+      return target, None, temb
+    n = ref_latents.shape[2] // f
+    _, ref_modulation = self.expert_condition_embedder.time(jnp.broadcast_to(ref_timestep, (b, n)))
+    ref_text_ctx, ref_image_ctx = self.expert_condition_embedder.context(ref_text, ref_image)
+    ref = Stream(self._patchify(self.expert_patch_embedding, ref_latents), ref_text_ctx,
+                 ref_image_ctx, ref_modulation, self.rope(f, h, w, num_refs=n), n)
+    return target, ref, temb
+
+  def head(self, target: Stream, temb: jax.Array, latent_shape) -> jax.Array:
+    """Final modulated norm and projection of the target, unpatchified to (B, C_out, F, H, W)."""
+    b, _, f, h, w = latent_shape
+    pt, ph, pw = self.cfg.patch_size
+    shift, scale = jnp.unstack(self.scale_shift_table[...] + temb.astype(F32)[:, None], axis=1)
+    x = self.norm_out(target.video.astype(F32)) * (1 + scale[:, None]) + shift[:, None]
+    x = self.proj_out(x.astype(target.video.dtype))
+    x = x.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, -1).transpose(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, -1, f, h, w)
+
+  def _check_inputs(self, latents, text, image, ref_latents, ref_text, ref_image):
+    cfg = self.cfg
+    if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
+      raise ValueError(f'latents must be (B, {cfg.in_channels}, F, H, W), got {latents.shape}')
+    b, c, f, h, w = latents.shape
+    if any(n % p for n, p in zip((f, h, w), cfg.patch_size)):
+      raise ValueError(f'latent F,H,W {(f, h, w)} must be multiples of patch_size {cfg.patch_size}')
+    if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
+      raise ValueError(f'text must be ({b}, L, {cfg.text_dim}), got {text.shape}')
+    if (image is None) != (cfg.image_dim is None):
+      raise ValueError('image tokens are required by an I2V model (image_dim set) and only then')
+    if image is not None and (image.ndim != 3 or image.shape[0] != b or image.shape[2] != cfg.image_dim):
+      raise ValueError(f'image must be ({b}, N, {cfg.image_dim}), got {image.shape}')
+    refs = (ref_latents, ref_text) + ((ref_image,) if cfg.image_dim is not None else ())
+    if all(r is None for r in refs):
+      return latents.shape
+    if any(r is None for r in refs):
+      raise ValueError('ref_latents, ref_text' + (', ref_image' if cfg.image_dim else '') +
+                       ' must be given together')
+    if self.expert_patch_embedding is None:
+      raise ValueError('references were given but this model has no expert '
+                       '(block_idx_with_mot_ref is empty)')
+    if (ref_latents.ndim != 5 or ref_latents.shape[:2] != (b, c) or ref_latents.shape[3:] != (h, w)
+        or ref_latents.shape[2] % f or ref_latents.shape[2] == 0):
+      raise ValueError(f'ref_latents must be ({b}, {c}, n*{f}, {h}, {w}) for n >= 1 references, '
+                       f'got {ref_latents.shape}')
+    n = ref_latents.shape[2] // f
+    if ref_text.ndim != 3 or ref_text.shape[0] != b or ref_text.shape[1] % n or \
+        ref_text.shape[2] != cfg.text_dim:
+      raise ValueError(f'ref_text must be ({b}, {n}*L, {cfg.text_dim}) for {n} references, '
+                       f'got {ref_text.shape}')
+    if ref_image is not None and (ref_image.shape[0] != b or ref_image.shape[1] % n or
+                                  ref_image.shape[2] != cfg.image_dim):
+      raise ValueError(f'ref_image must be ({b}, {n}*N, {cfg.image_dim}) for {n} references, '
+                       f'got {ref_image.shape}')
+    return latents.shape
+
+
+def trainable_filter(path, _value=None) -> bool:
+  """True for expert parameters (the only ones VAP trains)."""
+  return any(str(part).startswith('expert') for part in path)
