@@ -77,3 +77,16 @@ def test_attention_equals_naive_softmax_attention():
   with pytest.raises(ValueError, match='not one of'):
     attention(q, k, v, implementation='flash')
   assert jax.devices()[0].platform == 'cpu'
+
+
+def test_wan_rope_positions_and_split():
+  """Wan: pairs [t | h | w] = [d/2 - 2(d//6) | d//6 | d//6], each axis with its own frequencies;
+  n references at t = -n*F..-1."""
+  from vap_jax.nn.rope import wan_rope
+  head_dim, frames = 128, 2
+  cos, sin = wan_rope(head_dim, frames, 3, 4, num_refs=2)
+  inv_t = 1.0 / 10000 ** (np.arange(0, 44, 2) / 44)
+  inv_h = 1.0 / 10000 ** (np.arange(0, 42, 2) / 42)
+  for token, (t, h) in ((0, (-4, 0)), (12 * 3 + 4 + 1, (-1, 1))):
+    np.testing.assert_allclose(cos[token, :44:2], np.cos(t * inv_t), atol=1e-6)
+    np.testing.assert_allclose(sin[token, 44:86:2], np.sin(h * inv_h), atol=1e-6)

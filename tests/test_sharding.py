@@ -1,34 +1,51 @@
-"""The tiny CogVideoX-VAP model sharded over 8 CPU devices gives the one-device numbers."""
+"""Tiny CogVideoX-VAP and Wan-VAP models (two references) sharded over 8 CPU devices give the
+one-device numbers, for FSDP, tensor, context and data parallel meshes."""
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs import cogvideox_tiny
+from configs import cogvideox_tiny, wan_tiny
 from conftest import assert_close
 from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
+from vap_jax.models.wan import WanConfig, WanTransformer
 from vap_jax.parallel import (DEFAULT_RULES, logical_to_spec, make_mesh, param_shardings,
                               sharding_context)
 from vap_jax.weights.loading import shard_model
 
 
-def _inputs(batch, n_refs=2, seed=0):
-  rng = np.random.default_rng(seed)
+def _cog_inputs(rng, batch, n_refs=2):
   cfg = cogvideox_tiny.get_config().model
   lat = lambda f: rng.standard_normal((batch, f, cfg.in_channels, 8, 12)).astype(np.float32)
   txt = lambda n: rng.standard_normal((batch, n, cfg.text_embed_dim)).astype(np.float32)
   return lat(3), txt(8), np.arange(batch) * 97 + 5, lat(3 * n_refs), txt(8 * n_refs)
 
 
-@pytest.fixture(scope='module')
-def reference():
-  config = cogvideox_tiny.get_config()
-  model = CogVideoXTransformer(CogVideoXConfig(**config.model), rngs=nnx.Rngs(0))
+def _wan_inputs(rng, batch, n_refs=2):
+  cfg = wan_tiny.get_config().model
+  lat = lambda f: rng.standard_normal((batch, cfg.in_channels, f, 8, 8)).astype(np.float32)
+  seq = lambda n, d: rng.standard_normal((batch, n, d)).astype(np.float32)
+  return (lat(3), np.arange(batch) * 97 + 5, seq(6, cfg.text_dim), seq(5, cfg.image_dim),
+          lat(3 * n_refs), seq(6 * n_refs, cfg.text_dim), seq(5 * n_refs, cfg.image_dim))
+
+
+MODELS = {
+    'cogvideox': (cogvideox_tiny, lambda c: CogVideoXTransformer(CogVideoXConfig(**c), rngs=nnx.Rngs(0)),
+                  _cog_inputs),
+    'wan': (wan_tiny, lambda c: WanTransformer(WanConfig(**c), rngs=nnx.Rngs(0)), _wan_inputs),
+}
+
+
+@pytest.fixture(scope='module', params=sorted(MODELS))
+def reference(request):
+  config_module, build, make_inputs = MODELS[request.param]
+  config = config_module.get_config()
+  model = build(config.model)
   state = nnx.state(model)  # perturb zero biases / unit norms so every parameter matters
   keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
   nnx.update(model, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state))
-  inputs = _inputs(batch=8)
+  inputs = make_inputs(np.random.default_rng(0), batch=8)
   expected = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, *inputs))
   return config, model, inputs, expected
 

@@ -111,14 +111,17 @@ def read_config(path: str | Path) -> tuple[dict, KeyMap]:
   if config.get('_class_name', '').startswith('WanTransformer3D'):
     return config, WAN
   if 'dim' in config and 'num_heads' in config:  # original Wan release
+    # Its config does not record the text / CLIP widths: read them off the tensors.
+    checkpoint = SafetensorsCheckpoint(folder)
+    i2v = 'img_emb.proj.0.weight' in checkpoint
     heads = config['num_heads']
-    i2v = config.get('model_type') == 'i2v'
     return dict(patch_size=list(config.get('patch_size', (1, 2, 2))), num_attention_heads=heads,
                 attention_head_dim=config['dim'] // heads, in_channels=config['in_dim'],
-                out_channels=config['out_dim'], text_dim=config.get('text_dim', 4096),
+                out_channels=config['out_dim'], text_dim=checkpoint.shape('text_embedding.0.weight')[1],
                 freq_dim=config['freq_dim'], ffn_dim=config['ffn_dim'],
                 num_layers=config['num_layers'], cross_attn_norm=config.get('cross_attn_norm', True),
-                eps=config.get('eps', 1e-6), image_dim=1280 if i2v else None,
+                eps=config.get('eps', 1e-6),
+                image_dim=checkpoint.shape('img_emb.proj.0.weight')[0] if i2v else None,
                 added_kv_proj_dim=config['dim'] if i2v else None), WAN_ORIGINAL
   raise CheckpointError(f'{config_file}: neither a diffusers Wan transformer config '
                         '(_class_name WanTransformer3D*) nor an original Wan config (dim, num_heads)')
