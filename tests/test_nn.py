@@ -90,3 +90,14 @@ def test_wan_rope_positions_and_split():
   for token, (t, h) in ((0, (-4, 0)), (12 * 3 + 4 + 1, (-1, 1))):
     np.testing.assert_allclose(cos[token, :44:2], np.cos(t * inv_t), atol=1e-6)
     np.testing.assert_allclose(sin[token, 44:86:2], np.sin(h * inv_h), atol=1e-6)
+
+
+@pytest.mark.parametrize('s_q,s_k', [(37, 37), (64, 100), (5, 300)])
+def test_blockwise_attention_equals_xla(s_q, s_k):
+  from vap_jax.nn.attention import blockwise_attention
+  rng = np.random.default_rng(1)
+  q = rng.standard_normal((2, s_q, 3, 16)).astype(np.float32)
+  k, v = (3 * rng.standard_normal((2, s_k, 3, 16)).astype(np.float32) for _ in range(2))
+  expected = attention(q, k, v)
+  assert_close(blockwise_attention(q, k, v, block_q=16, block_k=32), expected, atol=1e-5)
+  assert_close(attention(q, k, v, implementation='blockwise'), expected, atol=1e-5)
