@@ -1,0 +1,72 @@
+"""Analytic forward FLOPs of one transformer call (2 FLOPs per multiply-add, matmuls only).
+
+Written out term by term so a reader can check it against the architecture; tests check it
+against the dot products in the traced program. Joint attention is counted over the concatenated
+length of all streams (that is where VAP's extra cost comes from: ~4x attention per expert block).
+"""
+from __future__ import annotations
+
+import math
+
+from vap_jax.models.cogvideox import CogVideoXConfig
+from vap_jax.models.wan import WanConfig
+
+
+def _attention(n_q: int, n_k: int, d: int) -> int:
+  return 4 * n_q * n_k * d  # QK^T and PV, summed over heads (heads * head_dim = d)
+
+
+def cogvideox_flops(cfg: CogVideoXConfig, *, batch: int, frames: int, height: int, width: int,
+                    text_len: int, num_refs: int = 0) -> dict[str, int]:
+  """Latent frames/height/width; ``num_refs`` references (0 = base model)."""
+  d, te, p = cfg.inner_dim, cfg.time_embed_dim, cfg.patch_size
+  video = frames * (height // p) * (width // p)
+  streams = 2 if num_refs and cfg.block_idx_with_mot_ref else 1
+  tokens = [text_len + video] + ([num_refs * (text_len + video)] if streams == 2 else [])
+  embed_chunk = 2 * video * cfg.in_channels * p * p * d + 2 * text_len * cfg.text_embed_dim * d
+  embed = (1 + (num_refs if streams == 2 else 0)) * embed_chunk
+  time = streams * 2 * (d * te + te * te)
+  layer = lambda n: 2 * 2 * te * 6 * d + 8 * n * d * d + 16 * n * d * d
+  linear = attn = 0
+  for i in range(cfg.num_layers):
+    active = tokens if (i in cfg.block_idx_with_mot_ref) else tokens[:1]
+    linear += sum(layer(n) for n in active)
+    attn += _attention(sum(active), sum(active), d)
+  head = 2 * te * 2 * d + 2 * video * d * p * p * cfg.out_channels
+  parts = dict(embed=embed + time, blocks_linear=linear, attention=attn, head=head)
+  parts = {k: batch * v for k, v in parts.items()}
+  parts['total'] = sum(parts.values())
+  return parts
+
+
+def wan_flops(cfg: WanConfig, *, batch: int, frames: int, height: int, width: int, text_len: int,
+              image_len: int = 0, num_refs: int = 0) -> dict[str, int]:
+  """Latent frames/height/width; ``image_len`` CLIP tokens per stream (0 for T2V)."""
+  d, f = cfg.inner_dim, cfg.ffn_dim
+  video = (frames // cfg.patch_size[0]) * (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
+  image_len = image_len if cfg.image_dim else 0
+  refs = num_refs if cfg.block_idx_with_mot_ref else 0
+  chunks = [1] + ([refs] if refs else [])  # references per stream
+  per_chunk_context = (2 * text_len * (cfg.text_dim * d + d * d) +
+                       2 * image_len * ((cfg.image_dim or 0) ** 2 + (cfg.image_dim or 0) * d))
+  time = 2 * (cfg.freq_dim * d + d * d) + 2 * d * 6 * d
+  patch = 2 * video * cfg.in_channels * math.prod(cfg.patch_size) * d
+  embed = sum(n * (per_chunk_context + time + patch) for n in chunks)
+
+  def layer(n):  # one stream holding n references (n = 1: the target)
+    tokens, context = n * video, n * (text_len + image_len)
+    return (8 * tokens * d * d                      # self-attention q, k, v, out
+            + 4 * tokens * d * d + 4 * context * d * d  # cross-attention q, out; k, v (text, image)
+            + _attention(tokens, text_len, d) + _attention(tokens, image_len, d)
+            + 4 * tokens * d * f)                   # feed-forward
+  linear = attn = 0
+  for i in range(cfg.num_layers):
+    active = chunks if i in cfg.block_idx_with_mot_ref else chunks[:1]
+    linear += sum(layer(n) for n in active)
+    total = sum(n * video for n in active)
+    attn += _attention(total, total, d)
+  head = 2 * video * d * math.prod(cfg.patch_size) * cfg.out_channels
+  parts = dict(embed=embed, blocks_linear=linear, attention=attn, head=head)
+  parts = {k: batch * v for k, v in parts.items()}
+  parts['total'] = sum(parts.values())
+  return parts
