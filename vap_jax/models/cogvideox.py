@@ -201,6 +201,18 @@ class CogVideoXBlock(nnx.Module):
     return out[0], (out[1] if len(out) > 1 else ref)
 
 
+def rope_table(cfg: CogVideoXConfig, frames: int, height: int, width: int,
+               num_refs: int = 0) -> RopeTable | None:
+  """RoPE table for latents of (frames, height, width): target, or ``num_refs`` references."""
+  p = cfg.patch_size
+  if not cfg.use_rotary_positional_embeddings:
+    return None
+  cos, sin = cogvideox_rope(cfg.attention_head_dim, frames, height // p, width // p,
+                            base_h=cfg.sample_height // p, base_w=cfg.sample_width // p,
+                            num_refs=num_refs)
+  return jnp.asarray(cos), jnp.asarray(sin)
+
+
 class CogVideoXTransformer(nnx.Module):
   """CogVideoX-I2V DiT + VAP expert. ``__call__`` returns the target's prediction (B,F,C_out,H,W)."""
 
@@ -224,14 +236,7 @@ class CogVideoXTransformer(nnx.Module):
     self.proj_out = Linear(d, cfg.patch_size ** 2 * cfg.out_channels, axes=('embed', None), **kw)
 
   def rope(self, frames: int, height: int, width: int, num_refs: int = 0) -> RopeTable | None:
-    """RoPE table for latents of (frames, height, width): target, or ``num_refs`` references."""
-    cfg, p = self.cfg, self.cfg.patch_size
-    if not cfg.use_rotary_positional_embeddings:
-      return None
-    cos, sin = cogvideox_rope(cfg.attention_head_dim, frames, height // p, width // p,
-                              base_h=cfg.sample_height // p, base_w=cfg.sample_width // p,
-                              num_refs=num_refs)
-    return jnp.asarray(cos), jnp.asarray(sin)
+    return rope_table(self.cfg, frames, height, width, num_refs)
 
   def __call__(self, latents: jax.Array, text: jax.Array, timestep: jax.Array,
                ref_latents: jax.Array | None = None, ref_text: jax.Array | None = None) -> jax.Array:

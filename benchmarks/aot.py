@@ -1,0 +1,112 @@
+"""Ahead-of-time memory check: will a config fit on a target before renting it?
+
+  python benchmarks/aot.py --model cogvideox-vap --target h100-80g-x1
+  python benchmarks/aot.py --model wan-vap --target h100-80g-x8 --mesh fsdp=8
+
+Lowers and compiles the sharded inference step (one transformer call at the official shapes,
+CFG batch 2, one reference, bf16 weights) for the target's device count, using that many fake
+host devices, and prints XLA's per-device memory analysis against the target's memory.
+Attention defaults to ``blockwise`` (bounded score memory, like the fused kernels on the real
+target); ``xla`` would count the full score matrix. The compile is for the CPU backend, so the
+figures are an estimate of the accelerator's: same shardings and buffers, a different
+scheduler and fusion. Only the inference step exists so far; the train step joins with the
+trainer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+TARGETS = {  # devices, memory per device in bytes
+    'h100-80g-x1': (1, 80 * 10**9),
+    'h100-80g-x8': (8, 80 * 10**9),
+    'h200-141g-x1': (1, 141 * 10**9),
+    'tpu-v5p-8': (4, 95 * 10**9),
+}
+
+
+def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwise',
+            batch: int = 2) -> dict:
+  """Compile the sharded step for ``model`` on the current (fake) devices; memory per device."""
+  import dataclasses
+
+  import jax
+  from flax import nnx
+  from jax.sharding import NamedSharding
+
+  from benchmarks.step import CASES, inputs
+  from vap_jax.models.cogvideox import CogVideoXTransformer
+  from vap_jax.models.wan import WanTransformer
+  from vap_jax.parallel import (DEFAULT_RULES, logical_to_spec, make_mesh, param_shardings,
+                                sharding_context)
+  from vap_jax.weights.loading import abstract_model
+
+  case = CASES[model]()
+  cfg = dataclasses.replace(case.config, attention=attention)
+  build = CogVideoXTransformer if case.family == 'cogvideox' else WanTransformer
+  mesh = make_mesh(mesh_shape, devices=jax.devices()[:math.prod(mesh_shape.values())])
+  graphdef, state = nnx.split(abstract_model(lambda: build(cfg, rngs=nnx.Rngs(0))))
+  shardings = dict(nnx.to_flat_state(param_shardings(state, mesh, DEFAULT_RULES)))
+  abstract_state = nnx.from_flat_state([
+      (path, var.replace(value=jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[path])))
+      for path, var in nnx.to_flat_state(state)])
+  batch_spec = logical_to_spec(('activation_batch',), DEFAULT_RULES, mesh)
+
+  def arg(a):  # batch-sharded where the batch divides, else replicated
+    spec = batch_spec if batch_spec[0] is None or a.shape[0] % math.prod(
+        mesh.shape[x] for x in ((batch_spec[0],) if isinstance(batch_spec[0], str)
+                                else batch_spec[0])) == 0 else (None,)
+    return jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                sharding=NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  args = [arg(a) for a in inputs(case, batch)]
+  with sharding_context(mesh, DEFAULT_RULES):
+    start = time.perf_counter()
+    lowered = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a)).lower(abstract_state, *args)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  sizes = {name: int(getattr(mem, f'{name}_size_in_bytes', 0) or 0)
+           for name in ('argument', 'output', 'temp', 'alias', 'generated_code')}
+  total = sizes['argument'] + sizes['output'] + sizes['temp'] - sizes['alias']
+  return dict(model=model, mesh=mesh_shape, devices=mesh.size, attention=attention, batch=batch,
+              compile_seconds=round(seconds, 1), per_device_bytes=total,
+              **{f'{k}_bytes': v for k, v in sizes.items()})
+
+
+def _parse_mesh(text: str) -> dict[str, int]:
+  return {k: int(v) for k, v in (item.split('=') for item in text.split(','))} if text else {}
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--model', required=True, help='a benchmarks/step.py model name')
+  parser.add_argument('--target', required=True, choices=sorted(TARGETS))
+  parser.add_argument('--mesh', default='', help="e.g. 'fsdp=8' or 'fsdp=2,tensor=4' "
+                      "(default: all devices on fsdp)")
+  parser.add_argument('--attention', default='blockwise', choices=['blockwise', 'xla'])
+  args = parser.parse_args(argv)
+  devices, capacity = TARGETS[args.target]
+  mesh = _parse_mesh(args.mesh) or {'fsdp': devices}
+  if 'jax' not in sys.modules:  # fake exactly the target's device count
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={devices}')
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  result = analyze(args.model, mesh, attention=args.attention)
+  result.update(target=args.target, capacity_bytes=capacity,
+                fits=result['per_device_bytes'] <= capacity)
+  print(json.dumps(result))
+  gib = lambda b: f'{b / 2**30:.1f} GiB'
+  print(f"{args.model} on {args.target} (mesh {mesh}, {args.attention} attention): per device "
+        f"{gib(result['per_device_bytes'])} = weights+inputs {gib(result['argument_bytes'])} + "
+        f"temporaries {gib(result['temp_bytes'])} + outputs {gib(result['output_bytes'])}; "
+        f"capacity {gib(capacity)} -> {'fits' if result['fits'] else 'DOES NOT FIT'}")
+  return result
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,39 @@
+"""The benchmark harnesses run end to end on CPU with tiny configs (so they do not rot)."""
+import json
+
+import pytest
+
+from benchmarks import step
+
+
+@pytest.mark.parametrize('model,attention,with_torch', [
+    ('cogvideox-tiny', 'xla', False),
+    ('cogvideox-tiny-base', 'xla', True),
+    ('wan-tiny', 'xla', False),
+])
+def test_step_harness_reports_every_figure(model, attention, with_torch, capsys):
+  rows = step.run(model, attention=attention, repeats=1, warmup=0, with_torch=with_torch,
+                  peak_size=256)
+  assert [r['framework'] for r in rows] == ['jax'] + (['torch'] if with_torch else [])
+  for r in rows:
+    assert r['seconds'] > 0 and r['model_tflops_per_step'] > 0 and r['peak_tflops_measured'] > 0
+    assert r['achieved_tflops'] == pytest.approx(r['model_tflops_per_step'] / r['seconds'])
+    assert r['mfu'] > 0 and json.loads(json.dumps(r)) == r
+    assert model in step.format_row(r)
+  assert rows[0]['attention'] == attention and rows[0]['compile_seconds'] > 0
+
+
+def test_torch_comparison_refuses_the_expert_model():
+  with pytest.raises(ValueError, match='base models'):
+    step.run('cogvideox-tiny', repeats=1, warmup=0, with_torch=True, peak_size=128)
+
+
+def test_aot_memory_analysis_on_fake_devices():
+  from benchmarks import aot
+  one = aot.analyze('wan-tiny', {'fsdp': 1}, attention='blockwise')
+  eight = aot.analyze('wan-tiny', {'fsdp': 2, 'tensor': 4}, attention='blockwise')
+  assert one['devices'] == 1 and eight['devices'] == 8
+  for r in (one, eight):
+    assert r['argument_bytes'] > 0 and r['per_device_bytes'] >= r['argument_bytes']
+  # Weights are sharded 8 ways: each device holds well under half of the one-device arguments.
+  assert eight['argument_bytes'] < 0.5 * one['argument_bytes']
