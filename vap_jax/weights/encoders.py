@@ -38,15 +38,17 @@ T5 = KeyMap('t5-encoder', [
     Rule(r'encoder\.final_layer_norm\.weight', 'final_norm.scale'),
 ], ignore=[r'encoder\.embed_tokens\.weight'])  # tied to shared.weight (saved by older versions)
 
-_CLIP_LAYER = r'vision_model\.encoder\.layers\.(\d+)\.'
+# transformers 4 saved names under vision_model.; transformers 5 saves them without the prefix.
+_VM = r'(?:vision_model\.)?'
+_CLIP_LAYER = _VM + r'encoder\.layers\.(\d+)\.'
 
 CLIP_VISION = KeyMap('clip-vision', [
-    Rule(r'vision_model\.embeddings\.class_embedding', 'class_embedding'),
-    Rule(r'vision_model\.embeddings\.patch_embedding\.weight', 'patch_embedding.kernel',
+    Rule(_VM + r'embeddings\.class_embedding', 'class_embedding'),
+    Rule(_VM + r'embeddings\.patch_embedding\.weight', 'patch_embedding.kernel',
          CONV_TO_DENSE),
-    Rule(r'vision_model\.embeddings\.position_embedding\.weight', 'position_embedding'),
-    Rule(r'vision_model\.(pre_layrnorm|post_layernorm)\.weight', r'\1.scale'),
-    Rule(r'vision_model\.(pre_layrnorm|post_layernorm)\.bias', r'\1.bias'),
+    Rule(_VM + r'embeddings\.position_embedding\.weight', 'position_embedding'),
+    Rule(_VM + r'(pre_layrnorm|post_layernorm)\.weight', r'\1.scale'),
+    Rule(_VM + r'(pre_layrnorm|post_layernorm)\.bias', r'\1.bias'),
     Rule(_CLIP_LAYER + r'self_attn\.([qkv]_proj|out_proj)\.weight', r'layers.\1.self_attn.\2.kernel',
          TRANSPOSE),
     Rule(_CLIP_LAYER + r'self_attn\.([qkv]_proj|out_proj)\.bias', r'layers.\1.self_attn.\2.bias'),
@@ -54,7 +56,7 @@ CLIP_VISION = KeyMap('clip-vision', [
     Rule(_CLIP_LAYER + r'(layer_norm[12])\.bias', r'layers.\1.\2.bias'),
     Rule(_CLIP_LAYER + r'mlp\.(fc[12])\.weight', r'layers.\1.\2.kernel', TRANSPOSE),
     Rule(_CLIP_LAYER + r'mlp\.(fc[12])\.bias', r'layers.\1.\2.bias'),
-], ignore=[r'vision_model\.embeddings\.position_ids',  # a non-persistent buffer older saves kept
+], ignore=[_VM + r'embeddings\.position_ids',  # a non-persistent buffer older saves kept
            r'visual_projection\.weight'])  # CLIPVisionModelWithProjection's head, unused by Wan
 
 # component -> (default subfolder, accepted model_types, key map)
