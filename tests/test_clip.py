@@ -153,6 +153,9 @@ def test_real_size_parameter_count():
                        num_attention_heads=16, image_size=224, patch_size=14, hidden_act='gelu')
   with torch.device('meta'):
     expected = sum(p.numel() for p in CLIPVisionModel(hf_config).parameters())
+  from configs.encoders import get_config
   ours = CLIPVisionConfig.from_hf(hf_config.to_dict())
   assert ours == CLIPVisionConfig() and ours.num_positions == 257
-  assert count_params(abstract_model(model_factory(ours))) == expected
+  named = CLIPVisionConfig(**get_config('clip_h14').model)
+  assert count_params(abstract_model(model_factory(named))) == expected
+  print(f'clip vit-h/14: {expected} parameters')

@@ -2,6 +2,7 @@
 loaded from multi-shard HF folders through the production key map; converter round trip; real
 sizes build abstractly with the released parameter counts.
 """
+import dataclasses
 import json
 
 import numpy as np
@@ -9,11 +10,13 @@ import pytest
 import torch
 from flax import nnx
 
+from configs.encoders import get_config
 from conftest import assert_close
 from vap_jax.models.t5 import T5Config, T5Encoder, relative_position_buckets
-from vap_jax.weights.encoders import T5, convert, load_text_encoder, model_factory, read_hf_config
+from vap_jax.weights.encoders import T5, load_text_encoder, model_factory, read_hf_config
 from vap_jax.weights.keymap import plan
-from vap_jax.weights.loading import abstract_model, count_params
+from vap_jax.parallel import make_mesh, sharding_context
+from vap_jax.weights.loading import abstract_model, count_params, shard_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 TINY = dict(vocab_size=160, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
@@ -103,8 +106,10 @@ def test_mismatched_config_is_reported(encoder, tmp_path):
 
 def test_converter_round_trip(encoder, tmp_path):
   _, _, folder = encoder
-  count = convert('t5', folder, tmp_path / 'orbax', param_dtype='float32', progress=False)
-  assert count == len(nnx.to_flat_state(nnx.state(load_text_encoder(folder, dtype='float32'))))
+  from convert.encoders import main
+  assert main(['--kind', 't5', '--src', str(folder), '--dst', str(tmp_path / 'orbax'),
+               '--dtype', 'float32']) == 0
+  assert main(['--kind', 't5', '--src', str(tmp_path / 'nowhere'), '--dst', str(tmp_path / 'x')]) == 2
   ids, mask = _ids()
   direct = load_text_encoder(folder, dtype='float32')(ids, mask)
   restored = load_text_encoder(tmp_path / 'orbax', dtype='float32')(ids, mask)
@@ -137,5 +142,22 @@ def test_real_size_parameter_count(flavour):
   with torch.device('meta'):
     expected = sum(p.numel() for p in hf_cls(hf_config).parameters())  # tied embedding counted once
   assert T5Config.from_hf(hf_config.to_dict()) == ours
-  model = abstract_model(model_factory(ours))
+  named = T5Config(**get_config(f'{flavour}_xxl').model)
+  assert dataclasses.replace(named, dtype='float32', param_dtype='float32') == ours
+  model = abstract_model(model_factory(named))
   assert count_params(model) == expected
+  print(f'{flavour} xxl encoder: {expected} parameters')
+
+
+def test_sharded_forward_equals_one_device():
+  """umT5 tiny (random init) over fsdp 2 x tensor 4, with a padding mask: same numbers."""
+  config = T5Config(**get_config('umt5_tiny').model)
+  model = T5Encoder(config, rngs=nnx.Rngs(0))
+  ids, mask = _ids(batch=2, lengths=(11, 5))
+  single = model(ids, mask)
+  mesh = make_mesh({'fsdp': 2, 'tensor': 4})
+  sharded_model = shard_model(model, mesh)
+  assert not sharded_model.embed[...].is_fully_replicated
+  with sharding_context(mesh):
+    sharded = nnx.jit(lambda m, i, a: m(i, a))(sharded_model, ids, mask)
+  assert_close(sharded, single, atol=1e-5, rtol=1e-5)
