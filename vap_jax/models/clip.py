@@ -4,6 +4,7 @@ Pre-norm ViT: patchify (a dense layer over 14x14x3 patches), prepend the class t
 positions, ``pre_layrnorm``, then N blocks. Wan reads the hidden state *before the last block*
 (``hidden_states[-2]``), so the model returns every layer's hidden state, in transformers' order:
 index 0 is the embedding output (after ``pre_layrnorm``), index i the output of block i.
+`CLIPVisionTransformer.hidden_state` runs only the blocks one index needs.
 
 `preprocess` reproduces ``CLIPImageProcessor``: shortest side -> 224 with PIL bicubic, center
 crop 224, /255, normalise with the OpenAI CLIP mean/std. It runs on the host (PIL + numpy):
@@ -164,6 +165,16 @@ class CLIPVisionTransformer(nnx.Module):
       x = layer(x)
       hidden.append(x)
     return CLIPOutput(x, self.post_layernorm(x[:, 0]), tuple(hidden))
+
+  def hidden_state(self, pixels: jax.Array, index: int = -2) -> jax.Array:
+    """``self(pixels).hidden_states[index]`` running only the blocks it needs (Wan: index -2)."""
+    count = len(self.layers) + 1
+    if not -count <= index < count:
+      raise IndexError(f'hidden state {index} out of range for {count} hidden states')
+    x = self.embed(jnp.asarray(pixels, self.config.dtype))
+    for layer in self.layers[:index % count]:
+      x = layer(x)
+    return x
 
 
 def preprocess(images: Sequence, *, size: int = 224, crop_size: int | None = None,
