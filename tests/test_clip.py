@@ -89,6 +89,8 @@ def test_key_map_covers_checkpoint_and_model_both_ways(clip):
   the_plan = plan(checkpoint, CLIP_VISION, state)
   assert (sorted(k for k, _ in the_plan.entries.values())
           == sorted(k for k in checkpoint.keys() if not CLIP_VISION.ignored(k)))
+  ignored = {k for k in checkpoint.keys() if CLIP_VISION.ignored(k)}
+  assert ignored <= {'vision_model.embeddings.position_ids'}
   assert len(the_plan.entries) == len(nnx.to_flat_state(state))
 
 
@@ -106,7 +108,9 @@ def test_converter_round_trip(clip, tmp_path):
 
 def test_sharded_forward_equals_one_device(clip):
   """Weights and activations over an 8-device (fsdp 2 x tensor 4) mesh."""
-  _, folder = clip
+  torch_model, folder = clip
+  if torch_model.config.hidden_act != 'gelu':
+    pytest.skip('one activation is enough')
   pixels = _pixels(batch=2)
   single = load_image_encoder(folder, dtype='float32')(pixels).hidden_states
   mesh = make_mesh({'fsdp': 2, 'tensor': 4})

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from vap_jax.models.t5 import T5Encoder
 from vap_jax.text.tokenizer import Tokenizer, prompt_clean
@@ -19,18 +20,23 @@ COGVIDEOX_MAX_LENGTH = 226
 WAN_MAX_LENGTH = 512
 
 
+@nnx.jit
+def _encode(encoder: T5Encoder, ids, mask):
+  return encoder(ids, mask)
+
+
 def encode_cogvideox(tokenizer: Tokenizer, encoder: T5Encoder, prompts: Sequence[str],
                      max_length: int = COGVIDEOX_MAX_LENGTH) -> jax.Array:
   """(B, max_length, d_model): no mask, padded positions keep their embeddings."""
   ids, _ = tokenizer(list(prompts), max_length)
-  return encoder(ids)
+  return _encode(encoder, ids, None)
 
 
 def encode_wan(tokenizer: Tokenizer, encoder: T5Encoder, prompts: Sequence[str],
                max_length: int = WAN_MAX_LENGTH) -> jax.Array:
   """(B, max_length, d_model): cleaned prompts, masked attention, zeros past each true length."""
   ids, mask = tokenizer([prompt_clean(p) for p in prompts], max_length)
-  embeddings = encoder(ids, mask)
+  embeddings = _encode(encoder, ids, mask)
   lengths = mask.sum(axis=1)
   keep = jnp.arange(max_length)[None, :] < jnp.asarray(lengths)[:, None]
   return jnp.where(keep[..., None], embeddings, jnp.zeros((), embeddings.dtype))
