@@ -164,5 +164,8 @@ def test_real_size_parameter_count():
   ours = CLIPVisionConfig.from_hf(hf_config.to_dict())
   assert ours == CLIPVisionConfig() and ours.num_positions == 257
   named = CLIPVisionConfig(**get_config('clip_h14').model)
-  assert count_params(abstract_model(model_factory(named))) == expected
+  model = abstract_model(model_factory(named))
+  assert count_params(model) == expected
+  from test_t5 import assert_shardable
+  assert_shardable(nnx.state(model))
   print(f'clip vit-h/14: {expected} parameters')

@@ -160,7 +160,18 @@ def test_real_size_parameter_count(flavour):
   assert dataclasses.replace(named, dtype='float32', param_dtype='float32') == ours
   model = abstract_model(model_factory(named))
   assert count_params(model) == expected
+  assert_shardable(nnx.state(model))
   print(f'{flavour} xxl encoder: {expected} parameters')
+
+
+def assert_shardable(state):
+  """Every variable names a logical axis per dimension and shards evenly on fsdp 2 x tensor 4."""
+  from vap_jax.parallel import DEFAULT_RULES, param_shardings
+  for path, var in nnx.to_flat_state(state):
+    axes = var.get_metadata().get('logical_axes')
+    assert axes is not None and len(axes) == len(var.shape), path
+  shardings = param_shardings(state, make_mesh({'fsdp': 2, 'tensor': 4}), DEFAULT_RULES)
+  assert any(s.spec != () and any(s.spec) for _, s in nnx.to_flat_state(shardings))
 
 
 def test_sharded_forward_equals_one_device():

@@ -4,7 +4,9 @@ cleaning.
 ``tokenizer.json`` (a Hugging Face ``tokenizers`` file, e.g. Wan's umT5) is preferred: it is the
 exact pipeline transformers runs, truncation and padding included. Without it, ``spiece.model``
 (CogVideoX's T5) is run with ``sentencepiece``: pieces + ``</s>``, truncated to leave room for
-``</s>``, right-padded with the pad id. transformers is not needed at run time.
+``</s>``, right-padded with the pad id. transformers is not needed at run time. (On that path,
+special-token strings typed into a prompt, e.g. ``</s>`` or ``<extra_id_0>``, are tokenized as
+text, where transformers would map them to their ids; prompts do not contain them.)
 """
 from __future__ import annotations
 
