@@ -21,6 +21,11 @@ setup(
         'numpy>=2.0',
         'ml_dtypes',
         'tqdm',
+        # Text / image encoders: tokenizer files from checkpoints, Wan prompt cleaning, CLIP resize.
+        'sentencepiece',
+        'tokenizers',
+        'ftfy',
+        'pillow',
     ],
     extras_require={
         # PyTorch references for parity tests. torch is pinned exactly: that version resolves to a
@@ -39,6 +44,7 @@ setup(
         'console_scripts': [
             'vap-convert-cogvideox=convert.cogvideox:main',
             'vap-convert-wan=convert.wan:main',
+            'vap-convert-encoder=convert.encoders:main',
         ],
     },
 )

@@ -33,10 +33,12 @@ DEFAULT_RULES: Rules = (
     ('mlp', 'tensor'),
     ('embed', 'fsdp'),
     ('text_embed', 'fsdp'),
+    ('vocab', 'tensor'),
     ('time_embed', None),
     ('patch', None),
     ('length', None),
     ('norm', None),
+    ('relpos', None),
 )
 
 

@@ -47,13 +47,20 @@ class KeyMap:
 
   VAP names every expert tensor like its base twin plus ``_mot_ref``: a marked key is mapped as
   its unmarked twin, then ``marked_path`` moves the result to the expert's variable.
+
+  ``ignore`` lists checkpoint keys (regex, full match) that carry nothing the model needs: tied
+  copies of another tensor, buffers that older library versions saved. `plan` skips them.
   """
 
   def __init__(self, name: str, rules: Sequence[Rule], *, marker: str | None = None,
-               marked_path: Callable[[Path], Path] | None = None):
+               marked_path: Callable[[Path], Path] | None = None, ignore: Sequence[str] = ()):
     self.name = name
     self.rules = [(re.compile(r.pattern), r) for r in rules]
     self.marker, self.marked_path = marker, marked_path
+    self.ignore = [re.compile(p) for p in ignore]
+
+  def ignored(self, key: str) -> bool:
+    return any(regex.fullmatch(key) for regex in self.ignore)
 
   def __call__(self, key: str) -> tuple[Path, Transform] | None:
     if self.marker and self.marker in key:
@@ -83,6 +90,8 @@ def plan(checkpoint: SafetensorsCheckpoint, keymap: KeyMap, state: nnx.State) ->
   entries: dict[Path, tuple[str, Transform]] = {}
   unmapped, unknown, duplicated, misshaped = [], [], [], []
   for key in checkpoint.keys():
+    if keymap.ignored(key):
+      continue
     hit = keymap(key)
     if hit is None:
       unmapped.append(key)
