@@ -1,7 +1,7 @@
 """Ahead-of-time memory check: will a config fit on a target before renting it?
 
-  python benchmarks/aot.py --model cogvideox-vap --target h100-80g-x1
-  python benchmarks/aot.py --model wan-vap --target h100-80g-x8 --mesh fsdp=8
+  python -m benchmarks.aot --model cogvideox-vap --target h100-80g-x1
+  python -m benchmarks.aot --model wan-vap --target h100-80g-x8 --mesh fsdp=8
 
 Lowers and compiles the sharded inference step (one transformer call at the official shapes,
 CFG batch 2, one reference, bf16 weights) for the target's device count, using that many fake

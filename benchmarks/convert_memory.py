@@ -1,6 +1,6 @@
 """Peak host memory of the streaming converter on a synthetic multi-shard VAP checkpoint.
 
-  python benchmarks/convert_memory.py --width 1024 --layers 6 --dtype bfloat16
+  python -m benchmarks.convert_memory --width 1024 --layers 6 --dtype bfloat16
 
 Writes a diffusers-layout CogVideoX-VAP transformer folder (sharded safetensors + index, random
 weights, every key of the real layout), converts it to Orbax in a child process while sampling

@@ -1,9 +1,9 @@
 """Denoising-step benchmark: latency, compile time, TFLOP/s, MFU and peak memory of one jitted
 transformer forward, for JAX and (base models) the PyTorch diffusers reference side by side.
 
-  python benchmarks/step.py --model cogvideox-vap --attention cudnn
-  python benchmarks/step.py --model wan-base --torch        # adds diffusers+SDPA on the same device
-  python benchmarks/step.py --model cogvideox-tiny --repeats 3   # CPU smoke run
+  python -m benchmarks.step --model cogvideox-vap --attention cudnn
+  python -m benchmarks.step --model wan-base --torch        # adds diffusers+SDPA on the same device
+  python -m benchmarks.step --model cogvideox-tiny --repeats 3   # CPU smoke run
 
 Models are built at real size with random weights (no checkpoint), bf16, at the official shapes:
 CogVideoX 49x480x720 (latents 13x60x90), Wan 49x480x832 (latents 13x60x104), one reference,
