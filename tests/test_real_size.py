@@ -48,3 +48,19 @@ def test_wan_i2v_14b_vap_parameter_counts():
   d20 = wan.WanConfig(**wan_i2v_14b_vap.get_config('d20').model)
   assert count_params(abstract_model(lambda: wan.WanTransformer(d20, rngs=nnx.Rngs(0))),
                       trainable=wan.trainable_filter) == 8_317_771_520
+
+
+def test_every_variable_has_logical_axes_and_real_sizes_shard():
+  """Both real-size transformers: every variable names one logical axis (or None) per dimension,
+  and the default rules place them evenly on an fsdp=2 x tensor=4 mesh."""
+  from vap_jax.parallel import DEFAULT_RULES, make_mesh, param_shardings
+  mesh = make_mesh(dict(fsdp=2, tensor=4))
+  for build in (lambda: CogVideoXTransformer(CogVideoXConfig(**cogvideox_5b_vap.get_config().model),
+                                             rngs=nnx.Rngs(0)),
+                lambda: wan.WanTransformer(wan.WanConfig(**wan_i2v_14b_vap.get_config().model),
+                                           rngs=nnx.Rngs(0))):
+    state = nnx.state(abstract_model(build))
+    for path, var in nnx.to_flat_state(state):
+      axes = var.get_metadata().get('logical_axes')
+      assert axes is not None and len(axes) == len(var.shape), path
+    param_shardings(state, mesh, DEFAULT_RULES)  # raises if any dimension does not divide
