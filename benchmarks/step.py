@@ -53,6 +53,15 @@ def _wan(module, arg=None, **shape):
   return Case('wan', cfg, **shape, refs=1 if cfg.block_idx_with_mot_ref else 0)
 
 
+def _small(case: Case, **changes) -> Case:
+  """The real architecture narrowed and shortened, for CPU comparisons."""
+  return dataclasses.replace(case, config=dataclasses.replace(case.config, **changes))
+
+
+COG_SMALL = dict(num_layers=4, num_attention_heads=8, sample_height=30, sample_width=44,
+                 sample_frames=17, dtype='float32', param_dtype='float32')
+WAN_SMALL = dict(num_layers=4, num_attention_heads=8, attention_head_dim=64, ffn_dim=1536,
+                 added_kv_proj_dim=512, dtype='float32', param_dtype='float32')
 COG_SHAPE = dict(frames=13, height=60, width=90, text_len=226)
 WAN_SHAPE = dict(frames=13, height=60, width=104, text_len=512, image_len=257)
 CASES = {
@@ -60,6 +69,16 @@ CASES = {
     'cogvideox-base': lambda: _cog(cogvideox_5b_vap, 'base', **COG_SHAPE),
     'wan-vap': lambda: _wan(wan_i2v_14b_vap, **WAN_SHAPE),
     'wan-base': lambda: _wan(wan_i2v_14b_vap, 'base', **WAN_SHAPE),
+    # CPU-sized: 4 layers, width 512, 17 frames at 240x352 (Cog) / 240x416 (Wan), float32.
+    'cogvideox-small-base': lambda: _small(_cog(cogvideox_5b_vap, 'base', frames=5, height=30,
+                                                width=44, text_len=226), **COG_SMALL),
+    'cogvideox-small': lambda: _small(_cog(cogvideox_5b_vap, frames=5, height=30, width=44,
+                                           text_len=226), block_idx_with_mot_ref=(0, 1, 2),
+                                      **COG_SMALL),
+    'wan-small-base': lambda: _small(_wan(wan_i2v_14b_vap, 'base', frames=5, height=30, width=52,
+                                          text_len=512, image_len=257), **WAN_SMALL),
+    'wan-small': lambda: _small(_wan(wan_i2v_14b_vap, frames=5, height=30, width=52, text_len=512,
+                                     image_len=257), block_idx_with_mot_ref=(0, 2), **WAN_SMALL),
     'cogvideox-tiny': lambda: _cog(cogvideox_tiny, frames=3, height=8, width=12, text_len=8),
     'cogvideox-tiny-base': lambda: _cog(cogvideox_tiny, 'base', frames=3, height=8, width=12,
                                         text_len=8),
