@@ -9,7 +9,9 @@ host devices, and prints XLA's per-device memory analysis against the target's m
 Attention defaults to ``blockwise`` (bounded score memory, like the fused kernels on the real
 target); ``xla`` would count the full score matrix. The compile is for the CPU backend, so the
 figures are an estimate of the accelerator's: same shardings and buffers, a different
-scheduler and fusion. Only the inference step exists so far; the train step joins with the
+scheduler and fusion. Measured caveat: XLA:CPU converts bf16 matmul operands to float32, so its
+temporaries include float32 copies of the (gathered) bf16 weights -- up to 2x
+``bf16_weight_bytes_unsharded`` -- that a GPU/TPU does not make. Only the inference step exists so far; the train step joins with the
 trainer.
 """
 from __future__ import annotations
@@ -68,12 +70,15 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
     lowered = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a)).lower(abstract_state, *args)
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
+  bf16_weights = sum(math.prod(v.shape) * 2 for _, v in nnx.to_flat_state(state)
+                     if v.dtype == jax.numpy.bfloat16)
   mem = compiled.memory_analysis()
   sizes = {name: int(getattr(mem, f'{name}_size_in_bytes', 0) or 0)
            for name in ('argument', 'output', 'temp', 'alias', 'generated_code')}
   total = sizes['argument'] + sizes['output'] + sizes['temp'] - sizes['alias']
   return dict(model=model, mesh=mesh_shape, devices=mesh.size, attention=attention, batch=batch,
               compile_seconds=round(seconds, 1), per_device_bytes=total,
+              bf16_weight_bytes_unsharded=bf16_weights,
               **{f'{k}_bytes': v for k, v in sizes.items()})
 
 
@@ -104,7 +109,9 @@ def main(argv=None) -> dict:
   print(f"{args.model} on {args.target} (mesh {mesh}, {args.attention} attention): per device "
         f"{gib(result['per_device_bytes'])} = weights+inputs {gib(result['argument_bytes'])} + "
         f"temporaries {gib(result['temp_bytes'])} + outputs {gib(result['output_bytes'])}; "
-        f"capacity {gib(capacity)} -> {'fits' if result['fits'] else 'DOES NOT FIT'}")
+        f"capacity {gib(capacity)} -> {'fits' if result['fits'] else 'DOES NOT FIT'} "
+        f"(CPU estimate; its temporaries hold float32 copies of up to "
+        f"{gib(2 * result['bf16_weight_bytes_unsharded'])} of bf16 weights)")
   return result
 
 
