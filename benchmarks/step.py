@@ -7,7 +7,7 @@ transformer forward, for JAX and (base models) the PyTorch diffusers reference s
 
 Models are built at real size with random weights (no checkpoint), bf16, at the official shapes:
 CogVideoX 49x480x720 (latents 13x60x90), Wan 49x480x832 (latents 13x60x104), one reference,
-CFG batch 2. Peak FLOP/s is measured in the same run with a large bf16 matmul. Each run prints
+CFG batch 2. Peak FLOP/s is measured in the same run with a large matmul in the model's dtype. Each run prints
 one JSON line and a readable row; ``--out`` appends the JSON lines to a file.
 """
 from __future__ import annotations
@@ -114,9 +114,9 @@ def model_flops(case: Case, batch: int) -> int:
   return wan_flops(case.config, image_len=case.image_len, **shape)['total']
 
 
-def measure_peak_flops(size: int, repeats: int = 5) -> float:
-  """Achieved bf16 matmul FLOP/s on the default device (the MFU reference)."""
-  a = jnp.ones((size, size), jnp.bfloat16)
+def measure_peak_flops(size: int, dtype='bfloat16', repeats: int = 5) -> float:
+  """Achieved matmul FLOP/s in the model's compute dtype on the default device (MFU reference)."""
+  a = jnp.ones((size, size), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, a).block_until_ready()
   times = []
@@ -214,7 +214,8 @@ def run(model: str, *, attention: str = 'xla', batch: int = 2, repeats: int = 5,
         with_torch: bool = False, peak_size: int | None = None) -> list[dict]:
   case = CASES[model]()
   device = jax.devices()[0]
-  peak = measure_peak_flops(peak_size or (8192 if device.platform != 'cpu' else 1024))
+  peak = measure_peak_flops(peak_size or (8192 if device.platform != 'cpu' else 1024),
+                            case.config.dtype)
   flops = model_flops(case, batch)
   common = dict(model=model, batch=batch, refs=case.refs, device=device.device_kind,
                 platform=device.platform, jax_version=jax.__version__,
