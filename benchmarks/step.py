@@ -7,8 +7,8 @@ transformer forward, for JAX and (base models) the PyTorch diffusers reference s
 
 Models are built at real size with random weights (no checkpoint), bf16, at the official shapes:
 CogVideoX 49x480x720 (latents 13x60x90), Wan 49x480x832 (latents 13x60x104), one reference,
-CFG batch 2. Peak FLOP/s is measured in the same run with a large matmul in the model's dtype. Each run prints
-one JSON line and a readable row; ``--out`` appends the JSON lines to a file.
+CFG batch 2. Peak FLOP/s is measured in the same run with a large matmul in the model's dtype.
+Each run prints one JSON line and a readable row; ``--out`` appends the JSON lines to a file.
 """
 from __future__ import annotations
 
