@@ -38,6 +38,7 @@ setup(
     entry_points={
         'console_scripts': [
             'vap-convert-cogvideox=convert.cogvideox:main',
+            'vap-convert-vae=convert.vae:main',
         ],
     },
 )

@@ -37,6 +37,10 @@ DEFAULT_RULES: Rules = (
     ('patch', None),
     ('length', None),
     ('norm', None),
+    # Video VAEs: conv channels replicated (small), activations sharded over batch or width.
+    ('activation_width', 'context'),
+    ('conv_in', None),
+    ('conv_out', None),
 )
 
 
