@@ -70,7 +70,15 @@ class Conv3d(nnx.Module):
 
 
 class CausalConv3d(Conv3d):
-  """Conv3d whose ``kt - 1`` frames of temporal context come from the chunk cache."""
+  """Conv3d whose ``kt - 1`` frames of temporal context come from the chunk cache.
+
+  The first chunk starts from zeros (Wan), or from copies of its first frame when
+  ``replicate_first`` (CogVideoX's ``pad_mode='first'``).
+  """
+
+  def __init__(self, *args, replicate_first: bool = False, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.replicate_first = replicate_first
 
   def __call__(self, x: jax.Array, caches: Caches | None = None, *, spatial_pad=None,
                history=None) -> jax.Array:
@@ -80,7 +88,9 @@ class CausalConv3d(Conv3d):
       return super().__call__(x, spatial_pad=spatial_pad)
     if history is None:
       history = caches.take() if caches is not None else None
-      if history is None:
+      if history is None and self.replicate_first:
+        history = jnp.repeat(x[:, :1], context, axis=1)
+      elif history is None:
         history = jnp.zeros(x.shape[:1] + (context,) + x.shape[2:], x.dtype)
       full = jnp.concatenate([history.astype(x.dtype), x], axis=1)
       if caches is not None:

@@ -40,6 +40,22 @@ WAN = KeyMap('wan_vae', [
     Rule(r'(.*\.(?:norm1|norm2|norm_out|norm))\.gamma', r'\1.gamma', FLATTEN),
 ])
 
+_COG_CAUSAL = r'(.*\.(?:conv_in|conv_out|conv1|conv2))\.conv'
+COGVIDEOX = KeyMap('cogvideox_vae', [
+    Rule(_COG_CAUSAL + r'\.weight', r'\1.kernel', CONV_KERNEL),
+    Rule(_COG_CAUSAL + r'\.bias', r'\1.bias'),
+    # kernel-size-1 convs (spatial-norm conditioning, channel shortcuts) as dense layers.
+    Rule(r'(.*\.(?:conv_y|conv_b))\.conv\.weight', r'\1.kernel', CONV_TO_DENSE),
+    Rule(r'(.*\.(?:conv_y|conv_b))\.conv\.bias', r'\1.bias'),
+    Rule(r'(.*\.conv_shortcut)\.weight', r'\1.kernel', CONV_TO_DENSE),
+    Rule(r'(.*\.conv_shortcut)\.bias', r'\1.bias'),
+    Rule(r'(.*\.(?:down|up)samplers\.0\.conv)\.weight', r'\1.kernel', CONV_KERNEL),
+    Rule(r'(.*\.(?:down|up)samplers\.0\.conv)\.bias', r'\1.bias'),
+    # GroupNorms (plain, or inside a spatial norm).
+    Rule(r'(.*\.(?:norm1|norm2|norm_out|norm_layer))\.weight', r'\1.scale'),
+    Rule(r'(.*\.(?:norm1|norm2|norm_out|norm_layer))\.bias', r'\1.bias'),
+])
+
 
 def _vae_dir(path: Path) -> Path:
   """Accept a whole diffusers pipeline folder (with vae/) or the vae folder itself."""
@@ -72,6 +88,12 @@ class _Spec:
 def _wan_spec() -> _Spec:
   from vap_jax.models.vae_wan import AutoencoderKLWan, WanVAEConfig
   return _Spec('wan_vae', 'AutoencoderKLWan', WAN, WanVAEConfig.from_diffusers, AutoencoderKLWan)
+
+
+def _cog_spec() -> _Spec:
+  from vap_jax.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
+  return _Spec('cogvideox_vae', 'AutoencoderKLCogVideoX', COGVIDEOX,
+               CogVideoXVAEConfig.from_diffusers, AutoencoderKLCogVideoX)
 
 
 def _load(spec: _Spec, path, mesh, rules, dtype, param_dtype, **runtime):
@@ -109,4 +131,17 @@ def load_wan_vae(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = D
 def convert_wan_vae(src, dst, *, param_dtype: str = 'float32', group_bytes: int | None = None,
                     overwrite: bool = False, progress: bool = True) -> int:
   return _convert(_wan_spec(), src, dst, param_dtype=param_dtype, group_bytes=group_bytes,
+                  overwrite=overwrite, progress=progress)
+
+
+def load_cogvideox_vae(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                       dtype: str = 'float32', param_dtype: str | None = None, **runtime):
+  """CogVideoX VAE from a diffusers (pipeline or vae) folder or a converted Orbax folder."""
+  return _load(_cog_spec(), path, mesh, rules, dtype, param_dtype, **runtime)
+
+
+def convert_cogvideox_vae(src, dst, *, param_dtype: str = 'float32',
+                          group_bytes: int | None = None, overwrite: bool = False,
+                          progress: bool = True) -> int:
+  return _convert(_cog_spec(), src, dst, param_dtype=param_dtype, group_bytes=group_bytes,
                   overwrite=overwrite, progress=progress)
