@@ -20,7 +20,7 @@ from vap_jax.weights.vae import WAN, convert_wan_vae, load_wan_vae
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
             temperal_downsample=[True, True], scale_factor_spatial=4,
             latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
-TILE = dict(tile_sample_min_size=16, tile_sample_stride=8)
+TILE = dict(tile_sample_min_size=16, tile_sample_stride=12)
 
 
 @pytest.fixture(scope='module')
@@ -84,8 +84,8 @@ def test_posterior_sample(jax_wan):
 
 def test_tiled_encode_decode_equal_diffusers_tiled(wan, jax_wan):
   torch_model = wan[0]
-  x = _video(5, 24, 32, batch=1, seed=3)
-  torch_model.enable_tiling(16, 16, 8, 8)
+  x = _video(5, 16, 24, batch=1, seed=3)  # 2 x 2 tiles
+  torch_model.enable_tiling(16, 16, 12, 12)
   try:
     mean, logvar, video = _torch_encode_decode(torch_model, x)
   finally:
@@ -146,11 +146,8 @@ def test_converter_round_trip_and_cli(wan, tmp_path):
   restored = dict(nnx.to_flat_state(nnx.state(load_wan_vae(tmp_path / 'orbax'))))
   for path, var in nnx.to_flat_state(direct):
     np.testing.assert_array_equal(np.asarray(restored[path][...]), np.asarray(var[...]))
-  assert main(['wan', '--src', str(wan[1].parent), '--dst', str(tmp_path / 'bf16'),
-               '--dtype', 'bfloat16']) == 0
-  model = load_wan_vae(tmp_path / 'bf16', dtype='bfloat16')
-  assert str(model.decoder.conv_in.kernel.dtype) == 'bfloat16'
   assert main(['wan', '--src', str(tmp_path / 'nothing'), '--dst', str(tmp_path / 'x')]) == 2
+  assert main(['wan', '--src', str(wan[1]), '--dst', str(tmp_path / 'orbax')]) == 2  # exists
 
 
 def test_released_config_builds_abstractly_with_diffusers_parameter_count():
