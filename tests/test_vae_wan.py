@@ -61,11 +61,10 @@ def test_checkpoint_is_multi_shard(wan):
   assert len(list(wan[1].glob('*.safetensors'))) > 3
 
 
-@pytest.mark.parametrize('frames', [9, 11])  # 11: diffusers drops the 2 frames past 1 + 4k
-def test_encode_decode_equal_diffusers_chunked_and_unchunked(wan, jax_wan, frames):
-  x = _video(frames)
+def test_encode_decode_equal_diffusers_chunked_and_unchunked(wan, jax_wan):
+  x = _video(9)
   mean, logvar, video = _torch_encode_decode(wan[0], x)
-  assert 0.01 < np.mean(np.abs(video) < 1) < 1 + 1e-9  # not saturated by the final clamp
+  assert 0.01 < np.mean(np.abs(video) < 1)  # not saturated by the final clamp
   for chunked in (True, False):
     post = _encode(jax_wan, x, chunked, False)
     assert_close(post.mean, mean, what=f'mean chunked={chunked}')
@@ -74,8 +73,15 @@ def test_encode_decode_equal_diffusers_chunked_and_unchunked(wan, jax_wan, frame
     assert_close(_decode(jax_wan, mean, chunked, False), video, what=f'decode chunked={chunked}')
 
 
+def test_frames_past_1_plus_4k_are_dropped_like_diffusers(wan, jax_wan):
+  x = _video(11)
+  with torch.no_grad():
+    mean = wan[0].encode(torch.from_numpy(x)).latent_dist.mean.numpy()
+  assert_close(_encode(jax_wan, x, True, False).mean, mean, what='11-frame mean')
+
+
 def test_posterior_sample(jax_wan):
-  post = _encode(jax_wan, _video(5, batch=1), True, False)
+  post = _encode(jax_wan, _video(9), True, False)
   a, b = post.sample(jax.random.key(0)), post.sample(jax.random.key(1))
   assert a.shape == post.mean.shape and not np.allclose(a, b)
   np.testing.assert_allclose((a - post.mean) / post.std, jax.random.normal(
@@ -90,10 +96,11 @@ def test_tiled_encode_decode_equal_diffusers_tiled(wan, jax_wan):
     mean, logvar, video = _torch_encode_decode(torch_model, x)
   finally:
     torch_model.use_tiling = False
-  post = _encode(jax_wan, x, True, True)
+  # chunked == unchunked is tested above; the unchunked tiles compile twice as fast.
+  post = _encode(jax_wan, x, False, True)
   assert_close(post.mean, mean, what='tiled mean')
   assert_close(post.logvar, logvar, what='tiled logvar')
-  assert_close(_decode(jax_wan, mean, True, True), video, what='tiled decode')
+  assert_close(_decode(jax_wan, mean, False, True), video, what='tiled decode')
 
 
 def test_latent_normalisation_round_trip(jax_wan):
@@ -140,7 +147,7 @@ def test_bad_checkpoints_and_configs_give_clear_errors(wan, tmp_path):
 
 def test_converter_round_trip_and_cli(wan, tmp_path):
   from convert.vae import main
-  count = convert_wan_vae(wan[1], tmp_path / 'orbax', progress=False, group_bytes=20_000)
+  count = convert_wan_vae(wan[1], tmp_path / 'orbax', progress=False, group_bytes=200_000)
   assert count == len(SafetensorsCheckpoint(wan[1]).keys())
   direct = nnx.state(load_wan_vae(wan[1]))
   restored = dict(nnx.to_flat_state(nnx.state(load_wan_vae(tmp_path / 'orbax'))))
