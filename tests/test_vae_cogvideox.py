@@ -167,3 +167,16 @@ def test_released_config_builds_abstractly_with_diffusers_parameter_count():
     expected = sum(p.numel() for p in Torch(scaling_factor=0.7).parameters())
   model = abstract_model(lambda: AutoencoderKLCogVideoX(CogVideoXVAEConfig(), rngs=nnx.Rngs(0)))
   assert count_params(model) == expected
+
+
+def test_decode_sharded_over_batch_and_width_equals_one_device(cog, jax_cog):
+  from vap_jax.parallel import make_mesh, sharding_context
+  mesh = make_mesh(dict(data=2, context=4))  # batch over 2 devices, width over 4
+  model = load_cogvideox_vae(cog[1], mesh=mesh)
+  z = np.random.default_rng(5).standard_normal((2, 4, 3, 4, 8)).astype(np.float32)
+  expected = np.asarray(_decode(jax_cog, z, False))
+  with sharding_context(mesh):
+    actual = _decode(model, z, False)
+  assert len(actual.sharding.device_set) == 8
+  scale = np.abs(expected).max()
+  assert_close(np.asarray(actual) / scale, expected / scale, what='sharded decode')

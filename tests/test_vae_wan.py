@@ -165,3 +165,15 @@ def test_released_config_builds_abstractly_with_diffusers_parameter_count():
   assert count_params(model) == expected
   assert all(isinstance(v.get_value(), jax.ShapeDtypeStruct)
              for _, v in nnx.to_flat_state(nnx.state(model)))
+
+
+def test_decode_sharded_over_batch_and_width_equals_one_device(wan, jax_wan):
+  from vap_jax.parallel import make_mesh, sharding_context
+  mesh = make_mesh(dict(data=2, context=4))  # batch over 2 devices, width over 4
+  model = load_wan_vae(wan[1], mesh=mesh)
+  z = np.random.default_rng(5).standard_normal((2, 4, 3, 4, 8)).astype(np.float32)
+  expected = _decode(jax_wan, z, True, False)
+  with sharding_context(mesh):
+    actual = _decode(model, z, True, False)
+  assert len(actual.sharding.device_set) == 8
+  assert_close(actual, expected, what='sharded decode')
