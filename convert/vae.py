@@ -3,7 +3,8 @@
   python -m convert.vae wan --src Wan2.1-I2V-14B-480P-Diffusers --dst ckpt/wan_vae
   python -m convert.vae cogvideox --src CogVideoX-5b-I2V --dst ckpt/cogvideox_vae
 
-``--src`` is a diffusers pipeline folder (its ``vae/`` is used) or the ``vae`` folder itself.
+``--src`` is a diffusers pipeline folder (its ``vae/`` is used) or the ``vae`` folder itself;
+for ``wan`` also one ``.safetensors`` file with the original Wan naming (Wan2.1 config).
 Tensors stream one at a time. The VAEs run in float32 in the official pipelines (Wan) or bf16
 (CogVideoX); the default writes float32.
 """

@@ -177,3 +177,54 @@ def test_decode_sharded_over_batch_and_width_equals_one_device(wan, jax_wan):
     actual = _decode(model, z, True, False)
   assert len(actual.sharding.device_set) == 8
   assert_close(actual, expected, what='sharded decode')
+
+
+def _diffusers_to_original(key):
+  """Test-only inverse of `wan_original_to_diffusers` for num_res_blocks=2 (checked against
+  diffusers' own converter below)."""
+  import re
+  residual = {'norm1.gamma': 'residual.0.gamma', 'conv1.weight': 'residual.2.weight',
+              'conv1.bias': 'residual.2.bias', 'norm2.gamma': 'residual.3.gamma',
+              'conv2.weight': 'residual.6.weight', 'conv2.bias': 'residual.6.bias',
+              'conv_shortcut.weight': 'shortcut.weight', 'conv_shortcut.bias': 'shortcut.bias'}
+  top = {'quant_conv': 'conv1', 'post_quant_conv': 'conv2'}
+  if m := re.fullmatch(r'(quant_conv|post_quant_conv)\.(.*)', key):
+    return f'{top[m.group(1)]}.{m.group(2)}'
+  part, rest = key.split('.', 1)
+  for new, old in (('conv_in.', 'conv1.'), ('norm_out.', 'head.0.'), ('conv_out.', 'head.2.')):
+    if rest.startswith(new):
+      return f'{part}.{old}{rest[len(new):]}'
+  if m := re.fullmatch(r'mid_block\.resnets\.(\d)\.(.*)', rest):
+    return f'{part}.middle.{2 * int(m.group(1))}.{residual[m.group(2)]}'
+  if m := re.fullmatch(r'mid_block\.attentions\.0\.(.*)', rest):
+    return f'{part}.middle.1.{m.group(1)}'
+  if m := re.fullmatch(r'down_blocks\.(\d+)\.(.*)', rest):
+    return f'{part}.downsamples.{m.group(1)}.{residual.get(m.group(2), m.group(2))}'
+  if m := re.fullmatch(r'up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)', rest):
+    return f'{part}.upsamples.{4 * int(m.group(1)) + int(m.group(2))}.{residual[m.group(3)]}'
+  m = re.fullmatch(r'up_blocks\.(\d+)\.upsamplers\.0\.(.*)', rest)
+  return f'{part}.upsamples.{4 * int(m.group(1)) + 3}.{m.group(2)}'
+
+
+def test_original_wan_naming_loads_like_diffusers(tmp_path):
+  """Wan2.1 layout (4 levels, 2 res blocks) with few channels: original-named single file."""
+  from diffusers import AutoencoderKLWan as Torch
+  from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+  from safetensors.torch import save_file
+  torch.manual_seed(0)
+  cfg = dict(base_dim=8, z_dim=4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+  model = Torch(**cfg)
+  model.save_pretrained(tmp_path / 'vae')
+  state = model.state_dict()
+  original = {_diffusers_to_original(k): v.contiguous() for k, v in state.items()}
+  assert sorted(convert_wan_vae_to_diffusers(original)) == sorted(state)  # the facts agree
+  save_file(original, tmp_path / 'wan_2.1_vae.safetensors')
+  single = load_wan_vae(tmp_path / 'wan_2.1_vae.safetensors', base_dim=8, z_dim=4,
+                        latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+  folder = dict(nnx.to_flat_state(nnx.state(load_wan_vae(tmp_path / 'vae'))))
+  for path, var in nnx.to_flat_state(nnx.state(single)):
+    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(folder[path][...]))
+  del original['encoder.head.2.weight']
+  save_file(original, tmp_path / 'broken.safetensors')
+  with pytest.raises(CheckpointError, match=r'missing.*\n.*encoder\.conv_out\.kernel'):
+    load_wan_vae(tmp_path / 'broken.safetensors', base_dim=8, z_dim=4)

@@ -178,17 +178,16 @@ class Block(nnx.Module):
     self.resnets = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg,
                                          zq_channels=zq_channels, rngs=rngs)
                              for i in range(layers)])
-    sampler = {'down': Downsample, 'up': Upsample}.get(resample)
-    samplers = [sampler(out_ch, compress_time, cfg, rngs=rngs)] if sampler else []
-    if resample == 'down':
-      self.downsamplers = nnx.List(samplers)
-    elif resample == 'up':
-      self.upsamplers = nnx.List(samplers)
+    # diffusers names the resampler list after its direction (checkpoint keys follow).
+    self.samplers_name = {'down': 'downsamplers', 'up': 'upsamplers'}.get(resample)
+    if resample is not None:
+      sampler = Downsample if resample == 'down' else Upsample
+      setattr(self, self.samplers_name, nnx.List([sampler(out_ch, compress_time, cfg, rngs=rngs)]))
 
   def __call__(self, x, caches, zq=None):
     for resnet in self.resnets:
       x = resnet(x, caches, zq)
-    for sampler in getattr(self, 'downsamplers', []) or getattr(self, 'upsamplers', []):
+    for sampler in getattr(self, self.samplers_name) if self.samplers_name else ():
       x = constrain(sampler(x), ACT)
     return x
 
@@ -270,7 +269,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
     h = cfg.tile_sample_min_height or cfg.sample_height // 2
     w = cfg.tile_sample_min_width or cfg.sample_width // 2
     r = self.spatial_ratio
-    return h, w, int(h / r), int(w / r), cfg.tile_overlap_factor_height, cfg.tile_overlap_factor_width
+    return (h, w, int(h / r), int(w / r), cfg.tile_overlap_factor_height,
+            cfg.tile_overlap_factor_width)
 
   def encode(self, video: jax.Array, *, chunked: bool = True, tiled: bool = False
              ) -> DiagonalGaussian:

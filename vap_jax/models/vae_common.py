@@ -40,7 +40,8 @@ def tile_starts(size: int, stride: int) -> list[int]:
 def blend_tiles(rows: list[list[jax.Array]], blend_h: int, blend_w: int, stride_h: int,
                 stride_w: int, height: int | None = None, width: int | None = None) -> jax.Array:
   """diffusers' tile merge on (B, T, H, W, C) tiles: linear ramps over the overlap with the tile
-  above and to the left, keep the top-left ``stride`` part of each, crop to (height, width) if given.
+  above and to the left, keep the top-left ``stride`` part of each, crop to (height, width) if
+  given.
 
   As in diffusers (which blends in place), a tile is blended with its neighbours' *blended*
   versions.

@@ -6,7 +6,9 @@ are flattened to (C,).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,62 @@ WAN = KeyMap('wan_vae', [
     Rule(r'(.*)\.resample\.1\.bias', r'\1.resample.bias'),
     Rule(r'(.*\.(?:norm1|norm2|norm_out|norm))\.gamma', r'\1.gamma', FLATTEN),
 ])
+
+# The original Wan repository's names (``Wan2.1_VAE.pth``, or its safetensors repackaging), as
+# diffusers' ``convert_wan_vae_to_diffusers`` maps them: renamed to diffusers keys, then `WAN`.
+_WAN_RESIDUAL = {'residual.0.gamma': 'norm1.gamma', 'residual.2.weight': 'conv1.weight',
+                 'residual.2.bias': 'conv1.bias', 'residual.3.gamma': 'norm2.gamma',
+                 'residual.6.weight': 'conv2.weight', 'residual.6.bias': 'conv2.bias',
+                 'shortcut.weight': 'conv_shortcut.weight', 'shortcut.bias': 'conv_shortcut.bias'}
+_WAN_TOP = {'conv1.weight': 'quant_conv.weight', 'conv1.bias': 'quant_conv.bias',
+            'conv2.weight': 'post_quant_conv.weight', 'conv2.bias': 'post_quant_conv.bias'}
+
+
+def wan_original_to_diffusers(key: str, num_res_blocks: int = 2) -> str | None:
+  """Original Wan VAE key -> diffusers ``AutoencoderKLWan`` key (None if not a Wan VAE key).
+
+  The original decoder keeps one flat ``upsamples`` list: per level ``num_res_blocks + 1``
+  residual blocks then the resample layer.
+  """
+  if key in _WAN_TOP:
+    return _WAN_TOP[key]
+  m = re.fullmatch(r'(encoder|decoder)\.(.*)', key)
+  if not m:
+    return None
+  part, rest = m.groups()
+  for old, new in (('conv1.', 'conv_in.'), ('head.0.', 'norm_out.'), ('head.2.', 'conv_out.')):
+    if rest.startswith(old):
+      return f'{part}.{new}{rest[len(old):]}'
+  if m := re.fullmatch(r'middle\.(\d+)\.(.*)', rest):
+    index, inner = int(m.group(1)), m.group(2)
+    if index == 1:
+      return f'{part}.mid_block.attentions.0.{inner}'
+    return f'{part}.mid_block.resnets.{index // 2}.{_WAN_RESIDUAL.get(inner, inner)}'
+  if m := re.fullmatch(r'downsamples\.(\d+)\.(.*)', rest):
+    return f'{part}.down_blocks.{m.group(1)}.{_WAN_RESIDUAL.get(m.group(2), m.group(2))}'
+  if m := re.fullmatch(r'upsamples\.(\d+)\.(.*)', rest):
+    level, j = divmod(int(m.group(1)), num_res_blocks + 2)
+    inner = m.group(2)
+    if j <= num_res_blocks:
+      return f'{part}.up_blocks.{level}.resnets.{j}.{_WAN_RESIDUAL.get(inner, inner)}'
+    return f'{part}.up_blocks.{level}.upsamplers.0.{inner}'
+  return None
+
+
+class RenamedKeyMap:
+  """A key map applied after renaming checkpoint keys (same interface as `KeyMap`)."""
+
+  def __init__(self, name: str, rename, keymap: KeyMap):
+    self.name, self.rename, self.keymap = name, rename, keymap
+
+  def __call__(self, key: str):
+    renamed = self.rename(key)
+    return None if renamed is None else self.keymap(renamed)
+
+
+def wan_original_keymap(num_res_blocks: int = 2) -> RenamedKeyMap:
+  return RenamedKeyMap('wan_vae (original Wan naming)',
+                       lambda k: wan_original_to_diffusers(k, num_res_blocks), WAN)
 
 _COG_CAUSAL = r'(.*\.(?:conv_in|conv_out|conv1|conv2))\.conv'
 COGVIDEOX = KeyMap('cogvideox_vae', [
@@ -124,14 +182,42 @@ def _convert(spec: _Spec, src, dst, *, param_dtype, group_bytes, overwrite, prog
 
 def load_wan_vae(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                  dtype: str = 'float32', param_dtype: str | None = None, **runtime):
-  """Wan2.1 VAE from a diffusers (pipeline or vae) folder or a converted Orbax folder."""
+  """Wan2.1 VAE from a diffusers (pipeline or vae) folder, a converted Orbax folder, or one
+  ``.safetensors`` file with the original Wan naming (the Wan2.1 config, fields overridable)."""
+  path = Path(path)
+  if path.is_file():
+    from vap_jax.models.vae_wan import AutoencoderKLWan, WanVAEConfig
+    config = WanVAEConfig(dtype=dtype, param_dtype=param_dtype or dtype, **runtime)
+    return load_model(lambda: AutoencoderKLWan(config, rngs=nnx.Rngs(0)),
+                      SafetensorsCheckpoint(path), wan_original_keymap(config.num_res_blocks),
+                      mesh=mesh, rules=rules)
   return _load(_wan_spec(), path, mesh, rules, dtype, param_dtype, **runtime)
 
 
 def convert_wan_vae(src, dst, *, param_dtype: str = 'float32', group_bytes: int | None = None,
                     overwrite: bool = False, progress: bool = True) -> int:
-  return _convert(_wan_spec(), src, dst, param_dtype=param_dtype, group_bytes=group_bytes,
-                  overwrite=overwrite, progress=progress)
+  """A diffusers folder, or one original-naming ``.safetensors`` file (Wan2.1 config)."""
+  if not Path(src).is_file():
+    return _convert(_wan_spec(), src, dst, param_dtype=param_dtype, group_bytes=group_bytes,
+                    overwrite=overwrite, progress=progress)
+  from vap_jax.models.vae_wan import AutoencoderKLWan, WanVAEConfig
+  config = WanVAEConfig(dtype=param_dtype, param_dtype=param_dtype)
+  count = orbax_io.convert_safetensors(
+      SafetensorsCheckpoint(src), wan_original_keymap(config.num_res_blocks),
+      lambda: AutoencoderKLWan(config, rngs=nnx.Rngs(0)), dst, group_bytes=group_bytes,
+      overwrite=overwrite, progress=progress)
+  architecture = {k: list(v) if isinstance(v, tuple) else v
+                  for k, v in dataclasses.asdict(config).items() if k in _WAN_ARCHITECTURE}
+  orbax_io.write_config(dst, {'model': 'wan_vae', 'param_dtype': param_dtype,
+                              'source': str(Path(src).resolve()),
+                              'diffusers_config': {'_class_name': 'AutoencoderKLWan',
+                                                   **architecture}})
+  return count
+
+
+_WAN_ARCHITECTURE = ('base_dim', 'decoder_base_dim', 'z_dim', 'dim_mult', 'num_res_blocks',
+                     'temperal_downsample', 'latents_mean', 'latents_std', 'in_channels',
+                     'out_channels')
 
 
 def load_cogvideox_vae(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
