@@ -45,6 +45,7 @@ setup(
             'vap-convert-cogvideox=convert.cogvideox:main',
             'vap-convert-wan=convert.wan:main',
             'vap-convert-encoder=convert.encoders:main',
+            'vap-convert-vae=convert.vae:main',
         ],
     },
 )

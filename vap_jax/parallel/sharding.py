@@ -39,6 +39,10 @@ DEFAULT_RULES: Rules = (
     ('length', None),
     ('norm', None),
     ('relpos', None),
+    # Video VAEs: conv channels replicated (small), activations sharded over batch or width.
+    ('activation_width', 'context'),
+    ('conv_in', None),
+    ('conv_out', None),
 )
 
 
