@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grain
 import numpy as np
-import orbax.checkpoint as ocp
 
 from vap_jax.data import video_io
 from vap_jax.data.vap_data import PairingConfig, PairTable, build_pair_table, read_vap_csv, \
@@ -116,6 +115,7 @@ class FailureCounter:
     self.seen = self.failed = 0
     self.by_path = collections.Counter()
     self.reasons = {}
+    self.recent = collections.deque(maxlen=1000)  # (sample index, path); not checkpointed
 
   def __call__(self, element) -> bool:
     self.seen += 1
@@ -125,6 +125,7 @@ class FailureCounter:
     path = element['_path']
     self.by_path[path] += 1
     self.reasons[path] = element['_error']
+    self.recent.append((int(element['index']), path))
     log.warning('skipping sample %d: %s: %s (%d/%d failed so far)', element['index'], path,
                 element['_error'], self.failed, self.seen)
     if self.seen >= self.min_samples and self.failed > self.max_fraction * self.seen:
@@ -150,6 +151,38 @@ class FailureCounter:
     self.reasons = dict(state['reasons'])
 
 
+class SkipFailures(grain.IterDataset):
+  """Drops and counts failure markers; the counts are part of the iterator state, so grain's
+  per-process checkpoint files carry them (Orbax's JSON items are written by process 0 only)."""
+
+  def __init__(self, parent: grain.IterDataset, counter: FailureCounter):
+    super().__init__(parent)
+    self._counter = counter
+
+  def __iter__(self):
+    return _SkipFailuresIterator(self._parent.__iter__(), self._counter)
+
+
+class _SkipFailuresIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, counter: FailureCounter):
+    super().__init__(parent)
+    self._counter = counter
+
+  def __next__(self):
+    while True:
+      element = next(self._parent)
+      if self._counter(element):
+        return element
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'failures': self._counter.state()}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._counter.restore(state['failures'])
+
+
 def _process_shard():
   import jax
   return jax.process_index(), jax.process_count()
@@ -170,18 +203,26 @@ class VapLoader:
   def __next__(self):
     return next(self.iterator)
 
+  def close(self) -> None:
+    """Stops the worker processes (also done when the iterator is garbage collected)."""
+    self.iterator.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   def save_args(self) -> dict:
-    """Composite items to pass to `CheckpointManager.save` next to the model's."""
-    return {'data_iterator': grain.checkpoint.CheckpointSave(self.iterator),
-            'data_failures': ocp.args.JsonSave(self.failures.state())}
+    """Composite items for `CheckpointManager.save(step, args=Composite(**model, **these))`.
+
+    One JSON file per process (position in the epoch stream, prefetch state, failure counts).
+    """
+    return {'data_iterator': grain.checkpoint.CheckpointSave(self.iterator)}
 
   def restore_args(self) -> dict:
-    return {'data_iterator': grain.checkpoint.CheckpointRestore(self.iterator),
-            'data_failures': ocp.args.JsonRestore()}
-
-  def restored(self, restored) -> None:
-    """Call with the `CheckpointManager.restore` result (the iterator is restored in place)."""
-    self.failures.restore(restored['data_failures'])
+    """Composite items for `CheckpointManager.restore`; the iterator is restored in place."""
+    return {'data_iterator': grain.checkpoint.CheckpointRestore(self.iterator)}
 
 
 def pairing_config(cfg) -> PairingConfig:
@@ -222,7 +263,7 @@ def make_loader(cfg, *, shard: tuple[int, int] | None = None) -> VapLoader:
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(cfg.workers), per_worker_buffer_size=int(cfg.worker_buffer)))
   failures = FailureCounter(float(cfg.max_failure_fraction), int(cfg.min_samples_before_cap))
-  it = it.filter(failures).batch(int(cfg.batch_size), drop_remainder=True)
+  it = SkipFailures(it, failures).batch(int(cfg.batch_size), drop_remainder=True)
   return VapLoader(iter(it), failures, table, (index, count), len(rows) // count)
 
 
