@@ -59,21 +59,21 @@ class DecodeSample:
     self.frames_selection, self.resize_mode = frames_selection, resize_mode
     self.output_dtype = output_dtype
 
-  def _frames(self, rel_path):
-    path = self.root / rel_path
-    frames, fps = video_io.read_video(path)
-    if self.fps and fps > 0 and int(fps) != self.fps:
-      frames = frames[video_io.resample_indices(int(fps), self.fps, len(frames))]
-    return path, frames
+  def _clip(self, rel_path, rng, bucket=None):
+    """One decode pass; the bucket is the target's, else chosen from this video (official)."""
+    chosen = []
 
-  def _clip(self, path, frames, bucket, rng):
-    n, h, w = bucket
-    if len(frames) < n:
-      raise video_io.VideoError(path, f'too short: {len(frames)} frames at {self.fps} fps, '
-                                f'need {n}')
-    frames = frames[video_io.select_frames(len(frames), n, self.frames_selection, rng)]
-    clip = video_io.resize_to(video_io.to_unit_range(frames), (h, w), self.resize_mode)
-    return clip.astype(_out_dtype(self.output_dtype))
+    def pick(count, fps, height, width):
+      n = count
+      if self.fps and fps > 0 and int(fps) != self.fps:
+        n = len(video_io.resample_indices(int(fps), self.fps, count))
+      chosen.append(bucket or video_io.nearest_bucket(n, height, width, self.buckets))
+      return video_io.clip_indices(count, fps, chosen[0][0], target_fps=self.fps,
+                                   frames_selection=self.frames_selection, rng=rng)
+
+    frames, _ = video_io.read_video(self.root / rel_path, pick=pick)
+    clip = video_io.resize_to(video_io.to_unit_range(frames), chosen[0][1:], self.resize_mode)
+    return clip.astype(_out_dtype(self.output_dtype)), chosen[0]
 
   def __call__(self, item):
     index, row = item
@@ -81,13 +81,11 @@ class DecodeSample:
     rng = np.random.default_rng([self.pairing.seed, index, 1])
     current = pair['video']
     try:
-      path, frames = self._frames(current)
-      bucket = video_io.nearest_bucket(len(frames), *frames.shape[1:3], self.buckets)
-      video = self._clip(path, frames, bucket, rng)
+      video, bucket = self._clip(current, rng)
       refs = []
       for ref in pair['refs']:  # refs take the target's bucket so they stack with it
         current = ref
-        refs.append(self._clip(*self._frames(ref), bucket, rng))
+        refs.append(self._clip(ref, rng, bucket)[0])
     except video_io.VideoError as e:
       return {'_error': e.reason, '_path': str(self.root / current), 'index': index}
     r = self.pairing.sample_ref_videos_num

@@ -31,7 +31,8 @@ class VideoError(Exception):
 # ----------------------------------------------------------------------------------------- decode
 
 
-def _decode_container(path: Path, max_frames: int | None) -> tuple[list[np.ndarray], float]:
+def _decode_container(path: Path, max_frames: int | None) -> tuple[list, float]:
+  """Decoded `av.VideoFrame`s (still YUV: half the memory of RGB, converted only when picked)."""
   with av.open(str(path)) as container:
     if not container.streams.video:
       raise VideoError(path, 'no video stream')
@@ -40,7 +41,7 @@ def _decode_container(path: Path, max_frames: int | None) -> tuple[list[np.ndarr
     rate = stream.average_rate or stream.guessed_rate
     frames = []
     for frame in container.decode(stream):
-      frames.append(frame.to_ndarray(format='rgb24'))
+      frames.append(frame)
       if max_frames is not None and len(frames) >= max_frames:
         break
   fps = float(rate) if rate else 0.0
@@ -49,12 +50,14 @@ def _decode_container(path: Path, max_frames: int | None) -> tuple[list[np.ndarr
   return frames, fps
 
 
-def read_video(path, *, max_frames: int | None = None,
-               image_folder_fps: float = 16.0) -> tuple[np.ndarray, float]:
-  """Decodes a video file (mp4/webm/mov/gif/...) or a folder of images.
+def read_video(path, *, max_frames: int | None = None, image_folder_fps: float = 16.0,
+               pick=None) -> tuple[np.ndarray, float]:
+  """Decodes a video file (mp4/webm/mov/gif/...) or a folder of images, in one pass.
 
   Returns uint8 frames (F, H, W, 3) and the average frame rate (float; a folder of images has
-  `image_folder_fps`). Raises `VideoError` naming the file if it is missing, empty or undecodable.
+  `image_folder_fps`). `pick(num_frames, fps, height, width) -> indices` chooses the frames to
+  return once the count is known; only those are converted to RGB. Raises `VideoError` naming
+  the file if it is missing, empty, undecodable, or if `pick` raises `ValueError`.
   """
   path = Path(path)
   if not path.exists():
@@ -74,10 +77,16 @@ def read_video(path, *, max_frames: int | None = None,
     raise VideoError(path, f'undecodable ({type(e).__name__}: {e})') from e
   if not frames:
     raise VideoError(path, 'no frames decoded')
-  shapes = {f.shape for f in frames}
+  shapes = {(f.height, f.width) for f in frames}
   if len(shapes) != 1:
     raise VideoError(path, f'frames of different sizes {sorted(shapes)}')
-  return np.stack(frames), fps
+  if pick is not None:
+    try:
+      indices = pick(len(frames), fps, frames[0].height, frames[0].width)
+    except ValueError as e:
+      raise VideoError(path, str(e)) from e
+    frames = [frames[i] for i in indices]
+  return np.stack([f.to_ndarray(format='rgb24') for f in frames]), fps
 
 
 # --------------------------------------------------------------------------------- frame indices
@@ -243,21 +252,28 @@ def from_unit_range(frames: np.ndarray) -> np.ndarray:
   return np.clip(np.round((np.asarray(frames, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
+def clip_indices(num_frames: int, fps: float, n: int, *, target_fps: float | None = 16,
+                 frames_selection: str = 'evenly',
+                 rng: np.random.Generator | None = None) -> np.ndarray:
+  """Indices into the decoded frames: fps resampling, then `n` frames by `frames_selection`.
+
+  The fps is truncated to an int as the official loader does (decord `int(get_avg_fps())`).
+  Raises ValueError ('too short') when fewer than `n` frames remain after resampling.
+  """
+  idx = np.arange(num_frames)
+  if target_fps is not None and fps > 0 and int(fps) != target_fps:
+    idx = resample_indices(int(fps), target_fps, num_frames)
+  if len(idx) < n:
+    raise ValueError(f'too short: {len(idx)} frames at {target_fps} fps, need {n}')
+  return idx[select_frames(len(idx), n, frames_selection, rng)]
+
+
 def load_clip(path, *, num_frames: int, size: tuple[int, int], target_fps: float | None = 16,
               frames_selection: str = 'evenly', resize_mode: str = 'bicubic',
               rng: np.random.Generator | None = None) -> np.ndarray:
-  """Decode once, resample fps, pick `num_frames`, resize: float32 (N, H, W, 3) in [-1, 1].
-
-  The fps is truncated to an int as the official loader does (decord `int(get_avg_fps())`).
-  Raises `VideoError` when the clip has fewer than `num_frames` frames after resampling.
-  """
-  frames, fps = read_video(path)
-  if target_fps is not None and fps > 0 and int(fps) != target_fps:
-    frames = frames[resample_indices(int(fps), target_fps, len(frames))]
-  if len(frames) < num_frames:
-    raise VideoError(path, f'too short: {len(frames)} frames at {target_fps} fps, '
-                     f'need {num_frames}')
-  frames = frames[select_frames(len(frames), num_frames, frames_selection, rng)]
+  """Decode once, resample fps, pick `num_frames`, resize: float32 (N, H, W, 3) in [-1, 1]."""
+  frames, _ = read_video(path, pick=lambda count, fps, h, w: clip_indices(
+      count, fps, num_frames, target_fps=target_fps, frames_selection=frames_selection, rng=rng))
   return resize_to(to_unit_range(frames), size, resize_mode)
 
 
