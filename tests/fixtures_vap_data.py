@@ -32,13 +32,14 @@ def frame_content(i: int, h: int, w: int, seed: int) -> np.ndarray:
   return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def encode(path: Path, frames: np.ndarray, fps: int, codec='libx264', pix_fmt='yuv420p'):
+def encode(path: Path, frames: np.ndarray, fps: int, codec='libx264', pix_fmt='yuv420p',
+           crf: int = 10):
   path.parent.mkdir(parents=True, exist_ok=True)
   with av.open(str(path), 'w') as out:
     s = out.add_stream(codec, rate=fps)
     s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
     if codec == 'libx264':
-      s.options = {'crf': '10'}
+      s.options = {'crf': str(crf)}
     for f in frames:
       out.mux(s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
     out.mux(s.encode())

@@ -103,7 +103,7 @@ class DecodeSample:
 
 
 class FailureCounter:
-  """filter predicate (runs in the caller): drops failure markers, counts them, enforces the cap.
+  """Counts the failure markers that `SkipFailures` drops (in the caller) and enforces the cap.
 
   A sample whose target or any reference fails is skipped; the path that failed is counted.
   """

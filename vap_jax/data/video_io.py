@@ -86,7 +86,10 @@ def read_video(path, *, max_frames: int | None = None, image_folder_fps: float =
     except ValueError as e:
       raise VideoError(path, str(e)) from e
     frames = [frames[i] for i in indices]
-  return np.stack([f.to_ndarray(format='rgb24') for f in frames]), fps
+  try:
+    return np.stack([f.to_ndarray(format='rgb24') for f in frames]), fps
+  except (av.FFmpegError, ValueError) as e:
+    raise VideoError(path, f'undecodable frame ({type(e).__name__}: {e})') from e
 
 
 # --------------------------------------------------------------------------------- frame indices
