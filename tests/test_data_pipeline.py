@@ -16,7 +16,7 @@ import pytest
 
 from configs.vap_data import get_config
 from fixtures_vap_data import BUCKETS, make_vap_data
-from vap_jax.data import DataFailureError, make_loader
+from vap_jax.data import DataFailureError, make_loader, video_io
 
 
 @pytest.fixture(scope='module')
@@ -41,6 +41,8 @@ def test_epoch_exact_and_corrupt_files_skipped_and_counted(vap):
   assert b['ref_videos'].shape == (2, 2, 9, 24, 32, 3) and b['ref_mask'].shape == (2, 2)
   assert np.all(b['ref_mask'][:, 0])
   assert np.all(b['ref_videos'][~b['ref_mask']] == 0)
+  want = video_io.load_clip(vap['root'] / str(b['path'][0]), num_frames=9, size=(24, 32))
+  np.testing.assert_array_equal(b['video'][0], want)  # the recipe checked in test_data_video_io
   paths = [p for b in batches for p in b['path']]
   good = [r['video_paths'] for r in loader.table.rows if 'broken' not in r['video_paths']]
   assert sorted(paths) == sorted(good)  # every decodable row exactly once
@@ -62,6 +64,13 @@ def test_failure_cap_raises_with_worst_offenders(vap):
   msg = str(e.value)
   assert 'samples failed to load' in msg and 'max_failure_fraction 5.0%' in msg
   assert 'Worst offenders' in msg and 'vfx_videos/broken/' in msg
+
+
+def test_config_errors(vap):
+  with pytest.raises(ValueError, match='2 buckets need batch_size 1'):
+    make_loader(config(vap['root'], buckets=[[9, 24, 32], [9, 32, 32]]), shard=(0, 1))
+  with pytest.raises(ValueError, match="no 'train' rows left"):
+    make_loader(config(vap['root'], alignment_score_threshold=1000), shard=(0, 1))
 
 
 def _same(a, b):
