@@ -151,3 +151,15 @@ def test_nearest_bucket_and_crop_modes():
   ref = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(20, 26), mode='bilinear',
                       align_corners=False)[:, :, :, 3:23].permute(0, 2, 3, 1).numpy()
   assert_close(video_io.resize_to(x, (20, 20), 'resize_crop'), ref, atol=1e-5, rtol=0)
+
+
+def test_single_pass_keeps_only_picked_frames_when_the_count_is_known(vap_root):
+  root = vap_root['root']
+  pick = lambda n, fps, h, w: video_io.clip_indices(n, fps, 9)  # noqa: E731
+  for rel, planned in [('vfx_videos/zoom/zoom_1.mp4', True),
+                       ('vfx_videos/orbit/orbit_1.webm', False)]:
+    frames, fps, picked = video_io._decode_container(root / rel, pick=pick)
+    assert picked == planned, rel
+    all_frames, _ = video_io.read_video(root / rel)
+    np.testing.assert_array_equal(video_io.read_video(root / rel, pick=pick)[0],
+                                  all_frames[pick(len(all_frames), fps, 0, 0)])

@@ -31,23 +31,49 @@ class VideoError(Exception):
 # ----------------------------------------------------------------------------------------- decode
 
 
-def _decode_container(path: Path, max_frames: int | None) -> tuple[list, float]:
-  """Decoded `av.VideoFrame`s (still YUV: half the memory of RGB, converted only when picked)."""
+def _rgb(frame) -> np.ndarray:
+  return frame.to_ndarray(format='rgb24')
+
+
+def _decode_container(path: Path, max_frames: int | None = None, pick=None):
+  """One pass over the first video stream.
+
+  With `pick` and a frame count in the container (mp4/mov), the indices are chosen up front and
+  only those frames are converted and kept; returns (rgb arrays, fps, True). Otherwise (or if
+  the count in the header turns out wrong) every frame is kept as a YUV `av.VideoFrame` (half
+  the memory of RGB) and (frames, fps, False) is returned for the caller to pick from.
+  """
   with av.open(str(path)) as container:
     if not container.streams.video:
       raise VideoError(path, 'no video stream')
     stream = container.streams.video[0]
     stream.thread_type = 'AUTO'
     rate = stream.average_rate or stream.guessed_rate
-    frames = []
+    fps = float(rate) if rate else 0.0
+    planned = None
+    if pick is not None and max_frames is None and stream.frames > 0 and fps > 0:
+      try:
+        planned = [int(i) for i in pick(stream.frames, fps, stream.codec_context.height,
+                                        stream.codec_context.width)]
+      except ValueError:
+        planned = None  # decide on the decoded count instead
+    wanted = set(planned or ())
+    frames, kept, count = [], {}, 0
     for frame in container.decode(stream):
-      frames.append(frame)
-      if max_frames is not None and len(frames) >= max_frames:
+      if planned is None:
+        frames.append(frame)
+      elif count in wanted:
+        kept[count] = _rgb(frame)
+      count += 1
+      if max_frames is not None and count >= max_frames:
         break
-  fps = float(rate) if rate else 0.0
+  if planned is not None:
+    if count == stream.frames:
+      return [kept[i] for i in planned], fps, True
+    return _decode_container(path, max_frames)  # header count was wrong: rare second pass
   if fps <= 0 and frames and stream.duration and stream.time_base:
     fps = len(frames) / float(stream.duration * stream.time_base)
-  return frames, fps
+  return frames, fps, False
 
 
 def read_video(path, *, max_frames: int | None = None, image_folder_fps: float = 16.0,
@@ -56,8 +82,9 @@ def read_video(path, *, max_frames: int | None = None, image_folder_fps: float =
 
   Returns uint8 frames (F, H, W, 3) and the average frame rate (float; a folder of images has
   `image_folder_fps`). `pick(num_frames, fps, height, width) -> indices` chooses the frames to
-  return once the count is known; only those are converted to RGB. Raises `VideoError` naming
-  the file if it is missing, empty, undecodable, or if `pick` raises `ValueError`.
+  return; only those are converted to RGB (and, where the container states its frame count, only
+  those are kept while decoding). Raises `VideoError` naming the file if it is missing, empty,
+  undecodable, or if `pick` raises `ValueError` (e.g. too short).
   """
   path = Path(path)
   if not path.exists():
@@ -67,29 +94,29 @@ def read_video(path, *, max_frames: int | None = None, image_folder_fps: float =
       files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
       if max_frames is not None:
         files = files[:max_frames]
-      frames = [_decode_container(f, 1)[0][0] for f in files]
-      fps = float(image_folder_fps)
+      frames, fps, picked = [_decode_container(f, 1)[0][0] for f in files], image_folder_fps, False
     else:
-      frames, fps = _decode_container(path, max_frames)
+      frames, fps, picked = _decode_container(path, max_frames, pick)
+    if not frames:
+      raise VideoError(path, 'no frames decoded')
+    if not picked:
+      shapes = {(f.height, f.width) for f in frames}
+      if len(shapes) != 1:
+        raise VideoError(path, f'frames of different sizes {sorted(shapes)}')
+      if pick is not None:
+        try:
+          indices = pick(len(frames), fps, frames[0].height, frames[0].width)
+        except ValueError as e:
+          raise VideoError(path, str(e)) from e
+        frames = [frames[i] for i in indices]
+      frames = [_rgb(f) for f in frames]
+    if len({f.shape for f in frames}) != 1:
+      raise VideoError(path, f'frames of different sizes {sorted({f.shape for f in frames})}')
+    return np.stack(frames), float(fps)
   except VideoError:
     raise
   except (av.FFmpegError, OSError, IndexError, ValueError) as e:
     raise VideoError(path, f'undecodable ({type(e).__name__}: {e})') from e
-  if not frames:
-    raise VideoError(path, 'no frames decoded')
-  shapes = {(f.height, f.width) for f in frames}
-  if len(shapes) != 1:
-    raise VideoError(path, f'frames of different sizes {sorted(shapes)}')
-  if pick is not None:
-    try:
-      indices = pick(len(frames), fps, frames[0].height, frames[0].width)
-    except ValueError as e:
-      raise VideoError(path, str(e)) from e
-    frames = [frames[i] for i in indices]
-  try:
-    return np.stack([f.to_ndarray(format='rgb24') for f in frames]), fps
-  except (av.FFmpegError, ValueError) as e:
-    raise VideoError(path, f'undecodable frame ({type(e).__name__}: {e})') from e
 
 
 # --------------------------------------------------------------------------------- frame indices
