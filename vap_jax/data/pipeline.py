@@ -6,8 +6,8 @@ Order of operations and why:
 Shuffling before the shard gives every process the same permutation, so the shards partition each
 epoch exactly (the table is cut to a multiple of the process count). The global index seeds the
 pairing draws, so a restored iterator redraws the same pairs. Failures travel as marker elements
-out of the workers and are counted in the caller, where the cap is enforced and where the counts
-are checkpointed next to the grain iterator state.
+out of the workers and are counted in the caller, where the cap is enforced; the counts are part
+of the grain iterator state, which Orbax saves as one file per process.
 """
 from __future__ import annotations
 
