@@ -19,6 +19,7 @@ setup(
         'av>=18.1.0',
         'safetensors>=0.8.0',
         'numpy>=2.0',
+        'scipy',
         'ml_dtypes',
         'tqdm',
         # Text / image encoders: tokenizer files from checkpoints, Wan prompt cleaning, CLIP resize.

@@ -1,0 +1,114 @@
+"""Writes a tiny VAP-Data tree at test time (nothing binary is committed).
+
+  root/vfx_videos/<kind>/<kind>_<i>.mp4   (plus one .webm, one .mov, one .gif)
+  root/vap_data.csv                        (all schema columns, _valid included)
+  root/benchmark/benchmark.csv
+
+Videos are 4 kinds x 8 clips, 12-40 frames at 8/16/24/30 fps, 24x32 to 40x56 pixels; every
+frame has a distinct flat colour ramp so frame indices are visible in the pixels. Corrupt rows,
+all on kind 'broken': random bytes, an empty file, a missing file, a truncated mp4 and a clip too
+short for `FRAMES` at 16 fps.
+"""
+import json
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+
+KINDS = ('zoom', 'style_ink', 'melt', 'orbit')
+PER_KIND = 8
+FRAMES = 9            # the bucket the tests use: [[FRAMES, 24, 32]]
+BUCKETS = [[FRAMES, 24, 32]]
+CORRUPT = ('broken/garbage.mp4', 'broken/empty.mp4', 'broken/missing.mp4',
+           'broken/truncated.mp4', 'broken/short.mp4')
+
+
+def frame_content(i: int, h: int, w: int, seed: int) -> np.ndarray:
+  """Frame i: a smooth ramp whose level encodes i (survives H.264 well)."""
+  y, x = np.mgrid[:h, :w]
+  base = (i * 9 + seed * 17) % 200
+  img = np.stack([base + 40 * x / w, base + 40 * y / h, np.full((h, w), 255 - base)], -1)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def encode(path: Path, frames: np.ndarray, fps: int, codec='libx264', pix_fmt='yuv420p',
+           crf: int = 10):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with av.open(str(path), 'w') as out:
+    s = out.add_stream(codec, rate=fps)
+    s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+    if codec == 'libx264':
+      s.options = {'crf': str(crf)}
+    for f in frames:
+      out.mux(s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
+    out.mux(s.encode())
+
+
+def make_vap_data(root, seed: int = 0) -> dict:
+  """Writes the tree; returns {'root', 'good': [rel paths], 'corrupt': [rel paths]}."""
+  root = Path(root)
+  rng = np.random.default_rng(seed)
+  rows, good = [], []
+  sizes = [(24, 32), (32, 48), (40, 56), (36, 36)]
+  fpss = [16, 24, 30, 8]
+  for k, kind in enumerate(KINDS):
+    paths = []
+    for i in range(PER_KIND):
+      ext, codec, pix = '.mp4', 'libx264', 'yuv420p'
+      if kind == 'orbit' and i == 1:
+        ext, codec = '.webm', 'libvpx-vp9'
+      elif kind == 'orbit' and i == 2:
+        ext = '.mov'
+      elif kind == 'orbit' and i == 3:
+        ext, codec, pix = '.gif', 'gif', 'rgb8'
+      rel = f'vfx_videos/{kind}/{kind}_{i}{ext}'
+      fps = fpss[(i + k) % 4]
+      h, w = sizes[(i + 2 * k) % 4]
+      n = int(rng.integers(12, 41))
+      if fps == 8:
+        n = max(n, 20)  # 8 fps is upsampled to 16: n*2 frames
+      elif fps != 16:
+        n = max(n, int(np.ceil(FRAMES * fps / 16)) + 2)
+      encode(root / rel, np.stack([frame_content(j, h, w, i + k) for j in range(n)]), fps,
+             codec, pix)
+      paths.append(rel)
+    for i, rel in enumerate(paths):
+      rows.append(dict(video_paths=rel, kind=kind,
+                       ref_video_paths=json.dumps([p for p in paths if p != rel][:4]),
+                       tar_video_caption=('The video shows ' if i % 3 == 0 else '')
+                       + f'a {kind} effect number {i}. ',
+                       split='test' if i == PER_KIND - 1 else 'train',
+                       reference_alignment_score=float(rng.uniform(0, 100)) if i else 3.0,
+                       _valid=1))
+    good += [r['video_paths'] for r in rows[-PER_KIND:] if r['split'] == 'train']
+  broken = root / 'vfx_videos' / 'broken'
+  broken.mkdir(parents=True, exist_ok=True)
+  (broken / 'garbage.mp4').write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+  (broken / 'empty.mp4').write_bytes(b'')
+  encode(broken / 'full.mp4', np.stack([frame_content(j, 32, 48, 5) for j in range(30)]), 16)
+  data = (broken / 'full.mp4').read_bytes()
+  (broken / 'truncated.mp4').write_bytes(data[:len(data) // 3])
+  os.remove(broken / 'full.mp4')
+  encode(broken / 'short.mp4', np.stack([frame_content(j, 32, 48, 6) for j in range(5)]), 16)
+  for rel in CORRUPT:
+    rows.append(dict(video_paths=f'vfx_videos/{rel}', kind='broken',
+                     ref_video_paths=json.dumps([f'vfx_videos/{r}' for r in CORRUPT
+                                                 if r != rel]),
+                     tar_video_caption='broken', split='train',
+                     reference_alignment_score=50.0, _valid=1))
+  write_csv(root / 'vap_data.csv', rows)
+  bench = [dict(video_paths=r['video_paths'], ref_video_path=json.loads(r['ref_video_paths'])[0],
+                tar_video_caption=r['tar_video_caption'], ref_video_caption='ref caption')
+           for r in rows if r['split'] == 'test']
+  write_csv(root / 'benchmark' / 'benchmark.csv', bench)
+  return {'root': root, 'good': good, 'corrupt': [f'vfx_videos/{r}' for r in CORRUPT]}
+
+
+def write_csv(path: Path, rows):
+  import csv
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)

@@ -1,0 +1,272 @@
+"""Grain pipeline over VAP-Data: shuffle -> shard -> decode in worker processes -> batch.
+
+Order of operations and why:
+  rows --shuffle(seed)--> repeat(epochs) --tag global index--> [process::processes]
+       --decode (mp_prefetch workers)--> skip+count failures (caller) --> batch
+Shuffling before the shard gives every process the same permutation, so the shards partition each
+epoch exactly (the table is cut to a multiple of the process count). The global index seeds the
+pairing draws, so a restored iterator redraws the same pairs. Failures travel as marker elements
+out of the workers and are counted in the caller, where the cap is enforced; the counts are part
+of the grain iterator state, which Orbax saves as one file per process.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from vap_jax.data import video_io
+from vap_jax.data.vap_data import PairingConfig, PairTable, build_pair_table, read_vap_csv, \
+  sample_pair
+
+log = logging.getLogger(__name__)
+
+
+class DataFailureError(RuntimeError):
+  """Too many samples failed to load."""
+
+
+def _out_dtype(name):
+  if name == 'bfloat16':
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+  return np.dtype(name)
+
+
+class TagIndex:
+  """map_with_index fn: keeps the global (epoch-aware) position of each row."""
+
+  def __call__(self, index, row):
+    return int(index), row
+
+
+class DecodeSample:
+  """Row -> training sample (runs in the workers). Importable and picklable.
+
+  Output: video (F, H, W, 3) and ref_videos (R, F, H, W, 3) in [-1, 1], R =
+  sample_ref_videos_num with dropped refs zero and `ref_mask` False; captions; the index and
+  path. A failure returns {'_error', '_path', 'index'} instead of raising.
+  """
+
+  def __init__(self, root, table: PairTable, pairing: PairingConfig, *, fps, buckets,
+               frames_selection, resize_mode, output_dtype):
+    self.root, self.table, self.pairing = Path(root), table, pairing
+    self.fps, self.buckets = fps, [tuple(b) for b in buckets]
+    self.frames_selection, self.resize_mode = frames_selection, resize_mode
+    self.output_dtype = output_dtype
+
+  def _clip(self, rel_path, rng, bucket=None):
+    """One decode pass; the bucket is the target's, else chosen from this video (official)."""
+    chosen = []
+
+    def pick(count, fps, height, width):
+      n = count
+      if self.fps and fps > 0 and int(fps) != self.fps:
+        n = len(video_io.resample_indices(int(fps), self.fps, count))
+      chosen.append(bucket or video_io.nearest_bucket(n, height, width, self.buckets))
+      return video_io.clip_indices(count, fps, chosen[0][0], target_fps=self.fps,
+                                   frames_selection=self.frames_selection, rng=rng)
+
+    frames, _ = video_io.read_video(self.root / rel_path, pick=pick)
+    clip = video_io.resize_to(video_io.to_unit_range(frames), chosen[0][1:], self.resize_mode)
+    return clip.astype(_out_dtype(self.output_dtype)), chosen[0]
+
+  def __call__(self, item):
+    index, row = item
+    pair = sample_pair(self.table, row, self.pairing, index)
+    rng = np.random.default_rng([self.pairing.seed, index, 1])
+    current = pair['video']
+    try:
+      video, bucket = self._clip(current, rng)
+      refs = []
+      for ref in pair['refs']:  # refs take the target's bucket so they stack with it
+        current = ref
+        refs.append(self._clip(ref, rng, bucket)[0])
+    except video_io.VideoError as e:
+      return {'_error': e.reason, '_path': str(self.root / current), 'index': index}
+    r = self.pairing.sample_ref_videos_num
+    ref_videos = np.zeros((r,) + video.shape, video.dtype)
+    ref_videos[:len(refs)] = refs
+    pad = [''] * (r - len(refs))
+    return {
+        'video': video, 'ref_videos': ref_videos,
+        'ref_mask': np.arange(r) < len(refs),
+        'caption': np.array(pair['caption']),
+        'ref_captions': np.array(pair['ref_captions'] + pad),
+        'path': np.array(pair['video']),
+        'index': np.int64(index),
+    }
+
+
+class FailureCounter:
+  """Counts the failure markers that `SkipFailures` drops (in the caller) and enforces the cap.
+
+  A sample whose target or any reference fails is skipped; the path that failed is counted.
+  """
+
+  def __init__(self, max_fraction: float = 0.05, min_samples: int = 100):
+    self.max_fraction, self.min_samples = max_fraction, min_samples
+    self.seen = self.failed = 0
+    self.by_path = collections.Counter()
+    self.reasons = {}
+    self.recent = collections.deque(maxlen=1000)  # (sample index, path); not checkpointed
+
+  def __call__(self, element) -> bool:
+    self.seen += 1
+    if '_error' not in element:
+      return True
+    self.failed += 1
+    path = element['_path']
+    self.by_path[path] += 1
+    self.reasons[path] = element['_error']
+    self.recent.append((int(element['index']), path))
+    log.warning('skipping sample %d: %s: %s (%d/%d failed so far)', element['index'], path,
+                element['_error'], self.failed, self.seen)
+    if self.seen >= self.min_samples and self.failed > self.max_fraction * self.seen:
+      raise DataFailureError(
+          f'{self.report()}\nThis exceeds max_failure_fraction {self.max_fraction:.1%}; fix or '
+          f'remove these files, or raise the limit.')
+    return False
+
+  def report(self, worst: int = 10) -> str:
+    lines = [f'{self.failed} of {self.seen} samples failed to load '
+             f'({self.failed / max(self.seen, 1):.1%}). Worst offenders:']
+    for path, n in self.by_path.most_common(worst):
+      lines.append(f'  {n}x {path}: {self.reasons[path]}')
+    return '\n'.join(lines)
+
+  def state(self) -> dict:
+    return {'seen': self.seen, 'failed': self.failed, 'by_path': dict(self.by_path),
+            'reasons': self.reasons}
+
+  def restore(self, state: dict) -> None:
+    self.seen, self.failed = int(state['seen']), int(state['failed'])
+    self.by_path = collections.Counter(state['by_path'])
+    self.reasons = dict(state['reasons'])
+
+
+class SkipFailures(grain.IterDataset):
+  """Drops and counts failure markers; the counts are part of the iterator state, so grain's
+  per-process checkpoint files carry them (Orbax's JSON items are written by process 0 only)."""
+
+  def __init__(self, parent: grain.IterDataset, counter: FailureCounter):
+    super().__init__(parent)
+    self._counter = counter
+
+  def __iter__(self):
+    return _SkipFailuresIterator(self._parent.__iter__(), self._counter)
+
+
+class _SkipFailuresIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, counter: FailureCounter):
+    super().__init__(parent)
+    self._counter = counter
+
+  def __next__(self):
+    while True:
+      element = next(self._parent)
+      if self._counter(element):
+        return element
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'failures': self._counter.state()}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._counter.restore(state['failures'])
+
+
+def _process_shard():
+  import jax
+  return jax.process_index(), jax.process_count()
+
+
+@dataclasses.dataclass
+class VapLoader:
+  """The batch iterator plus what is checkpointed with it."""
+  iterator: grain.DatasetIterator
+  failures: FailureCounter
+  table: PairTable
+  shard: tuple[int, int]
+  rows_per_epoch: int  # for this process
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self.iterator)
+
+  def close(self) -> None:
+    """Stops the worker processes (also done when the iterator is garbage collected)."""
+    self.iterator.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def save_args(self) -> dict:
+    """Composite items for `CheckpointManager.save(step, args=Composite(**model, **these))`.
+
+    One JSON file per process (position in the epoch stream, prefetch state, failure counts).
+    """
+    return {'data_iterator': grain.checkpoint.CheckpointSave(self.iterator)}
+
+  def restore_args(self) -> dict:
+    """Composite items for `CheckpointManager.restore`; the iterator is restored in place."""
+    return {'data_iterator': grain.checkpoint.CheckpointRestore(self.iterator)}
+
+
+def pairing_config(cfg) -> PairingConfig:
+  return PairingConfig(
+      alignment_score_threshold=float(cfg.alignment_score_threshold),
+      sample_ref_videos_num=int(cfg.sample_ref_videos_num),
+      mask_ref_ratio=float(cfg.mask_ref_ratio), mask_caption_ratio=float(cfg.mask_caption_ratio),
+      remove_llm_prefixes=bool(cfg.remove_llm_prefixes),
+      truncate_multiple=int(cfg.truncate_multiple), max_samples=cfg.max_samples,
+      seed=int(cfg.seed))
+
+
+def make_loader(cfg, *, shard: tuple[int, int] | None = None) -> VapLoader:
+  """Builds the per-process iterator from a `configs/vap_data.py` `data` block.
+
+  `shard` = (index, count) defaults to (jax.process_index(), jax.process_count()).
+  """
+  if len(cfg.buckets) > 1 and cfg.batch_size > 1:
+    raise ValueError(f'{len(cfg.buckets)} buckets need batch_size 1 per process (samples of '
+                     f'different buckets cannot be stacked); got batch_size {cfg.batch_size}')
+  root = Path(cfg.root)
+  pairing = pairing_config(cfg)
+  table = build_pair_table(read_vap_csv(root / cfg.meta_csv), pairing)
+  index, count = shard if shard is not None else _process_shard()
+  rows = list(table.rows)
+  rows = rows[:len(rows) - len(rows) % count]  # every process sees the same number per epoch
+  if not rows:
+    raise ValueError(f'{len(table.rows)} rows cannot be split over {count} processes')
+  ds = grain.MapDataset.source(rows).shuffle(seed=int(cfg.seed))
+  ds = ds.repeat(cfg.num_epochs).map_with_index(TagIndex())[index::count]
+  ds = ds.map(DecodeSample(root, table, pairing, fps=cfg.fps, buckets=cfg.buckets,
+                           frames_selection=cfg.frames_selection, resize_mode=cfg.resize_mode,
+                           output_dtype=cfg.output_dtype))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg.read_threads),
+                                            prefetch_buffer_size=int(cfg.worker_buffer)))
+  if cfg.workers > 0:
+    _absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(cfg.workers), per_worker_buffer_size=int(cfg.worker_buffer)))
+  failures = FailureCounter(float(cfg.max_failure_fraction), int(cfg.min_samples_before_cap))
+  it = SkipFailures(it, failures).batch(int(cfg.batch_size), drop_remainder=True)
+  return VapLoader(iter(it), failures, table, (index, count), len(rows) // count)
+
+
+def _absl_flags_parsed():
+  """grain 0.2.18 reads absl flags in its workers (google/grain#1355)."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
