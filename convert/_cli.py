@@ -1,4 +1,4 @@
-"""The argument parsing and error handling every transformer converter shares."""
+"""The argument parsing and error handling every converter shares."""
 from __future__ import annotations
 
 import argparse
@@ -9,18 +9,27 @@ from typing import Callable
 
 from vap_jax.weights.safetensors_io import CheckpointError
 
+Convert = Callable[..., int]  # convert(src, dst, *, param_dtype, overwrite, group_bytes) -> count
 
-def run(prog: str, doc: str, convert: Callable[..., int], argv=None) -> int:
+
+def run(prog: str, doc: str, convert: Convert | dict[str, Convert], argv=None, *,
+        kind_arg: str = '--kind', kind_help: str = '', default_dtype: str = 'bfloat16') -> int:
+  """Parse ``argv`` and run ``convert``; a dict of converters adds a ``kind_arg`` choosing one."""
   parser = argparse.ArgumentParser(prog=prog, description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--src', required=True, help='downloaded VAP folder or transformer folder')
+  if isinstance(convert, dict):
+    parser.add_argument(kind_arg, choices=sorted(convert), help=kind_help,
+                        **({'required': True} if kind_arg.startswith('-') else {}))
+  parser.add_argument('--src', required=True, help='downloaded pipeline folder or component folder')
   parser.add_argument('--dst', required=True, help='output folder (config.json + state/)')
-  parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32', 'float16'],
-                      help='parameter dtype written (default: bfloat16, as released)')
+  parser.add_argument('--dtype', default=default_dtype, choices=['bfloat16', 'float32', 'float16'],
+                      help=f'parameter dtype written (default: {default_dtype})')
   parser.add_argument('--group-mb', type=float, default=None,
                       help='MB per Orbax write (bounds host memory; default 2x the largest tensor)')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing dst/state')
   args = parser.parse_args(argv)
+  if isinstance(convert, dict):
+    convert = convert[getattr(args, kind_arg.lstrip('-'))]
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
   start = time.time()
   try:

@@ -5,7 +5,8 @@ import jax
 from flax import nnx
 
 from configs import cogvideox_5b_vap, wan_i2v_14b_vap
-from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer, trainable_filter
+from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
+from vap_jax.models.common import trainable_filter
 from vap_jax.models import wan
 from vap_jax.nn.layers import Buffer
 from vap_jax.weights.loading import abstract_model, count_params
@@ -41,13 +42,13 @@ def test_abstract_build_matches_nnx_eval_shape():
 def test_wan_i2v_14b_vap_parameter_counts():
   config = wan.WanConfig(**wan_i2v_14b_vap.get_config().model)
   model = abstract_model(lambda: wan.WanTransformer(config, rngs=nnx.Rngs(0)))
-  expert = count_params(model, trainable=wan.trainable_filter)
+  expert = count_params(model, trainable=trainable_filter)
   assert expert == 4_279_386_880
   assert count_params(model) - expert == 16_394_878_784
   assert [i for i, b in enumerate(model.blocks) if b.expert is not None] == list(range(0, 40, 4))
   d20 = wan.WanConfig(**wan_i2v_14b_vap.get_config('d20').model)
   assert count_params(abstract_model(lambda: wan.WanTransformer(d20, rngs=nnx.Rngs(0))),
-                      trainable=wan.trainable_filter) == 8_317_771_520
+                      trainable=trainable_filter) == 8_317_771_520
 
 
 def test_every_variable_has_logical_axes_and_real_sizes_shard():

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vap_jax.models.common import check_expert_blocks, from_diffusers_config
 from vap_jax.models.mot import StreamAttention, joint_attention
 from vap_jax.nn.embeddings import sincos_3d_table, timestep_features
 from vap_jax.nn.layers import (AdaLayerNorm, FeedForward, LayerNorm, LayerNormZero, Linear,
@@ -70,9 +71,7 @@ class CogVideoXConfig:
     return self.num_attention_heads * self.attention_head_dim
 
   def __post_init__(self):
-    bad = [i for i in self.block_idx_with_mot_ref if not 0 <= i < self.num_layers]
-    if bad:
-      raise ValueError(f'block_idx_with_mot_ref {bad} outside the {self.num_layers} layers')
+    check_expert_blocks(self.block_idx_with_mot_ref, self.num_layers)
     if self.use_rotary_positional_embeddings and self.attention_head_dim % 16:
       raise ValueError(f'3D RoPE splits attention_head_dim into [d/4, 3d/8, 3d/8] channel pairs: '
                        f'it must be a multiple of 16, got {self.attention_head_dim}')
@@ -80,20 +79,12 @@ class CogVideoXConfig:
   @classmethod
   def from_diffusers(cls, config: dict[str, Any], **runtime) -> 'CogVideoXConfig':
     """Build from a diffusers ``transformer/config.json`` dict; rejects features we do not run."""
-    unsupported = {
+    return from_diffusers_config(cls, config, {
         'patch_size_t': None, 'ofs_embed_dim': None, 'attention_head_dim_mot_ref': None,
         'supported_effect_types': None, 'num_ref_embeddings': None, 'reference_train_mode': None,
         'ablation_single_encoder': False, 'ablation_residual_addition': False,
         'activation_fn': 'gelu-approximate', 'timestep_activation_fn': 'silu',
-    }
-    for key, expected in unsupported.items():
-      if config.get(key, expected) != expected:
-        raise ValueError(f'transformer config field {key}={config[key]!r} is not supported '
-                         f'(expected {expected!r})')
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in config.items() if k in names}
-    kwargs['block_idx_with_mot_ref'] = tuple(config.get('block_idx_with_mot_ref') or ())
-    return cls(**kwargs, **runtime)
+    }, **runtime)
 
 
 class Stream(NamedTuple):
@@ -306,7 +297,3 @@ class CogVideoXTransformer(nnx.Module):
                        f'{n} references, got {ref_text.shape}')
     return latents.shape
 
-
-def trainable_filter(path: Sequence[Any], _value=None) -> bool:
-  """True for expert parameters (the only ones VAP trains)."""
-  return any(str(part).startswith('expert') for part in path)

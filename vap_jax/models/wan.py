@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vap_jax.models.common import check_expert_blocks, from_diffusers_config
 from vap_jax.models.mot import StreamAttention, joint_attention
 from vap_jax.nn.attention import attention
 from vap_jax.nn.embeddings import timestep_features
@@ -65,27 +66,17 @@ class WanConfig:
     return self.num_attention_heads * self.attention_head_dim
 
   def __post_init__(self):
-    bad = [i for i in self.block_idx_with_mot_ref if not 0 <= i < self.num_layers]
-    if bad:
-      raise ValueError(f'block_idx_with_mot_ref {bad} outside the {self.num_layers} layers')
+    check_expert_blocks(self.block_idx_with_mot_ref, self.num_layers)
     if (self.image_dim is None) != (self.added_kv_proj_dim is None):
       raise ValueError('image_dim and added_kv_proj_dim must both be set (I2V) or both be None')
 
   @classmethod
   def from_diffusers(cls, config: dict[str, Any], **runtime) -> 'WanConfig':
     """Build from a diffusers ``transformer/config.json`` dict; rejects features we do not run."""
-    unsupported = {'pos_embed_seq_len': None, 'attention_head_dim_mot_ref': None,
-                   'supported_effect_types': None, 'num_ref_embeddings': None,
-                   'reference_train_mode': None}
-    for key, expected in unsupported.items():
-      if config.get(key, expected) != expected:
-        raise ValueError(f'transformer config field {key}={config[key]!r} is not supported '
-                         f'(expected {expected!r})')
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in config.items() if k in names}
-    kwargs['patch_size'] = tuple(config.get('patch_size', (1, 2, 2)))
-    kwargs['block_idx_with_mot_ref'] = tuple(config.get('block_idx_with_mot_ref') or ())
-    return cls(**kwargs, **runtime)
+    return from_diffusers_config(cls, config, {
+        'pos_embed_seq_len': None, 'attention_head_dim_mot_ref': None,
+        'supported_effect_types': None, 'num_ref_embeddings': None, 'reference_train_mode': None,
+    }, patch_size=tuple(config.get('patch_size', (1, 2, 2))), **runtime)
 
 
 class Stream(NamedTuple):
@@ -350,7 +341,3 @@ class WanTransformer(nnx.Module):
                        f'got {ref_image.shape}')
     return latents.shape
 
-
-def trainable_filter(path, _value=None) -> bool:
-  """True for expert parameters (the only ones VAP trains)."""
-  return any(str(part).startswith('expert') for part in path)

@@ -16,19 +16,12 @@ from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
 from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
 from vap_jax.weights import orbax_io
-from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule
-from vap_jax.weights.loading import load_model
+from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule, expert_path
+from vap_jax.weights.loading import component_dir, load_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 _BLOCK = r'transformer_blocks\.(\d+)\.'
 _LAYER = r'blocks.\1.base.'
-
-
-def _expert_path(path):
-  """Base variable path -> its expert twin: blocks.i.base.* -> blocks.i.expert.*, x -> expert_x."""
-  if path[0] == 'blocks':
-    return path[:2] + ('expert',) + path[3:]
-  return (f'expert_{path[0]}',) + path[1:]
 
 
 COGVIDEOX = KeyMap('cogvideox', [
@@ -59,18 +52,11 @@ COGVIDEOX = KeyMap('cogvideox', [
     Rule(r'norm_out\.norm\.bias', 'norm_out.norm.bias'),
     Rule(r'proj_out\.weight', 'proj_out.kernel', TRANSPOSE),
     Rule(r'proj_out\.bias', 'proj_out.bias'),
-], marker='_mot_ref', marked_path=_expert_path)
-
-
-def _resolve_transformer_dir(path: Path) -> Path:
-  """Accept a whole diffusers VAP folder (with transformer/) or the transformer folder itself."""
-  if (path / 'transformer' / 'config.json').is_file():
-    return path / 'transformer'
-  return path
+], marker='_mot_ref', marked_path=expert_path)
 
 
 def read_diffusers_config(path: str | Path) -> dict:
-  folder = _resolve_transformer_dir(Path(path))
+  folder = component_dir(Path(path))
   config_file = folder / 'config.json'
   if not config_file.is_file():
     raise CheckpointError(f'{folder} has no config.json (expected a diffusers transformer folder)')
@@ -99,7 +85,7 @@ def load_cogvideox(path: str | Path, *, mesh: Mesh | None = None, rules: Rules =
     config = CogVideoXConfig.from_diffusers(meta['diffusers_config'], **runtime)
     return orbax_io.restore_model(model_factory(config), path, mesh=mesh, rules=rules)
   config = CogVideoXConfig.from_diffusers(read_diffusers_config(path), **runtime)
-  checkpoint = SafetensorsCheckpoint(_resolve_transformer_dir(path))
+  checkpoint = SafetensorsCheckpoint(component_dir(path))
   return load_model(model_factory(config), checkpoint, COGVIDEOX, mesh=mesh, rules=rules,
                     progress=progress)
 
@@ -109,7 +95,7 @@ def convert(src: str | Path, dst: str | Path, *, param_dtype: str = 'bfloat16',
   """diffusers CogVideoX(-VAP) transformer folder -> vap_jax Orbax folder. Returns tensor count."""
   raw = read_diffusers_config(src)
   config = CogVideoXConfig.from_diffusers(raw, dtype=param_dtype, param_dtype=param_dtype)
-  checkpoint = SafetensorsCheckpoint(_resolve_transformer_dir(Path(src)))
+  checkpoint = SafetensorsCheckpoint(component_dir(Path(src)))
   count = orbax_io.convert_safetensors(checkpoint, COGVIDEOX, model_factory(config), dst,
                                        group_bytes=group_bytes, overwrite=overwrite,
                                        progress=progress)

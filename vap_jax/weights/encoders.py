@@ -21,7 +21,7 @@ from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
 from vap_jax.weights import orbax_io
 from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule
-from vap_jax.weights.loading import load_model
+from vap_jax.weights.loading import component_dir, load_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 _T5_BLOCK = r'encoder\.block\.(\d+)\.layer\.'
@@ -66,14 +66,9 @@ _KINDS = {
 }
 
 
-def _component_dir(path: Path, kind: str) -> Path:
-  sub = _KINDS[kind][0]
-  return path / sub if (path / sub / 'config.json').is_file() else path
-
-
 def read_hf_config(path: str | Path, kind: str) -> dict:
   """The transformers config.json of a ``kind`` ('t5' or 'clip') folder, checked."""
-  folder = _component_dir(Path(path), kind)
+  folder = component_dir(Path(path), _KINDS[kind][0])
   config_file = folder / 'config.json'
   if not config_file.is_file():
     raise CheckpointError(f'{folder} has no config.json (expected a transformers '
@@ -104,7 +99,7 @@ def _load(kind: str, path, *, mesh, rules, dtype, param_dtype, attention, progre
     config = make_config(kind, meta['hf_config'], **runtime)
     return orbax_io.restore_model(model_factory(config), path, mesh=mesh, rules=rules)
   config = make_config(kind, read_hf_config(path, kind), **runtime)
-  checkpoint = SafetensorsCheckpoint(_component_dir(path, kind))
+  checkpoint = SafetensorsCheckpoint(component_dir(path, _KINDS[kind][0]))
   return load_model(model_factory(config), checkpoint, _KINDS[kind][2], mesh=mesh, rules=rules,
                     progress=progress)
 
@@ -132,7 +127,7 @@ def convert(kind: str, src: str | Path, dst: str | Path, *, param_dtype: str = '
     raise ValueError(f'kind {kind!r} is not one of {sorted(_KINDS)}')
   raw = read_hf_config(src, kind)
   config = make_config(kind, raw, dtype=param_dtype, param_dtype=param_dtype)
-  checkpoint = SafetensorsCheckpoint(_component_dir(Path(src), kind))
+  checkpoint = SafetensorsCheckpoint(component_dir(Path(src), _KINDS[kind][0]))
   count = orbax_io.convert_safetensors(checkpoint, _KINDS[kind][2], model_factory(config), dst,
                                        group_bytes=group_bytes, overwrite=overwrite,
                                        progress=progress)

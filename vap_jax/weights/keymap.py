@@ -7,6 +7,7 @@ reported together, by name. `stream` then yields one converted tensor at a time.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from typing import Callable, Iterator, Sequence
@@ -42,6 +43,14 @@ class Rule:
   transform: Transform = IDENTITY
 
 
+def expert_path(path: Path) -> Path:
+  """A base variable's expert twin in both VAP backbones: blocks.i.base.* -> blocks.i.expert.*,
+  any other top-level module x -> expert_x."""
+  if path[0] == 'blocks':
+    return path[:2] + ('expert',) + path[3:]
+  return (f'expert_{path[0]}',) + path[1:]
+
+
 class KeyMap:
   """Ordered rules; optionally a ``marker`` for tensors that mirror a base tensor.
 
@@ -53,18 +62,34 @@ class KeyMap:
   """
 
   def __init__(self, name: str, rules: Sequence[Rule], *, marker: str | None = None,
-               marked_path: Callable[[Path], Path] | None = None, ignore: Sequence[str] = ()):
+               marked_path: Callable[[Path], Path] | None = None, ignore: Sequence[str] = (),
+               rename: Callable[[str], str | None] | None = None):
     self.name = name
     self.rules = [(re.compile(r.pattern), r) for r in rules]
     self.marker, self.marked_path = marker, marked_path
     self.ignore = [re.compile(p) for p in ignore]
+    self.rename = rename
+
+  def renamed(self, name: str, rename: Callable[[str], str | None]) -> 'KeyMap':
+    """The same rules behind a key renaming (another checkpoint naming of the same tensors;
+    ``rename`` returns None for keys it does not know)."""
+    other = copy.copy(self)
+    other.name, other.rename = name, rename
+    return other
 
   def ignored(self, key: str) -> bool:
     return any(regex.fullmatch(key) for regex in self.ignore)
 
   def __call__(self, key: str) -> tuple[Path, Transform] | None:
+    if self.rename is not None:
+      key = self.rename(key)
+      if key is None:
+        return None
+    return self._lookup(key)
+
+  def _lookup(self, key: str) -> tuple[Path, Transform] | None:
     if self.marker and self.marker in key:
-      hit = self(key.replace(self.marker, ''))
+      hit = self._lookup(key.replace(self.marker, ''))
       return None if hit is None else (self.marked_path(hit[0]), hit[1])
     for regex, rule in self.rules:
       m = regex.fullmatch(key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -21,6 +22,14 @@ from vap_jax.weights import keymap as km
 from vap_jax.weights.safetensors_io import SafetensorsCheckpoint
 
 log = logging.getLogger(__name__)
+
+
+def component_dir(path: Path, component: str = 'transformer') -> Path:
+  """A whole downloaded pipeline folder resolves to its ``component/``; a component folder
+  (or file) is returned as is."""
+  if (path / component / 'config.json').is_file():
+    return path / component
+  return path
 
 
 def abstract_model(factory: Callable[[], nnx.Module]) -> nnx.Module:

@@ -19,7 +19,7 @@ from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
 from vap_jax.weights import orbax_io
 from vap_jax.weights.keymap import CONV_TO_DENSE, KeyMap, Rule, Transform
-from vap_jax.weights.loading import load_model
+from vap_jax.weights.loading import component_dir, load_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 # torch conv weight (out, in, *k) -> (*k, in, out).
@@ -83,20 +83,10 @@ def wan_original_to_diffusers(key: str, num_res_blocks: int = 2) -> str | None:
   return None
 
 
-class RenamedKeyMap:
-  """A key map applied after renaming checkpoint keys (same interface as `KeyMap`)."""
+def wan_original_keymap(num_res_blocks: int = 2) -> KeyMap:
+  return WAN.renamed('wan_vae (original Wan naming)',
+                     lambda k: wan_original_to_diffusers(k, num_res_blocks))
 
-  def __init__(self, name: str, rename, keymap: KeyMap):
-    self.name, self.rename, self.keymap = name, rename, keymap
-
-  def __call__(self, key: str):
-    renamed = self.rename(key)
-    return None if renamed is None else self.keymap(renamed)
-
-
-def wan_original_keymap(num_res_blocks: int = 2) -> RenamedKeyMap:
-  return RenamedKeyMap('wan_vae (original Wan naming)',
-                       lambda k: wan_original_to_diffusers(k, num_res_blocks), WAN)
 
 _COG_CAUSAL = r'(.*\.(?:conv_in|conv_out|conv1|conv2))\.conv'
 COGVIDEOX = KeyMap('cogvideox_vae', [
@@ -115,13 +105,8 @@ COGVIDEOX = KeyMap('cogvideox_vae', [
 ])
 
 
-def _vae_dir(path: Path) -> Path:
-  """Accept a whole diffusers pipeline folder (with vae/) or the vae folder itself."""
-  return path / 'vae' if (path / 'vae' / 'config.json').is_file() else path
-
-
 def read_vae_config(path: str | Path, class_name: str) -> dict:
-  folder = _vae_dir(Path(path))
+  folder = component_dir(Path(path), 'vae')
   config_file = folder / 'config.json'
   if not config_file.is_file():
     raise CheckpointError(f'{folder} has no config.json (expected a diffusers vae folder)')
@@ -164,14 +149,14 @@ def _load(spec: _Spec, path, mesh, rules, dtype, param_dtype, **runtime):
     config = spec.make_config(meta['diffusers_config'], **runtime)
     return orbax_io.restore_model(spec.factory(config), path, mesh=mesh, rules=rules)
   config = spec.make_config(read_vae_config(path, spec.class_name), **runtime)
-  checkpoint = SafetensorsCheckpoint(_vae_dir(path))
+  checkpoint = SafetensorsCheckpoint(component_dir(path, 'vae'))
   return load_model(spec.factory(config), checkpoint, spec.keymap, mesh=mesh, rules=rules)
 
 
 def _convert(spec: _Spec, src, dst, *, param_dtype, group_bytes, overwrite, progress) -> int:
   raw = read_vae_config(src, spec.class_name)
   config = spec.make_config(raw, dtype=param_dtype, param_dtype=param_dtype)
-  checkpoint = SafetensorsCheckpoint(_vae_dir(Path(src)))
+  checkpoint = SafetensorsCheckpoint(component_dir(Path(src), 'vae'))
   count = orbax_io.convert_safetensors(checkpoint, spec.keymap, spec.factory(config), dst,
                                        group_bytes=group_bytes, overwrite=overwrite,
                                        progress=progress)

@@ -14,8 +14,8 @@ from vap_jax.models.wan import WanConfig, WanTransformer
 from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
 from vap_jax.weights import orbax_io
-from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule
-from vap_jax.weights.loading import load_model
+from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule, expert_path
+from vap_jax.weights.loading import component_dir, load_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 
@@ -27,13 +27,6 @@ def _linear(torch_name: str, path: str) -> list[Rule]:
 
 def _norm(torch_name: str, path: str) -> list[Rule]:
   return [Rule(torch_name + r'\.weight', path + '.scale'), Rule(torch_name + r'\.bias', path + '.bias')]
-
-
-def _expert_path(path):
-  """Base variable path -> its expert twin: blocks.i.base.* -> blocks.i.expert.*, x -> expert_x."""
-  if path[0] == 'blocks':
-    return path[:2] + ('expert',) + path[3:]
-  return (f'expert_{path[0]}',) + path[1:]
 
 
 _B, _L = r'blocks\.(\d+)\.', r'blocks.\1.base.'
@@ -58,7 +51,7 @@ WAN = KeyMap('wan (diffusers)', [
     *_linear(_B + r'ffn\.net\.2', _L + 'ffn.proj_out'),
     *_linear(r'proj_out', 'proj_out'),
     Rule(r'scale_shift_table', 'scale_shift_table'),
-], marker='_mot_ref', marked_path=_expert_path)
+], marker='_mot_ref', marked_path=expert_path)
 
 # The original Wan2.1 checkpoint layout (``diffusion_pytorch_model*.safetensors`` of
 # Wan-AI/Wan2.1-I2V-14B-480P); VAP_SPEC §4.3 gives the correspondence. Original norm3 is the
@@ -92,18 +85,12 @@ WAN_ORIGINAL = KeyMap('wan (original)', [
 ])
 
 
-def _resolve_transformer_dir(path: Path) -> Path:
-  if (path / 'transformer' / 'config.json').is_file():
-    return path / 'transformer'
-  return path
-
-
 def read_config(path: str | Path) -> tuple[dict, KeyMap]:
   """The diffusers config of a transformer folder and the key map its tensors need.
 
   An original-format folder (Wan's ``config.json`` with ``dim``/``num_heads``) is translated.
   """
-  folder = _resolve_transformer_dir(Path(path))
+  folder = component_dir(Path(path))
   config_file = folder / 'config.json'
   if not config_file.is_file():
     raise CheckpointError(f'{folder} has no config.json (expected a Wan transformer folder)')
@@ -142,7 +129,7 @@ def load_wan(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAU
     return orbax_io.restore_model(model_factory(config), path, mesh=mesh, rules=rules)
   raw, keymap = read_config(path)
   config = WanConfig.from_diffusers(raw, **runtime)
-  checkpoint = SafetensorsCheckpoint(_resolve_transformer_dir(path))
+  checkpoint = SafetensorsCheckpoint(component_dir(path))
   return load_model(model_factory(config), checkpoint, keymap, mesh=mesh, rules=rules,
                     progress=progress)
 
@@ -152,7 +139,7 @@ def convert(src: str | Path, dst: str | Path, *, param_dtype: str = 'bfloat16',
   """Wan(-VAP) transformer folder (diffusers or original names) -> vap_jax Orbax folder."""
   raw, keymap = read_config(src)
   config = WanConfig.from_diffusers(raw, dtype=param_dtype, param_dtype=param_dtype)
-  checkpoint = SafetensorsCheckpoint(_resolve_transformer_dir(Path(src)))
+  checkpoint = SafetensorsCheckpoint(component_dir(Path(src)))
   count = orbax_io.convert_safetensors(checkpoint, keymap, model_factory(config), dst,
                                        group_bytes=group_bytes, overwrite=overwrite,
                                        progress=progress)
