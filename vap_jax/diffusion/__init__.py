@@ -1,0 +1,14 @@
+"""Samplers and guidance for the VAP denoising loop, shaped for one compiled step.
+
+Every scheduler is a frozen config dataclass. ``set_timesteps(n)`` does all schedule arithmetic on
+the host with numpy (float64 where diffusers keeps float64) and returns a *plan*: a pytree of small
+arrays (timesteps plus per-step coefficients). ``plan.step(state, model_output, step_index, sample)``
+is pure and works with a traced ``step_index``, so a whole denoising loop can reuse one ``jax.jit``
+step; multistep history lives in the explicit ``state`` pytree from ``plan.init_state(sample)``.
+"""
+from vap_jax.diffusion.schedulers import (CogVideoXDDIMScheduler, DDIMPlan, FlowMatchEulerDiscreteScheduler,
+                                          FlowMatchPlan, from_config)
+from vap_jax.diffusion.guidance import cfg, cogvideox_dynamic_guidance
+
+__all__ = ['CogVideoXDDIMScheduler', 'DDIMPlan', 'FlowMatchEulerDiscreteScheduler', 'FlowMatchPlan', 'from_config',
+           'cfg', 'cogvideox_dynamic_guidance']
