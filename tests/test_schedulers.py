@@ -51,10 +51,7 @@ CASES = [('cogvideox_ddim', 'CogVideoXDDIMScheduler'), ('flowmatch_euler_shift5'
 @pytest.mark.parametrize('n', [50, 4])
 def test_golden_chain(name, cls, n):
   cfg, g = _load(name)
-  try:
-    sched = vs.from_config(cfg, class_name=cls)
-  except ImportError:
-    pytest.skip(f'{cls} not implemented yet')
+  sched = vs.from_config(cfg, class_name=cls)
   plan = sched.set_timesteps(n)
   np.testing.assert_array_equal(np.asarray(plan.timesteps), g[f'N{n}.timesteps'])
   if f'N{n}.sigmas' in g:
@@ -97,6 +94,9 @@ def test_from_config_errors():
     vs.from_config({'_class_name': 'FlowMatchEulerDiscreteScheduler', 'use_dynamic_shifting': True})
   with pytest.raises(NotImplementedError, match='prediction_type'):
     vs.from_config({'_class_name': 'CogVideoXDDIMScheduler', 'prediction_type': 'epsilon'})
+  with pytest.raises(NotImplementedError, match='solver_order'):
+    vs.from_config({'_class_name': 'UniPCMultistepScheduler', 'solver_order': 3, 'use_flow_sigmas': True,
+                    'prediction_type': 'flow_prediction'})
   with pytest.raises(ValueError, match='_class_name'):
     vs.from_config({})
 

@@ -9,6 +9,7 @@ step; multistep history lives in the explicit ``state`` pytree from ``plan.init_
 from vap_jax.diffusion.schedulers import (CogVideoXDDIMScheduler, DDIMPlan, FlowMatchEulerDiscreteScheduler,
                                           FlowMatchPlan, from_config)
 from vap_jax.diffusion.guidance import cfg, cogvideox_dynamic_guidance
+from vap_jax.diffusion.unipc import UniPCMultistepScheduler, UniPCPlan
 
-__all__ = ['CogVideoXDDIMScheduler', 'DDIMPlan', 'FlowMatchEulerDiscreteScheduler', 'FlowMatchPlan', 'from_config',
+__all__ = ['CogVideoXDDIMScheduler', 'DDIMPlan', 'FlowMatchEulerDiscreteScheduler', 'FlowMatchPlan', 'UniPCMultistepScheduler', 'UniPCPlan', 'from_config',
            'cfg', 'cogvideox_dynamic_guidance']
