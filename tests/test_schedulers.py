@@ -123,3 +123,24 @@ def test_vs_pypi_diffusers_variations():
       x, state = step(state, jnp.asarray(outs[i]), jnp.int32(i), x)
       xt = ref.step(torch.from_numpy(outs[i]), t, xt, return_dict=False)[0]
       np.testing.assert_allclose(np.asarray(x), xt.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize('name,cls', CASES)
+def test_free_running_chain_in_fori_loop(name, cls):
+  """The whole N=50 loop as one ``lax.fori_loop`` (no golden feedback): the final sample still matches."""
+  cfg, g = _load(name)
+  plan = vs.from_config(cfg, class_name=cls).set_timesteps(50)
+  outs = jnp.stack([jnp.asarray(g[f'N50.step{i:02d}.model_output']) for i in range(50)])
+  x0 = jnp.asarray(g['N50.sample_init'])
+
+  @jax.jit
+  def run(plan, x):
+    def body(i, carry):
+      x, state = carry
+      return plan.step(state, outs[i], i, x)
+    return jax.lax.fori_loop(0, 50, body, (x, plan.init_state(x)))[0]
+
+  x = run(plan, x0)
+  err = float(np.abs(np.asarray(x, np.float64) - g['N50.step49.prev_sample']).max())
+  print(f'{name} free-running N=50 final err {err:.2e}')
+  assert err < 1e-4
