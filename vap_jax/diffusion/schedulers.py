@@ -27,7 +27,7 @@ def _check_options(name: str, cfg: Mapping[str, Any], allowed: Mapping[str, Any]
   """Reject config options whose value we do not implement (``allowed`` maps key -> accepted values)."""
   for key, ok in allowed.items():
     if key in cfg and cfg[key] not in ok:
-      raise NotImplementedError(f'{name}: {key}={cfg[key]!r} is not supported (supported: {list(ok)})')
+      raise ValueError(f'{name}: {key}={cfg[key]!r} is not supported (supported: {list(ok)})')
 
 
 # ----------------------------------------------------------------------------------------------- DDIM
@@ -70,11 +70,11 @@ class CogVideoXDDIMScheduler:
 
   def __post_init__(self):
     if self.beta_schedule not in ('scaled_linear', 'linear'):
-      raise NotImplementedError(f'beta_schedule {self.beta_schedule!r} is not supported')
+      raise ValueError(f'beta_schedule {self.beta_schedule!r} is not supported')
     if self.prediction_type != 'v_prediction':
-      raise NotImplementedError(f'prediction_type {self.prediction_type!r} is not supported (v_prediction only)')
+      raise ValueError(f'prediction_type {self.prediction_type!r} is not supported (v_prediction only)')
     if self.timestep_spacing not in ('trailing', 'linspace', 'leading'):
-      raise NotImplementedError(f'timestep_spacing {self.timestep_spacing!r} is not supported')
+      raise ValueError(f'timestep_spacing {self.timestep_spacing!r} is not supported')
 
   @property
   def alphas_cumprod(self) -> np.ndarray:
@@ -229,5 +229,5 @@ def from_config(cfg: Mapping[str, Any], class_name: str | None = None):
   if name is None:
     raise ValueError('scheduler config has no _class_name; pass class_name=')
   if name not in _BUILDERS:
-    raise NotImplementedError(f'scheduler class {name!r} is not supported (supported: {sorted(_BUILDERS)})')
+    raise ValueError(f'scheduler class {name!r} is not supported (supported: {sorted(_BUILDERS)})')
   return _BUILDERS[name](dict(cfg))

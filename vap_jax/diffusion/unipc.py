@@ -79,7 +79,7 @@ class UniPCMultistepScheduler:
         'use_beta_sigmas': (False,), 'final_sigmas_type': ('zero',), 'use_dynamic_shifting': (False,),
         'shift_terminal': (None,)})
     if not cfg.get('use_flow_sigmas', False) or cfg.get('prediction_type') != 'flow_prediction':
-      raise NotImplementedError('UniPCMultistepScheduler: only flow mode (use_flow_sigmas, flow_prediction)')
+      raise ValueError('UniPCMultistepScheduler: only flow mode (use_flow_sigmas, flow_prediction)')
     return cls(num_train_timesteps=cfg.get('num_train_timesteps', 1000), flow_shift=float(cfg.get('flow_shift', 1.0)),
                solver_order=2, lower_order_final=cfg.get('lower_order_final', True))
 
