@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from vap_jax.models.common import check_expert_blocks, from_diffusers_config
-from vap_jax.models.mot import StreamAttention, joint_attention
+from vap_jax.models.mot import MoTBlock, StreamAttention
 from vap_jax.nn.embeddings import sincos_3d_table, timestep_features
 from vap_jax.nn.layers import (AdaLayerNorm, FeedForward, LayerNorm, LayerNormZero, Linear,
                                TimestepEmbedding, buffer)
@@ -159,7 +159,8 @@ class CogVideoXLayer(nnx.Module):
 
   def attention_input(self, s: Stream):
     video, text, gate, text_gate = self.norm1(s.video, s.text, s.temb)
-    return jnp.concatenate([text, video], axis=1), (gate, text_gate)
+    # [text ; video]; RoPE rotates the video part only.
+    return jnp.concatenate([text, video], axis=1), s.text.shape[1], (gate, text_gate)
 
   def finish(self, s: Stream, attn: jax.Array, gates) -> Stream:
     """Gated attention residual, then the gated feed-forward on [text ; video]."""
@@ -172,24 +173,9 @@ class CogVideoXLayer(nnx.Module):
     return s._replace(video=video, text=text + text_gate * ff[:, :n_text])
 
 
-class CogVideoXBlock(nnx.Module):
-  """A base layer for the target and, on expert blocks, an expert layer for the references."""
-
-  def __init__(self, cfg: CogVideoXConfig, with_expert: bool, *, rngs: nnx.Rngs):
-    self.attention = cfg.attention
-    self.base = CogVideoXLayer(cfg, rngs=rngs)
-    self.expert = CogVideoXLayer(cfg, rngs=rngs) if with_expert else None
-
-  def __call__(self, target: Stream, ref: Stream | None) -> tuple[Stream, Stream | None]:
-    pairs = [(self.base, target)]
-    if self.expert is not None and ref is not None:
-      pairs.append((self.expert, ref))
-    inputs = [layer.attention_input(s) for layer, s in pairs]
-    attn = joint_attention([layer.attn1 for layer, _ in pairs], [x for x, _ in inputs],
-                           [s.rope for _, s in pairs], [s.text.shape[1] for _, s in pairs],
-                           implementation=self.attention)
-    out = [layer.finish(s, a, gates) for (layer, s), a, (_, gates) in zip(pairs, attn, inputs)]
-    return out[0], (out[1] if len(out) > 1 else ref)
+def cogvideox_block(cfg: CogVideoXConfig, with_expert: bool, *, rngs: nnx.Rngs) -> MoTBlock:
+  return MoTBlock(CogVideoXLayer(cfg, rngs=rngs),
+                  CogVideoXLayer(cfg, rngs=rngs) if with_expert else None, cfg.attention)
 
 
 def rope_table(cfg: CogVideoXConfig, frames: int, height: int, width: int,
@@ -218,7 +204,7 @@ class CogVideoXTransformer(nnx.Module):
       self.expert_time_embedding = TimestepEmbedding(d, cfg.time_embed_dim, **kw)
     else:
       self.expert_patch_embed = self.expert_time_embedding = None
-    self.blocks = nnx.List([CogVideoXBlock(cfg, i in expert_blocks, rngs=rngs)
+    self.blocks = nnx.List([cogvideox_block(cfg, i in expert_blocks, rngs=rngs)
                             for i in range(cfg.num_layers)])
     self.norm_final = LayerNorm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine,
                                 param_dtype=kw['param_dtype'], rngs=rngs)

@@ -88,3 +88,28 @@ def joint_attention(streams: Sequence[StreamAttention], tokens: Sequence[jax.Arr
     offset += x.shape[1]
     bounds.append(offset)
   return [s.out(part) for s, part in zip(streams, jnp.split(o, bounds, axis=1))]
+
+
+class MoTBlock(nnx.Module):
+  """One transformer block of either backbone: a base layer for the target stream and, on expert
+  blocks, an expert layer for the reference stream; without an expert (or without references)
+  the reference stream passes through unchanged.
+
+  Layers provide ``attn1`` (a `StreamAttention`), ``attention_input(stream) -> (tokens,
+  rope_start, carry)`` and ``finish(stream, attention_output, carry) -> stream``; streams carry
+  their RoPE table as ``.rope``.
+  """
+
+  def __init__(self, base: nnx.Module, expert: nnx.Module | None, implementation: str):
+    self.base, self.expert, self.attention = base, expert, implementation
+
+  def __call__(self, target, ref):
+    pairs = [(self.base, target)]
+    if self.expert is not None and ref is not None:
+      pairs.append((self.expert, ref))
+    inputs = [layer.attention_input(s) for layer, s in pairs]
+    attn = joint_attention([layer.attn1 for layer, _ in pairs], [x for x, _, _ in inputs],
+                           [s.rope for _, s in pairs], [start for _, start, _ in inputs],
+                           implementation=self.attention)
+    out = [layer.finish(s, a, carry) for (layer, s), a, (_, _, carry) in zip(pairs, attn, inputs)]
+    return out[0], (out[1] if len(out) > 1 else ref)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vap_jax.models.common import check_expert_blocks, from_diffusers_config
-from vap_jax.models.mot import StreamAttention, joint_attention
+from vap_jax.models.mot import MoTBlock, StreamAttention
 from vap_jax.nn.attention import attention
 from vap_jax.nn.embeddings import timestep_features
 from vap_jax.nn.layers import FeedForward, LayerNorm, Linear, RMSNorm, TimestepEmbedding, param
@@ -191,7 +191,7 @@ class WanLayer(nnx.Module):
 
   def attention_input(self, s: Stream):
     mods = [m[:, :, None] for m in jnp.unstack(self.scale_shift_table[...] + s.modulation, axis=2)]
-    return self._modulated(s, self.norm1, s.video, mods[0], mods[1]), mods
+    return self._modulated(s, self.norm1, s.video, mods[0], mods[1]), 0, mods
 
   def finish(self, s: Stream, attn: jax.Array, mods) -> Stream:
     _, _, gate, c_shift, c_scale, c_gate = mods
@@ -207,24 +207,9 @@ class WanLayer(nnx.Module):
     return s._replace(video=constrain(x, TOKEN_AXES))
 
 
-class WanBlock(nnx.Module):
-  """A base layer for the target and, on expert blocks, an expert layer for the references."""
-
-  def __init__(self, cfg: WanConfig, with_expert: bool, *, rngs: nnx.Rngs):
-    self.attention = cfg.attention
-    self.base = WanLayer(cfg, rngs=rngs)
-    self.expert = WanLayer(cfg, rngs=rngs) if with_expert else None
-
-  def __call__(self, target: Stream, ref: Stream | None) -> tuple[Stream, Stream | None]:
-    pairs = [(self.base, target)]
-    if self.expert is not None and ref is not None:
-      pairs.append((self.expert, ref))
-    inputs = [layer.attention_input(s) for layer, s in pairs]
-    attn = joint_attention([layer.attn1 for layer, _ in pairs], [x for x, _ in inputs],
-                           [s.rope for _, s in pairs], [0] * len(pairs),
-                           implementation=self.attention)
-    out = [layer.finish(s, a, mods) for (layer, s), a, (_, mods) in zip(pairs, attn, inputs)]
-    return out[0], (out[1] if len(out) > 1 else ref)
+def wan_block(cfg: WanConfig, with_expert: bool, *, rngs: nnx.Rngs) -> MoTBlock:
+  return MoTBlock(WanLayer(cfg, rngs=rngs), WanLayer(cfg, rngs=rngs) if with_expert else None,
+                  cfg.attention)
 
 
 class WanTransformer(nnx.Module):
@@ -241,7 +226,7 @@ class WanTransformer(nnx.Module):
       self.expert_condition_embedder = ConditionEmbedder(cfg, rngs=rngs)
     else:
       self.expert_patch_embedding = self.expert_condition_embedder = None
-    self.blocks = nnx.List([WanBlock(cfg, i in expert_blocks, rngs=rngs)
+    self.blocks = nnx.List([wan_block(cfg, i in expert_blocks, rngs=rngs)
                             for i in range(cfg.num_layers)])
     self.norm_out = LayerNorm(d, eps=cfg.eps, affine=False, rngs=rngs)
     self.proj_out = Linear(d, cfg.out_channels * math.prod(cfg.patch_size), axes=('embed', None),
