@@ -90,7 +90,10 @@ class Stream(NamedTuple):
   image: jax.Array | None
   modulation: jax.Array
   rope: RopeTable
-  chunks: int
+
+  @property
+  def chunks(self) -> int:  # static: read off a shape, so a stream can cross a jit boundary
+    return self.modulation.shape[1]
 
 
 class Conditioning(NamedTuple):
@@ -279,7 +282,7 @@ class WanTransformer(nnx.Module):
     _, ref_modulation = self.expert_condition_embedder.time(jnp.broadcast_to(ref_timestep, (b, n)))
     ref_text_ctx, ref_image_ctx = self.expert_condition_embedder.context(ref_text, ref_image)
     ref = Stream(self._patchify(self.expert_patch_embedding, ref_latents), ref_text_ctx,
-                 ref_image_ctx, ref_modulation, self.rope(f, h, w, num_refs=n), n)
+                 ref_image_ctx, ref_modulation, self.rope(f, h, w, num_refs=n))
     return Conditioning(text_ctx, image_ctx, ref)
 
   def predict(self, latents: jax.Array, timestep: jax.Array, cond: Conditioning) -> jax.Array:
@@ -301,7 +304,7 @@ class WanTransformer(nnx.Module):
     b, _, f, h, w = latents.shape
     temb, modulation = self.condition_embedder.time(jnp.broadcast_to(timestep, (b,)))
     target = Stream(self._patchify(self.patch_embedding, latents), cond.text, cond.image,
-                    modulation[:, None], self.rope(f, h, w), 1)
+                    modulation[:, None], self.rope(f, h, w))
     return target, temb
 
   def head(self, target: Stream, temb: jax.Array, latent_shape) -> jax.Array:
