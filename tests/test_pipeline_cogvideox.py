@@ -82,3 +82,22 @@ def test_conditioning_latents(pipe, golden):
   for mine, theirs in (('latents', 'initial_noise'), ('image', 'image_latents'),
                        ('ref', 'ref_video_latents'), ('ref_image', 'ref_video_image_latents')):
     assert_close(lat[mine], expected[theirs], what=theirs)
+
+
+def test_denoising_step_compiles_once(pipe, golden):
+  """All steps share one executable (a traced step index; latents placed where steps put them)."""
+  import logging
+  import jax
+  records = []
+  handler = logging.Handler()
+  handler.emit = lambda record: records.append(record.getMessage())
+  logger = logging.getLogger('jax._src.interpreters.pxla')
+  logger.addHandler(handler)
+  jax.config.update('jax_log_compiles', True)
+  try:
+    pipe(golden['inputs']['image'], list(golden['inputs']['ref_videos']), 'a', ['b'], height=64,
+         width=96, num_frames=9, num_inference_steps=5, seed=1, progress=False)
+  finally:
+    jax.config.update('jax_log_compiles', False)
+    logger.removeHandler(handler)
+  assert sum('jit(_step)' in r for r in records) <= 1  # 0 if an earlier test compiled it

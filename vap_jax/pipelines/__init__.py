@@ -1,6 +1,24 @@
-"""The two VAP pipelines: (reference videos, image, prompts) -> video."""
+"""The two VAP pipelines: (reference videos, image, prompts) -> video.
+
+``Pipeline.from_pretrained(path)`` picks the backbone from the checkpoint folder.
+"""
+from pathlib import Path
+
 from vap_jax.pipelines.cogvideox_vap import CogVideoXVAPPipeline
 from vap_jax.pipelines.common import DEFAULT_NEGATIVE_PROMPT, VideoOutput
+from vap_jax.pipelines.loading import detect_family
 from vap_jax.pipelines.wan_vap import WanVAPPipeline
 
-__all__ = ['CogVideoXVAPPipeline', 'DEFAULT_NEGATIVE_PROMPT', 'VideoOutput', 'WanVAPPipeline']
+PIPELINES = {'cogvideox': CogVideoXVAPPipeline, 'wan': WanVAPPipeline}
+
+
+class Pipeline:
+  """Entry point for either backbone: ``Pipeline.from_pretrained(path)(image, refs, ...)``."""
+
+  @staticmethod
+  def from_pretrained(path: str | Path, **kwargs) -> CogVideoXVAPPipeline | WanVAPPipeline:
+    return PIPELINES[detect_family(path)].from_pretrained(path, **kwargs)
+
+
+__all__ = ['CogVideoXVAPPipeline', 'DEFAULT_NEGATIVE_PROMPT', 'Pipeline', 'VideoOutput',
+           'WanVAPPipeline', 'detect_family']

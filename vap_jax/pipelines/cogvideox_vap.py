@@ -40,9 +40,11 @@ class CogVideoXVAPPipeline:
     self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
     self.tokenizer, self.scheduler, self.mesh, self.vae_tiling = tokenizer, scheduler, mesh, vae_tiling
     self._condition = common.compiled(transformer, _condition, mesh)
-    self._step = common.compiled(transformer, _step, mesh, donate_argnums=(1,))
-    self._encode = common.compiled(vae, lambda vae, x: vae.encode(x, tiled=self.vae_tiling), mesh)
-    self._decode = common.compiled(vae, lambda vae, z: vae.decode(z, tiled=self.vae_tiling), mesh)
+    self._latent_sharding = common.replicated(mesh)
+    self._step = common.compiled(transformer, _step, mesh, donate_argnums=(1,),
+                                 out_shardings=self._latent_sharding)
+    self._encode = common.compiled(vae, _encoder(vae_tiling), mesh)
+    self._decode = common.compiled(vae, _decoder(vae_tiling), mesh)
 
   @classmethod
   def from_pretrained(cls, path: str | Path, *, dtype: str = 'bfloat16',
@@ -126,7 +128,8 @@ class CogVideoXVAPPipeline:
                            ref_text)
     step = lambda x, state, plan, i, g, key: self._step(x, state, plan, i, g, key, lat['image'],
                                                         cond)
-    return common.denoise(step, lat['latents'], plan, guidance, key, progress=progress,
+    return common.denoise(step, lat['latents'], plan, guidance, key,
+                          sharding=self._latent_sharding, progress=progress,
                           on_step=on_step)
 
   def decode(self, latents: jax.Array) -> jax.Array:
@@ -141,11 +144,13 @@ class CogVideoXVAPPipeline:
                negative_ref_prompt: str = DEFAULT_NEGATIVE_PROMPT, height: int = 480,
                width: int = 720, num_frames: int = 49, num_inference_steps: int = 50,
                guidance_scale: float = 6.0, use_dynamic_cfg: bool = True,
-               frames_selection: str = 'evenly', max_sequence_length: int = 226, seed: int = 42,
+               frames_selection: str = 'evenly', max_sequence_length: int | None = None,
+               seed: int = 42,
                noise: dict | None = None, progress: bool = True,
                on_step: Callable | None = None) -> VideoOutput:
     """``image`` uint8 (H, W, 3); ``ref_videos`` uint8 (F_i, H_i, W_i, 3) each, with one entry of
-    ``ref_prompts`` per reference. Defaults are the official demo's (dynamic CFG on)."""
+    ``ref_prompts`` per reference. Defaults are the official demo's (dynamic CFG on); the text
+    length defaults to the transformer's ``max_text_seq_length`` (226)."""
     image = common.check_image(image)
     if isinstance(ref_prompts, str):
       ref_prompts = [ref_prompts]
@@ -158,8 +163,9 @@ class CogVideoXVAPPipeline:
                                    np.random.default_rng(seed))
     refs = [common.resize_frames(r, height, width) for r in refs]
     image = common.resize_frames(image[None], height, width)[0]
-    text, ref_text = self.encode_prompts(prompt, ref_prompts, negative_prompt,
-                                         negative_ref_prompt, max_sequence_length)
+    text, ref_text = self.encode_prompts(
+        prompt, ref_prompts, negative_prompt, negative_ref_prompt,
+        max_sequence_length or self.transformer.cfg.max_text_seq_length)
     sample_key, latent_key = jax.random.split(key)
     lat = self.encode_latents(image, refs, num_frames, latent_key, noise)
     latents = self.sample(lat, text, ref_text, num_inference_steps=num_inference_steps,
@@ -167,6 +173,18 @@ class CogVideoXVAPPipeline:
                           key=sample_key, progress=progress, on_step=on_step)
     video, frames = common.postprocess(self.decode(latents))
     return VideoOutput(frames, video, np.asarray(latents), np.stack(refs))
+
+
+def _encoder(tiled: bool):
+  def vae_encode(vae: AutoencoderKLCogVideoX, video):
+    return vae.encode(video, tiled=tiled)
+  return vae_encode
+
+
+def _decoder(tiled: bool):
+  def vae_decode(vae: AutoencoderKLCogVideoX, latents):
+    return vae.decode(latents, tiled=tiled)
+  return vae_decode
 
 
 def _nth(items, i):

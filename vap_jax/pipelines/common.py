@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from typing import Callable, Sequence
 
@@ -122,7 +123,11 @@ def compiled(module: nnx.Module, fn: Callable, mesh=None, **jit_kwargs) -> Calla
   """``fn(module, *args)`` compiled once: the module is split a single time so each call passes
   only its state (no per-call graph traversal), and runs under the mesh's sharding rules."""
   graphdef, state = nnx.split(module)
-  run = jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args), **jit_kwargs)
+
+  @functools.wraps(fn)  # compiles as jit(<fn's name>)
+  def with_state(state, *args):
+    return fn(nnx.merge(graphdef, state), *args)
+  run = jax.jit(with_state, **jit_kwargs)
 
   def call(*args):
     with sharding_context(mesh) if mesh is not None else contextlib.nullcontext():
@@ -130,14 +135,25 @@ def compiled(module: nnx.Module, fn: Callable, mesh=None, **jit_kwargs) -> Calla
   return call
 
 
+def replicated(mesh=None) -> jax.sharding.Sharding:
+  """Where the (small) latents live between steps: replicated over the mesh, or on one device."""
+  if mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def denoise(step: Callable, latents: jax.Array, plan, guidance: np.ndarray, key: jax.Array, *,
-            progress: bool = True, on_step: Callable | None = None) -> jax.Array:
+            sharding: jax.sharding.Sharding, progress: bool = True,
+            on_step: Callable | None = None) -> jax.Array:
   """Run ``latents, state = step(latents, state, plan, i, g_i, key)`` for every step of ``plan``.
 
-  ``step`` is one compiled function with a traced step index, so all steps share one executable;
-  the Python loop only drives a progress bar and the optional ``on_step(i, latents)`` hook.
+  ``step`` is one compiled function with a traced step index, so all steps share one executable
+  (its outputs must be placed with ``sharding``, where the loop puts its inputs, or the second
+  step would compile again); the Python loop only drives a progress bar and the optional
+  ``on_step(i, latents)`` hook.
   """
-  state = plan.init_state(latents)
+  latents = jax.device_put(latents, sharding)
+  state = jax.device_put(plan.init_state(latents), sharding)
   n = int(plan.timesteps.shape[0])
   for i in tqdm(range(n), desc='denoising', unit='step', disable=not progress):
     latents, state = step(latents, state, plan, jnp.int32(i), jnp.float32(guidance[i]), key)

@@ -18,6 +18,26 @@ COMPONENTS = {
 }
 
 
+def detect_family(path: str | Path) -> str:
+  """'cogvideox' or 'wan' for a VAP checkpoint folder (diffusers or converted); checks that every
+  component the family needs is there."""
+  path = Path(path)
+  if not path.is_dir():
+    raise CheckpointError(f'checkpoint folder {path} does not exist')
+  for name in ('manifest.json', 'model_index.json', 'transformer/config.json'):
+    if (path / name).is_file():
+      meta = json.loads((path / name).read_text())
+      label = meta.get('family') or meta.get('_class_name', '')
+      family = ('cogvideox' if label.lower().startswith('cogvideox') else
+                'wan' if label.lower().startswith('wan') else None)
+      if family is None:
+        raise CheckpointError(f'{path / name}: {label!r} is neither a CogVideoX nor a Wan pipeline')
+      check_components(path, family)
+      return family
+  raise CheckpointError(f'{path} has no model_index.json (diffusers) or manifest.json '
+                        f'(vap-convert): not a VAP checkpoint folder')
+
+
 def check_components(path: Path, family: str) -> None:
   if not path.is_dir():
     raise CheckpointError(f'checkpoint folder {path} does not exist')

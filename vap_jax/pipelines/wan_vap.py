@@ -47,12 +47,12 @@ class WanVAPPipeline:
     self.tokenizer, self.scheduler, self.mesh, self.vae_tiling = tokenizer, scheduler, mesh, vae_tiling
     self.image_encoder, self.image_processor = image_encoder, image_processor
     self._condition = common.compiled(transformer, _condition, mesh)
-    self._step = common.compiled(transformer, _step, mesh, donate_argnums=(1,))
-    self._encode = common.compiled(
-        vae, lambda vae, x: vae.normalize_latents(vae.encode(x, tiled=self.vae_tiling).mode()), mesh)
-    self._decode = common.compiled(
-        vae, lambda vae, z: vae.decode(vae.denormalize_latents(z), tiled=self.vae_tiling), mesh)
-    self._clip = common.compiled(image_encoder, lambda m, x: m.hidden_state(x, -2), mesh)
+    self._latent_sharding = common.replicated(mesh)
+    self._step = common.compiled(transformer, _step, mesh, donate_argnums=(1,),
+                                 out_shardings=self._latent_sharding)
+    self._encode = common.compiled(vae, _encoder(vae_tiling), mesh)
+    self._decode = common.compiled(vae, _decoder(vae_tiling), mesh)
+    self._clip = common.compiled(image_encoder, _clip_tokens, mesh)
 
   @classmethod
   def from_pretrained(cls, path: str | Path, *, dtype: str = 'bfloat16', vae_dtype: str = 'float32',
@@ -127,7 +127,8 @@ class WanVAPPipeline:
                            pair(ref_clip_tokens))
     step = lambda x, state, plan, i, g, key: self._step(x, state, plan, i, g, key,
                                                         lat['condition'], cond)
-    return common.denoise(step, lat['latents'], plan, guidance, key, progress=progress,
+    return common.denoise(step, lat['latents'], plan, guidance, key,
+                          sharding=self._latent_sharding, progress=progress,
                           on_step=on_step)
 
   def decode(self, latents: jax.Array) -> jax.Array:
@@ -166,6 +167,22 @@ class WanVAPPipeline:
                           key=sample_key, progress=progress, on_step=on_step)
     video, frames = common.postprocess(self.decode(latents))
     return VideoOutput(frames, video, np.asarray(latents), np.stack(refs))
+
+
+def _encoder(tiled: bool):
+  def vae_encode(vae: AutoencoderKLWan, video):  # the mode, normalised as the pipeline does
+    return vae.normalize_latents(vae.encode(video, tiled=tiled).mode())
+  return vae_encode
+
+
+def _decoder(tiled: bool):
+  def vae_decode(vae: AutoencoderKLWan, latents):
+    return vae.decode(vae.denormalize_latents(latents), tiled=tiled)
+  return vae_decode
+
+
+def _clip_tokens(model: CLIPVisionTransformer, pixels):
+  return model.hidden_state(pixels, -2)  # the penultimate hidden state, as Wan reads it
 
 
 def _condition(model: WanTransformer, latents, text, image, ref, ref_text, ref_image):
