@@ -5,11 +5,15 @@ the host with numpy (float64 where diffusers keeps float64) and returns a *plan*
 arrays (timesteps plus per-step coefficients). ``plan.step(state, model_output, step_index, sample)``
 is pure and works with a traced ``step_index``, so a whole denoising loop can reuse one ``jax.jit``
 step; multistep history lives in the explicit ``state`` pytree from ``plan.init_state(sample)``.
+Stochastic samplers (``CogVideoXDPMScheduler``; their plan has ``needs_noise = True``) take the
+step's standard-normal noise as an explicit last argument: ``plan.step(state, out, i, x, noise)``.
 """
-from vap_jax.diffusion.schedulers import (CogVideoXDDIMScheduler, DDIMPlan, FlowMatchEulerDiscreteScheduler,
-                                          FlowMatchPlan, from_config)
+from vap_jax.diffusion.schedulers import (CogVideoXDDIMScheduler, CogVideoXSchedule, DDIMPlan,
+                                          FlowMatchEulerDiscreteScheduler, FlowMatchPlan, from_config)
+from vap_jax.diffusion.dpm import CogVideoXDPMScheduler, DPMPlan
 from vap_jax.diffusion.guidance import cfg, cogvideox_dynamic_guidance
 from vap_jax.diffusion.unipc import UniPCMultistepScheduler, UniPCPlan
 
-__all__ = ['CogVideoXDDIMScheduler', 'DDIMPlan', 'FlowMatchEulerDiscreteScheduler', 'FlowMatchPlan', 'UniPCMultistepScheduler', 'UniPCPlan', 'from_config',
+__all__ = ['CogVideoXDDIMScheduler', 'CogVideoXDPMScheduler', 'CogVideoXSchedule', 'DDIMPlan', 'DPMPlan',
+           'FlowMatchEulerDiscreteScheduler', 'FlowMatchPlan', 'UniPCMultistepScheduler', 'UniPCPlan', 'from_config',
            'cfg', 'cogvideox_dynamic_guidance']

@@ -1,5 +1,7 @@
 """CogVideoX DDIM and flow-match Euler samplers, plus ``from_config`` for diffusers configs.
 
+``CogVideoXSchedule`` is the host-side CogVideoX noise schedule shared with the DPM sampler (``dpm.py``).
+
 The math follows diffusers' ``CogVideoXDDIMScheduler`` and ``FlowMatchEulerDiscreteScheduler``
 (what the VAP pipelines call), including their float64/float32 choices: DDIM keeps
 ``alphas_cumprod`` in float64 and casts each step's coefficients to float32 before they touch the
@@ -55,8 +57,12 @@ class DDIMPlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class CogVideoXDDIMScheduler:
-  """CogVideoX's DDIM: v-prediction, scaled-linear betas, SNR shift, zero-terminal-SNR, trailing."""
+class CogVideoXSchedule:
+  """The host-side noise schedule both CogVideoX samplers (DDIM and DPM) share.
+
+  v-prediction, scaled-linear (or linear) betas, the SD3-style SNR shift, optional zero-terminal-SNR
+  rescale, and diffusers' leading/linspace/trailing timestep spacings. Subclasses add ``set_timesteps``.
+  """
   num_train_timesteps: int = 1000
   beta_start: float = 0.00085
   beta_end: float = 0.012
@@ -109,16 +115,12 @@ class CogVideoXDDIMScheduler:
       ts = np.round(np.arange(t, 0, -t / n)).astype(np.int64) - 1
     return ts
 
-  def set_timesteps(self, n: int) -> DDIMPlan:
+  def step_alphas(self, n: int):
+    """Host float64 ``(timesteps, alpha_bar_t, alpha_bar_prev)`` per step; ``prev = t - T // n`` as diffusers."""
     ac, ts = self.alphas_cumprod, self.timesteps(n)
-    at = ac[ts]
     prev = ts - self.num_train_timesteps // n
     ap = np.where(prev >= 0, ac[np.clip(prev, 0, None)], self.final_alpha_cumprod)
-    a = ((1 - ap) / (1 - at)) ** 0.5
-    b = ap ** 0.5 - at ** 0.5 * a
-    f32 = lambda x: jnp.asarray(np.asarray(x, np.float64).astype(np.float32))
-    return DDIMPlan(timesteps=jnp.asarray(ts.astype(np.int32)), c_sample=f32(at ** 0.5), c_out=f32((1 - at) ** 0.5),
-                    a=f32(a), b=f32(b))
+    return ts, ac[ts], ap
 
   def _sqrt_alphas(self, timesteps, dtype):
     # diffusers casts alphas_cumprod to the sample dtype *before* the square roots.
@@ -136,6 +138,23 @@ class CogVideoXDDIMScheduler:
     sa, sb = self._sqrt_alphas(timesteps, sample.dtype)
     shape = (-1,) + (1,) * (sample.ndim - 1)
     return sa.reshape(shape) * noise - sb.reshape(shape) * sample
+
+
+def _f32(x):
+  """Host float64 -> float32 device array (torch's cast of a 0-d float64 coefficient onto a float32 sample)."""
+  return jnp.asarray(np.asarray(x, np.float64).astype(np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class CogVideoXDDIMScheduler(CogVideoXSchedule):
+  """CogVideoX's DDIM: v-prediction, scaled-linear betas, SNR shift, zero-terminal-SNR, trailing."""
+
+  def set_timesteps(self, n: int) -> DDIMPlan:
+    ts, at, ap = self.step_alphas(n)
+    a = ((1 - ap) / (1 - at)) ** 0.5
+    b = ap ** 0.5 - at ** 0.5 * a
+    return DDIMPlan(timesteps=jnp.asarray(ts.astype(np.int32)), c_sample=_f32(at ** 0.5), c_out=_f32((1 - at) ** 0.5),
+                    a=_f32(a), b=_f32(b))
 
 
 # ----------------------------------------------------------------------------------- flow-match Euler
@@ -211,6 +230,11 @@ def _flow_euler_from_config(cfg):
                                          shift=float(cfg.get('shift', 1.0)))
 
 
+def _dpm_from_config(cfg):
+  from vap_jax.diffusion.dpm import CogVideoXDPMScheduler
+  return CogVideoXDPMScheduler.from_config(cfg)
+
+
 def _unipc_from_config(cfg):
   from vap_jax.diffusion.unipc import UniPCMultistepScheduler
   return UniPCMultistepScheduler.from_config(cfg)
@@ -218,6 +242,7 @@ def _unipc_from_config(cfg):
 
 _BUILDERS = {
     'CogVideoXDDIMScheduler': _ddim_from_config,
+    'CogVideoXDPMScheduler': _dpm_from_config,
     'FlowMatchEulerDiscreteScheduler': _flow_euler_from_config,
     'UniPCMultistepScheduler': _unipc_from_config,
 }

@@ -95,6 +95,13 @@ class Stream(NamedTuple):
   rope: RopeTable | None
 
 
+class Conditioning(NamedTuple):
+  """What stays fixed over the denoising steps: the embedded target text and the reference stream
+  (all but its timestep embedding, which follows the target's t)."""
+  text: jax.Array
+  ref: Stream | None
+
+
 def _dtypes(cfg: CogVideoXConfig):
   return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
@@ -124,25 +131,39 @@ class PatchEmbed(nnx.Module):
                             temporal_scale=cfg.temporal_interpolation_scale)
     return np.concatenate([np.zeros((cfg.max_text_seq_length, cfg.inner_dim)), table])
 
-  def __call__(self, text: jax.Array, latents: jax.Array) -> jax.Array:
-    cfg, p = self.cfg, self.cfg.patch_size
-    b, f, c, h, w = latents.shape
-    patches = latents.reshape(b, f, c, h // p, p, w // p, p).transpose(0, 1, 3, 5, 2, 4, 6)
-    video = self.proj(patches.reshape(b, f * (h // p) * (w // p), c * p * p))
-    x = jnp.concatenate([self.text_proj(text), video], axis=1)
+  def positions(self, frames: int, height: int, width: int, n_text: int):
+    """Absolute positions added to [text ; video] tokens for latents (frames, height, width), split
+    into (text rows, video rows); None for a RoPE-only model (CogVideoX-5B)."""
+    cfg = self.cfg
     if cfg.use_rotary_positional_embeddings and not cfg.use_learned_positional_embeddings:
-      return x  # CogVideoX-5B: RoPE only.
-    if cfg.use_learned_positional_embeddings and (h, w) != (cfg.sample_height, cfg.sample_width):
+      return None
+    if cfg.use_learned_positional_embeddings and (height, width) != (cfg.sample_height,
+                                                                   cfg.sample_width):
       raise ValueError(f'learned positional embeddings fix the latent size to '
-                       f'{cfg.sample_height}x{cfg.sample_width}, got {h}x{w}')
-    if cfg.use_learned_positional_embeddings and (f - 1) * cfg.temporal_compression_ratio + 1 == cfg.sample_frames:
+                       f'{cfg.sample_height}x{cfg.sample_width}, got {height}x{width}')
+    if n_text != cfg.max_text_seq_length:
+      raise ValueError(f'positional embeddings expect {cfg.max_text_seq_length} text tokens, got '
+                       f'{n_text}')
+    pixel_frames = (frames - 1) * cfg.temporal_compression_ratio + 1
+    if cfg.use_learned_positional_embeddings and pixel_frames == cfg.sample_frames:
       pos = self.pos_embedding[...]
     else:
       if cfg.use_learned_positional_embeddings:
         log.warning('%d latent frames differ from sample_frames=%d: the learned position table is '
-                    'replaced by sin-cos positions, as diffusers does', f, cfg.sample_frames)
-      pos = jnp.asarray(self._sincos(h, w, (f - 1) * cfg.temporal_compression_ratio + 1))[None]
-    return x + pos.astype(x.dtype)
+                    'replaced by sin-cos positions, as diffusers does', frames, cfg.sample_frames)
+      pos = jnp.asarray(self._sincos(height, width, pixel_frames))[None]
+    return pos[:, :n_text], pos[:, n_text:]
+
+  def embed_text(self, text: jax.Array, positions) -> jax.Array:
+    x = self.text_proj(text)
+    return x if positions is None else x + positions[0].astype(x.dtype)
+
+  def embed_video(self, latents: jax.Array, positions) -> jax.Array:
+    p = self.cfg.patch_size
+    b, f, c, h, w = latents.shape
+    patches = latents.reshape(b, f, c, h // p, p, w // p, p).transpose(0, 1, 3, 5, 2, 4, 6)
+    x = self.proj(patches.reshape(b, f * (h // p) * (w // p), c * p * p))
+    return x if positions is None else x + positions[1].astype(x.dtype)
 
 
 class CogVideoXLayer(nnx.Module):
@@ -222,32 +243,50 @@ class CogVideoXTransformer(nnx.Module):
     ref_latents (B, n*F, C, H, W) and ref_text (B, n*L, text_dim) feed the expert; leave both
     None to run the base model.
     """
-    target, ref = self.embed(latents, text, timestep, ref_latents, ref_text)
+    return self.predict(latents, timestep, self.condition(latents, text, ref_latents, ref_text))
+
+  def condition(self, latents, text, ref_latents=None, ref_text=None) -> Conditioning:
+    """The step-independent part of the inputs, embedded once per sampling run (``latents`` is
+    read for its shape only)."""
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    b, f, c, h, w = self._check_inputs(latents, text, ref_latents, ref_text)
+    n_text = text.shape[1]
+    text_tokens = self.patch_embed.embed_text(text.astype(dtype),
+                                              self.patch_embed.positions(f, h, w, n_text))
+    if ref_latents is None:
+      return Conditioning(text_tokens, None)
+    # Each reference is embedded on its own (own text chunk, own frames, same position table).
+    n, embed = ref_latents.shape[1] // f, self.expert_patch_embed
+    pos = embed.positions(f, h, w, n_text)
+    ref_text = embed.embed_text(ref_text.astype(dtype).reshape(b * n, n_text, -1), pos)
+    ref_video = embed.embed_video(ref_latents.astype(dtype).reshape(b * n, f, c, h, w), pos)
+    ref = Stream(constrain(ref_video.reshape(b, -1, cfg.inner_dim), TOKEN_AXES),
+                 ref_text.reshape(b, -1, cfg.inner_dim), None, self.rope(f, h, w, num_refs=n))
+    return Conditioning(text_tokens, ref)
+
+  def predict(self, latents: jax.Array, timestep: jax.Array, cond: Conditioning) -> jax.Array:
+    """The prediction for noisy ``latents`` at ``timestep`` given a precomputed `condition`."""
+    target, ref = self.streams(latents, timestep, cond)
     for block in self.blocks:
       target, ref = block(target, ref)
     return self.head(target, latents.shape)
 
   def embed(self, latents, text, timestep, ref_latents=None, ref_text=None):
     """Inputs -> (target stream, reference stream or None) ready for the blocks."""
+    return self.streams(latents, timestep, self.condition(latents, text, ref_latents, ref_text))
+
+  def streams(self, latents, timestep, cond: Conditioning):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-    b, f, c, h, w = self._check_inputs(latents, text, ref_latents, ref_text)
-    n_text = text.shape[1]
+    b, f, _, h, w = latents.shape
     t_feat = timestep_features(jnp.broadcast_to(timestep, (b,)), cfg.inner_dim,
                                flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
     t_feat = t_feat.astype(dtype)
-    x = constrain(self.patch_embed(text.astype(dtype), latents.astype(dtype)), TOKEN_AXES)
-    target = Stream(x[:, n_text:], x[:, :n_text], self.time_embedding(t_feat), self.rope(f, h, w))
-    if ref_latents is None:
+    pos = self.patch_embed.positions(f, h, w, cond.text.shape[1])
+    video = constrain(self.patch_embed.embed_video(latents.astype(dtype), pos), TOKEN_AXES)
+    target = Stream(video, cond.text, self.time_embedding(t_feat), self.rope(f, h, w))
+    if cond.ref is None:
       return target, None
-    n = ref_latents.shape[1] // f
-    # Each reference is embedded on its own (own text chunk, own frames, same position table).
-    chunks = self.expert_patch_embed(
-        ref_text.astype(dtype).reshape(b * n, n_text, -1),
-        ref_latents.astype(dtype).reshape(b * n, f, c, h, w)).reshape(b, n, -1, cfg.inner_dim)
-    ref = Stream(constrain(chunks[:, :, n_text:].reshape(b, -1, cfg.inner_dim), TOKEN_AXES),
-                 chunks[:, :, :n_text].reshape(b, -1, cfg.inner_dim),
-                 self.expert_time_embedding(t_feat), self.rope(f, h, w, num_refs=n))
-    return target, ref
+    return target, cond.ref._replace(temb=self.expert_time_embedding(t_feat))
 
   def head(self, target: Stream, latent_shape) -> jax.Array:
     """Final norms and projection of the target stream, unpatchified to (B, F, C_out, H, W)."""

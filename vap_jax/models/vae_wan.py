@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vap_jax.models.vae_common import DiagonalGaussian, blend_tiles, tile_starts
@@ -318,16 +319,18 @@ class AutoencoderKLWan(nnx.Module):
       x = self._decode_latents(z, chunked)
     return to_channels_first(jnp.clip(x, -1.0, 1.0))
 
-  # Pipeline-side latent normalisation (Wan pipelines: (z - mean) / std before the DiT).
+  # Pipeline-side latent normalisation, with the Wan pipelines' exact arithmetic: they keep
+  # ``inv_std = 1 / std`` (float32) and compute (z - mean) * inv_std, and z / inv_std + mean back.
   def normalize_latents(self, z: jax.Array) -> jax.Array:
-    mean, std = self._stats(z)
-    return (z - mean) / std
+    mean, inv_std = self._stats(z)
+    return (z - mean) * inv_std
 
   def denormalize_latents(self, z: jax.Array) -> jax.Array:
-    mean, std = self._stats(z)
-    return z * std + mean
+    mean, inv_std = self._stats(z)
+    return z / inv_std + mean
 
   def _stats(self, z):
     shape = (1, self.cfg.z_dim, 1, 1, 1)
+    inv_std = 1 / np.asarray(self.cfg.latents_std, np.float32)
     return (jnp.asarray(self.cfg.latents_mean, z.dtype).reshape(shape),
-            jnp.asarray(self.cfg.latents_std, z.dtype).reshape(shape))
+            jnp.asarray(inv_std, z.dtype).reshape(shape))

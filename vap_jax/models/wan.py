@@ -90,7 +90,18 @@ class Stream(NamedTuple):
   image: jax.Array | None
   modulation: jax.Array
   rope: RopeTable
-  chunks: int
+
+  @property
+  def chunks(self) -> int:  # static: read off a shape, so a stream can cross a jit boundary
+    return self.modulation.shape[1]
+
+
+class Conditioning(NamedTuple):
+  """What stays fixed over the denoising steps: the target's embedded text/CLIP context and the
+  whole reference stream."""
+  text: jax.Array
+  image: jax.Array | None
+  ref: Stream | None
 
 
 def _kw(cfg: WanConfig, rngs, fp32: bool = False):
@@ -256,8 +267,28 @@ class WanTransformer(nnx.Module):
     References (optional; all or none): ref_latents (B, C, n*F, H, W), ref_text (B, n*L, text_dim),
     ref_image (B, n*257, image_dim); ref_timestep broadcasts to (B, n), default 1 (clean).
     """
-    target, ref, temb = self.embed(latents, timestep, text, image, ref_latents, ref_text,
-                                   ref_image, ref_timestep)
+    cond = self.condition(latents, text, image, ref_latents, ref_text, ref_image, ref_timestep)
+    return self.predict(latents, timestep, cond)
+
+  def condition(self, latents, text, image=None, ref_latents=None, ref_text=None, ref_image=None,
+                ref_timestep=1) -> Conditioning:
+    """The step-independent part of the inputs (the reference stream runs at a fixed t), embedded
+    once per sampling run; ``latents`` is read for its shape only."""
+    b, _, f, h, w = self._check_inputs(latents, text, image, ref_latents, ref_text, ref_image)
+    text_ctx, image_ctx = self.condition_embedder.context(text, image)
+    if ref_latents is None:
+      return Conditioning(text_ctx, image_ctx, None)
+    n = ref_latents.shape[2] // f
+    _, ref_modulation = self.expert_condition_embedder.time(jnp.broadcast_to(ref_timestep, (b, n)))
+    ref_text_ctx, ref_image_ctx = self.expert_condition_embedder.context(ref_text, ref_image)
+    ref = Stream(self._patchify(self.expert_patch_embedding, ref_latents), ref_text_ctx,
+                 ref_image_ctx, ref_modulation, self.rope(f, h, w, num_refs=n))
+    return Conditioning(text_ctx, image_ctx, ref)
+
+  def predict(self, latents: jax.Array, timestep: jax.Array, cond: Conditioning) -> jax.Array:
+    """The flow prediction for ``latents`` at ``timestep`` given a precomputed `condition`."""
+    target, temb = self.target_stream(latents, timestep, cond)
+    ref = cond.ref
     for block in self.blocks:
       target, ref = block(target, ref)
     return self.head(target, temb, latents.shape)
@@ -265,19 +296,16 @@ class WanTransformer(nnx.Module):
   def embed(self, latents, timestep, text, image=None, ref_latents=None, ref_text=None,
             ref_image=None, ref_timestep=1):
     """Inputs -> (target stream, reference stream or None, target temb)."""
-    b, _, f, h, w = self._check_inputs(latents, text, image, ref_latents, ref_text, ref_image)
+    cond = self.condition(latents, text, image, ref_latents, ref_text, ref_image, ref_timestep)
+    target, temb = self.target_stream(latents, timestep, cond)
+    return target, cond.ref, temb
+
+  def target_stream(self, latents, timestep, cond: Conditioning):
+    b, _, f, h, w = latents.shape
     temb, modulation = self.condition_embedder.time(jnp.broadcast_to(timestep, (b,)))
-    text_ctx, image_ctx = self.condition_embedder.context(text, image)
-    target = Stream(self._patchify(self.patch_embedding, latents), text_ctx, image_ctx,
-                    modulation[:, None], self.rope(f, h, w), 1)
-    if ref_latents is None:
-      return target, None, temb
-    n = ref_latents.shape[2] // f
-    _, ref_modulation = self.expert_condition_embedder.time(jnp.broadcast_to(ref_timestep, (b, n)))
-    ref_text_ctx, ref_image_ctx = self.expert_condition_embedder.context(ref_text, ref_image)
-    ref = Stream(self._patchify(self.expert_patch_embedding, ref_latents), ref_text_ctx,
-                 ref_image_ctx, ref_modulation, self.rope(f, h, w, num_refs=n), n)
-    return target, ref, temb
+    target = Stream(self._patchify(self.patch_embedding, latents), cond.text, cond.image,
+                    modulation[:, None], self.rope(f, h, w))
+    return target, temb
 
   def head(self, target: Stream, temb: jax.Array, latent_shape) -> jax.Array:
     """Final modulated norm and projection of the target, unpatchified to (B, C_out, F, H, W)."""

@@ -1,0 +1,84 @@
+"""CogVideoX VAP pipeline against the official pipeline run (golden/cogvideox_pipeline), stage by
+stage, with the official random draws injected."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import DATA, assert_close
+from vap_jax.pipelines import CogVideoXVAPPipeline
+
+GOLDEN = DATA / 'cogvideox_pipeline'
+
+
+@pytest.fixture(scope='module')
+def pipe():
+  return CogVideoXVAPPipeline.from_pretrained(GOLDEN / 'components', dtype='float32')
+
+
+@pytest.fixture(scope='module')
+def golden():
+  return {name: load_file(GOLDEN / f'{name}.safetensors')
+          for name in ('inputs', 'text', 'vae_encode', 'latents', 'denoise', 'output')}
+
+
+def test_prompt_embeddings(pipe, golden):
+  kw = json.loads((GOLDEN / 'call.json').read_text())['kwargs']
+  text = golden['text']
+  ids, _ = pipe.tokenizer([kw['prompt']], 8)
+  np.testing.assert_array_equal(ids, text['prompt.input_ids'])
+  embeds, ref_embeds = pipe.encode_prompts(kw['prompt'], kw['prompt_mot_ref'],
+                                           kw['negative_prompt'], kw['negative_prompt_mot_ref'], 8)
+  assert_close(embeds, text['prompt_embeds_cfg'], what='prompt embeds')
+  assert_close(ref_embeds, text['prompt_embeds_mot_ref_cfg'], what='ref prompt embeds')
+
+
+def test_vae_posteriors(pipe, golden):
+  enc = golden['vae_encode']
+  for name in ('image', 'ref_video0', 'ref_first_frame0'):
+    posterior = pipe._encode(jnp.asarray(enc[f'{name}.vae_input']))
+    mean, logvar = np.split(enc[f'{name}.posterior_params'], 2, axis=1)
+    assert_close(posterior.mean, mean, what=f'{name} mean')
+    assert_close(posterior.logvar, np.clip(logvar, -30, 20), what=f'{name} logvar')
+
+
+def _noise(golden):
+  enc = golden['vae_encode']
+  return dict(latents=golden['latents']['initial_noise'], image=enc['image.posterior_noise'],
+              ref_video=[enc['ref_video0.posterior_noise']],
+              ref_image=[enc['ref_first_frame0.posterior_noise']])
+
+
+def test_end_to_end_matches_official(pipe, golden):
+  kw = json.loads((GOLDEN / 'call.json').read_text())['kwargs']
+  inputs, denoise, out = golden['inputs'], golden['denoise'], golden['output']
+  steps = []
+  result = pipe(inputs['image'], list(inputs['ref_videos']), kw['prompt'], kw['prompt_mot_ref'],
+                negative_prompt=kw['negative_prompt'],
+                negative_ref_prompt=kw['negative_prompt_mot_ref'], height=64, width=96,
+                num_frames=9, num_inference_steps=4, guidance_scale=6.0, use_dynamic_cfg=True,
+                max_sequence_length=8, noise=_noise(golden), progress=False,
+                on_step=lambda i, x: steps.append(np.asarray(x)))
+  np.testing.assert_array_equal(np.asarray(pipe.scheduler.set_timesteps(4).timesteps),
+                                denoise['timesteps'])
+  for i, latents in enumerate(steps):
+    assert_close(latents, denoise[f'step{i}.latents_out'], atol=1e-4, rtol=1e-4,
+                 what=f'latents after step {i}')
+  assert_close(result.latents, out['final_latents'], atol=1e-4, rtol=1e-4, what='final latents')
+  assert_close(result.video[None], out['frames'], atol=1e-4, rtol=1e-4, what='frames')
+  expected_uint8 = np.round(out['frames'][0] * 255)
+  assert np.abs(result.frames.astype(np.float64) - expected_uint8).max() <= 1
+  assert result.ref_frames.shape == (1, 9, 64, 96, 3)
+
+
+def test_conditioning_latents(pipe, golden):
+  import jax
+  lat = pipe.encode_latents(golden['inputs']['image'],
+                            [golden['inputs']['ref_videos'][0][[0, 1, 3, 4, 6, 7, 9, 10, 12]]],
+                            9, jax.random.key(0), _noise(golden))
+  expected = golden['latents']
+  for mine, theirs in (('latents', 'initial_noise'), ('image', 'image_latents'),
+                       ('ref', 'ref_video_latents'), ('ref_image', 'ref_video_image_latents')):
+    assert_close(lat[mine], expected[theirs], what=theirs)

@@ -1,0 +1,189 @@
+"""CogVideoX-5B-I2V + VAP expert: (reference videos, image, prompts) -> video (VAP_SPEC §3.1).
+
+The flow of the official ``CogVideoXImageToVideoMOTPipeline``: T5 prompt embeddings without a
+mask (target and one per reference, CFG batch ``[negative, positive]``), reference frame
+selection, VAE posterior *samples* times the scaling factor for the image, each reference video
+and each reference's first frame (zero-padded in time), one transformer call per step on the CFG
+batch, dynamic CFG from the raw timestep, the scheduler step, decode.
+
+Differences from the official code, each deliberate: the step-independent inputs (text
+projections, the reference stream's tokens) are embedded once per video, not once per step; the
+random draws come from ``jax.random`` (inject the official draws with ``noise=`` for parity).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vap_jax.diffusion import cogvideox_dynamic_guidance
+from vap_jax.models.cogvideox import CogVideoXTransformer
+from vap_jax.models.t5 import T5Encoder
+from vap_jax.models.vae_cogvideox import AutoencoderKLCogVideoX
+from vap_jax.pipelines import common
+from vap_jax.pipelines.common import DEFAULT_NEGATIVE_PROMPT, VideoOutput
+from vap_jax.text import Tokenizer, encode_cogvideox
+
+log = logging.getLogger(__name__)
+
+
+class CogVideoXVAPPipeline:
+  family = 'cogvideox'
+
+  def __init__(self, transformer: CogVideoXTransformer, vae: AutoencoderKLCogVideoX,
+               text_encoder: T5Encoder, tokenizer: Tokenizer, scheduler, *, mesh=None,
+               vae_tiling: bool = False):
+    self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+    self.tokenizer, self.scheduler, self.mesh, self.vae_tiling = tokenizer, scheduler, mesh, vae_tiling
+    self._condition = common.compiled(transformer, _condition, mesh)
+    self._step = common.compiled(transformer, _step, mesh, donate_argnums=(1,))
+    self._encode = common.compiled(vae, lambda vae, x: vae.encode(x, tiled=self.vae_tiling), mesh)
+    self._decode = common.compiled(vae, lambda vae, z: vae.decode(z, tiled=self.vae_tiling), mesh)
+
+  @classmethod
+  def from_pretrained(cls, path: str | Path, *, dtype: str = 'bfloat16',
+                      vae_dtype: str | None = None, mesh=None, attention: str = 'xla',
+                      vae_tiling: bool = False) -> 'CogVideoXVAPPipeline':
+    """A diffusers VAP folder or a ``vap-convert`` folder. ``vae_dtype`` defaults to ``dtype``
+    (the official demo runs the VAE in bf16)."""
+    from vap_jax.pipelines.loading import load_components
+    parts = load_components(path, 'cogvideox', dtype=dtype, vae_dtype=vae_dtype or dtype,
+                            mesh=mesh, attention=attention)
+    return cls(**parts, mesh=mesh, vae_tiling=vae_tiling)
+
+  @property
+  def latent_channels(self) -> int:
+    return self.transformer.cfg.in_channels // 2
+
+  # ------------------------------------------------------------------------------------ stages
+
+  def encode_prompts(self, prompt: str, ref_prompts: Sequence[str], negative_prompt: str,
+                     negative_ref_prompt: str, max_length: int):
+    """-> text (2, L, D) and ref_text (2, n*L, D), both ordered [negative, positive]."""
+    embed = lambda texts: encode_cogvideox(self.tokenizer, self.text_encoder, texts, max_length)
+    text = embed([negative_prompt, prompt])
+    refs = [embed([negative_ref_prompt, p]) for p in ref_prompts]
+    return text, jnp.concatenate(refs, axis=1)
+
+  def _latent_sample(self, frames: np.ndarray, key, noise=None) -> jax.Array:
+    """uint8 frames -> scaling_factor * posterior sample, (1, F', C, h, w)."""
+    posterior = self._encode(jnp.asarray(common.to_model_range(frames)))
+    if noise is None:
+      noise = jax.random.normal(key, posterior.mean.shape, jnp.float32)
+    z = posterior.mean + posterior.std * jnp.asarray(noise, posterior.mean.dtype)
+    return z.transpose(0, 2, 1, 3, 4)
+
+  def encode_latents(self, image: np.ndarray, ref_frames: Sequence[np.ndarray], num_frames: int,
+                     key: jax.Array, noise: dict | None = None) -> dict:
+    """Initial noise and the clean conditioning latents, all (1, F', C, h, w) ((1, n*F', ...) for
+    the references). ``noise`` may hold the draws to use: ``latents``, ``image``, ``ref_video``
+    (one per reference) and ``ref_image`` (one per reference), in the VAE's posterior layout."""
+    noise = noise or {}
+    cfg = self.vae.cfg
+    scale = cfg.scaling_factor
+    keys = jax.random.split(key, 2 + 2 * len(ref_frames))
+    frames = (num_frames - 1) // cfg.temporal_compression_ratio + 1
+
+    def pad(z):  # one latent frame -> `frames`, zeros after the first
+      return jnp.pad(z, ((0, 0), (0, frames - z.shape[1]), (0, 0), (0, 0), (0, 0)))
+
+    image_latents = pad(scale * self._latent_sample(image[None], keys[0], noise.get('image')))
+    refs, ref_images = [], []
+    for i, video in enumerate(ref_frames):
+      refs.append(scale * self._latent_sample(video, keys[2 + 2 * i],
+                                              _nth(noise.get('ref_video'), i)))
+      ref_images.append(pad(scale * self._latent_sample(
+          video[:1], keys[3 + 2 * i], _nth(noise.get('ref_image'), i))))
+    h, w = image.shape[0] // self.vae.spatial_ratio, image.shape[1] // self.vae.spatial_ratio
+    shape = (1, frames, self.latent_channels, h, w)
+    initial = noise.get('latents')
+    initial = (jax.random.normal(keys[1], shape, jnp.float32) if initial is None
+               else jnp.asarray(initial, jnp.float32))
+    if initial.shape != shape:
+      raise ValueError(f'initial noise must be {shape}, got {initial.shape}')
+    return dict(latents=initial * self.scheduler_init_sigma, image=image_latents,
+                ref=jnp.concatenate(refs, 1), ref_image=jnp.concatenate(ref_images, 1))
+
+  scheduler_init_sigma = 1.0  # CogVideoX DDIM / DPM: init_noise_sigma = 1
+
+  def sample(self, lat: dict, text, ref_text, *, num_inference_steps: int,
+             guidance_scale: float, use_dynamic_cfg: bool, key: jax.Array, progress: bool = True,
+             on_step: Callable | None = None) -> jax.Array:
+    """The denoising loop; returns the final latents (1, F', C, h, w)."""
+    plan = self.scheduler.set_timesteps(num_inference_steps)
+    timesteps = np.asarray(plan.timesteps)
+    if use_dynamic_cfg:
+      guidance = cogvideox_dynamic_guidance(guidance_scale, timesteps)
+    else:
+      guidance = np.full(len(timesteps), guidance_scale, np.float64)
+    ref = jnp.concatenate([lat['ref'], lat['ref_image']], axis=2)
+    target = jnp.concatenate([lat['latents'], lat['image']], 2)
+    cond = self._condition(jnp.concatenate([target, target]), text, jnp.concatenate([ref, ref]),
+                           ref_text)
+    step = lambda x, state, plan, i, g, key: self._step(x, state, plan, i, g, key, lat['image'],
+                                                        cond)
+    return common.denoise(step, lat['latents'], plan, guidance, key, progress=progress,
+                          on_step=on_step)
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    """(1, F', C, h, w) latents -> (1, 3, F, H, W) video in about [-1, 1]."""
+    z = latents.transpose(0, 2, 1, 3, 4) * np.float32(1 / self.vae.cfg.scaling_factor)
+    return self._decode(z)
+
+  # -------------------------------------------------------------------------------------- call
+
+  def __call__(self, image, ref_videos: Sequence, prompt: str, ref_prompts: Sequence[str], *,
+               negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+               negative_ref_prompt: str = DEFAULT_NEGATIVE_PROMPT, height: int = 480,
+               width: int = 720, num_frames: int = 49, num_inference_steps: int = 50,
+               guidance_scale: float = 6.0, use_dynamic_cfg: bool = True,
+               frames_selection: str = 'evenly', max_sequence_length: int = 226, seed: int = 42,
+               noise: dict | None = None, progress: bool = True,
+               on_step: Callable | None = None) -> VideoOutput:
+    """``image`` uint8 (H, W, 3); ``ref_videos`` uint8 (F_i, H_i, W_i, 3) each, with one entry of
+    ``ref_prompts`` per reference. Defaults are the official demo's (dynamic CFG on)."""
+    image = common.check_image(image)
+    if isinstance(ref_prompts, str):
+      ref_prompts = [ref_prompts]
+    cfg = self.vae.cfg
+    common.check_size(height, width, num_frames, self.vae.spatial_ratio,
+                      cfg.temporal_compression_ratio,
+                      self.vae.spatial_ratio * self.transformer.cfg.patch_size)
+    key = jax.random.key(seed)
+    refs = common.check_references(ref_videos, ref_prompts, num_frames, frames_selection,
+                                   np.random.default_rng(seed))
+    refs = [common.resize_frames(r, height, width) for r in refs]
+    image = common.resize_frames(image[None], height, width)[0]
+    text, ref_text = self.encode_prompts(prompt, ref_prompts, negative_prompt,
+                                         negative_ref_prompt, max_sequence_length)
+    sample_key, latent_key = jax.random.split(key)
+    lat = self.encode_latents(image, refs, num_frames, latent_key, noise)
+    latents = self.sample(lat, text, ref_text, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
+                          key=sample_key, progress=progress, on_step=on_step)
+    video, frames = common.postprocess(self.decode(latents))
+    return VideoOutput(frames, video, np.asarray(latents), np.stack(refs))
+
+
+def _nth(items, i):
+  return None if items is None else items[i]
+
+
+def _condition(model: CogVideoXTransformer, latents, text, ref, ref_text):
+  return model.condition(latents, text, ref, ref_text)
+
+
+def _step(model: CogVideoXTransformer, latents, state, plan, i, guidance, key, image_latents,
+          cond):
+  """One CFG step: batch [uncond, cond] through the transformer, guidance, scheduler step."""
+  t = plan.timesteps[i]
+  x = jnp.concatenate([jnp.concatenate([latents] * 2), jnp.concatenate([image_latents] * 2)], 2)
+  v = model.predict(x, t, cond).astype(jnp.float32)
+  uncond, text = v[:1], v[1:]
+  guided = uncond + guidance * (text - uncond)
+  new, state = common.scheduler_step(plan, state, guided, i, latents.astype(jnp.float32), key)
+  return new.astype(latents.dtype), state

@@ -1,0 +1,182 @@
+"""Wan2.1-I2V-14B + VAP expert: (reference videos, image, prompts) -> video (VAP_SPEC §3.2).
+
+The flow of the official ``WanImageToVideoMOTPipeline``: umT5 prompt embeddings (cleaned, masked,
+zero past the true length), CLIP ViT-H/14 penultimate tokens of the image and of each reference's
+first frame (at their original size), VAE *modes* normalised with the config's mean/std for the
+first-frame condition video, each reference video and each reference's first-frame condition,
+the 4-channel first-frame mask, the references at timestep 1, guidance ``u + w (c - u)``, the
+scheduler step, decode.
+
+Differences from the official code, each deliberate: the conditional and unconditional passes
+run as one batch-2 transformer call (same numbers, one pass); the step-independent inputs (text
+and CLIP context, the whole reference stream) are embedded once per video; several references
+work (the official code asserts one): each has its own caption, CLIP tokens, mask and first-frame
+condition, and frames -n*F..-1 in RoPE.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vap_jax.models import clip
+from vap_jax.models.clip import CLIPVisionTransformer
+from vap_jax.models.t5 import T5Encoder
+from vap_jax.models.vae_wan import AutoencoderKLWan
+from vap_jax.models.wan import WanTransformer
+from vap_jax.pipelines import common
+from vap_jax.pipelines.common import DEFAULT_NEGATIVE_PROMPT, VideoOutput
+from vap_jax.text import Tokenizer, encode_wan
+
+log = logging.getLogger(__name__)
+
+TEMPORAL_RATIO = 4  # Wan2.1 VAE: 4 frames per latent frame after the first
+
+
+class WanVAPPipeline:
+  family = 'wan'
+
+  def __init__(self, transformer: WanTransformer, vae: AutoencoderKLWan, text_encoder: T5Encoder,
+               tokenizer: Tokenizer, scheduler, image_encoder: CLIPVisionTransformer,
+               image_processor: dict, *, mesh=None, vae_tiling: bool = False):
+    self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+    self.tokenizer, self.scheduler, self.mesh, self.vae_tiling = tokenizer, scheduler, mesh, vae_tiling
+    self.image_encoder, self.image_processor = image_encoder, image_processor
+    self._condition = common.compiled(transformer, _condition, mesh)
+    self._step = common.compiled(transformer, _step, mesh, donate_argnums=(1,))
+    self._encode = common.compiled(
+        vae, lambda vae, x: vae.normalize_latents(vae.encode(x, tiled=self.vae_tiling).mode()), mesh)
+    self._decode = common.compiled(
+        vae, lambda vae, z: vae.decode(vae.denormalize_latents(z), tiled=self.vae_tiling), mesh)
+    self._clip = common.compiled(image_encoder, lambda m, x: m.hidden_state(x, -2), mesh)
+
+  @classmethod
+  def from_pretrained(cls, path: str | Path, *, dtype: str = 'bfloat16', vae_dtype: str = 'float32',
+                      mesh=None, attention: str = 'xla', vae_tiling: bool = False
+                      ) -> 'WanVAPPipeline':
+    """A diffusers VAP folder or a ``vap-convert`` folder. The VAE and CLIP run in float32, as
+    the official demo does."""
+    from vap_jax.pipelines.loading import load_components
+    parts = load_components(path, 'wan', dtype=dtype, vae_dtype=vae_dtype, mesh=mesh,
+                            attention=attention)
+    return cls(**parts, mesh=mesh, vae_tiling=vae_tiling)
+
+  # ------------------------------------------------------------------------------------ stages
+
+  def encode_prompts(self, prompt: str, ref_prompts: Sequence[str], negative_prompt: str,
+                     negative_ref_prompt: str, max_length: int = 512):
+    """-> text (2, L, D) and ref_text (2, n*L, D), both ordered [positive, negative]."""
+    embed = lambda texts: encode_wan(self.tokenizer, self.text_encoder, texts, max_length)
+    text = embed([prompt, negative_prompt])
+    refs = [embed([p, negative_ref_prompt]) for p in ref_prompts]
+    return text, jnp.concatenate(refs, axis=1)
+
+  def encode_images(self, images: Sequence[np.ndarray]) -> jax.Array:
+    """uint8 (H, W, 3) images at their own size -> CLIP penultimate tokens, (1, n*257, D)."""
+    cfg = self.image_processor
+    size = cfg.get('size', {}).get('shortest_edge', 224)
+    crop = cfg.get('crop_size', {}).get('height', size)
+    pixels = clip.preprocess(images, size=size, crop_size=crop,
+                             mean=cfg.get('image_mean', clip.OPENAI_CLIP_MEAN),
+                             std=cfg.get('image_std', clip.OPENAI_CLIP_STD),
+                             resample=cfg.get('resample', 3))
+    tokens = self._clip(jnp.asarray(pixels))
+    return tokens.reshape(1, -1, tokens.shape[-1])
+
+  def _first_frame_condition(self, frame: np.ndarray, num_frames: int, mask: jax.Array):
+    """[mask ; normalised latents of (frame, then black frames)], (1, 4 + z, F', h, w)."""
+    video = common.to_model_range(frame[None])
+    video = np.concatenate([video, np.zeros(video.shape[:2] + (num_frames - 1,) + video.shape[3:],
+                                            np.float32)], axis=2)
+    return jnp.concatenate([mask, self._encode(jnp.asarray(video))], axis=1)
+
+  def encode_latents(self, image: np.ndarray, ref_frames: Sequence[np.ndarray], num_frames: int,
+                     key: jax.Array, noise: dict | None = None) -> dict:
+    """Initial noise (1, z, F', h, w), the image condition (1, 4 + z, F', h, w), and the
+    reference latents (1, z, n*F', h, w) and conditions (1, 4 + z, n*F', h, w). ``noise`` may hold
+    ``latents`` (the initial draw)."""
+    frames = (num_frames - 1) // TEMPORAL_RATIO + 1
+    r = self.vae.spatial_ratio
+    h, w = image.shape[0] // r, image.shape[1] // r
+    mask = jnp.zeros((1, TEMPORAL_RATIO, frames, h, w), jnp.float32).at[:, :, 0].set(1)
+    refs = [self._encode(jnp.asarray(common.to_model_range(v))) for v in ref_frames]
+    ref_conditions = [self._first_frame_condition(v[0], num_frames, mask) for v in ref_frames]
+    shape = (1, self.vae.cfg.z_dim, frames, h, w)
+    initial = (noise or {}).get('latents')
+    initial = (jax.random.normal(key, shape, jnp.float32) if initial is None
+               else jnp.asarray(initial, jnp.float32))
+    if initial.shape != shape:
+      raise ValueError(f'initial noise must be {shape}, got {initial.shape}')
+    return dict(latents=initial, condition=self._first_frame_condition(image, num_frames, mask),
+                ref=jnp.concatenate(refs, 2), ref_condition=jnp.concatenate(ref_conditions, 2))
+
+  def sample(self, lat: dict, text, ref_text, clip_tokens, ref_clip_tokens, *,
+             num_inference_steps: int, guidance_scale: float, key: jax.Array,
+             progress: bool = True, on_step: Callable | None = None) -> jax.Array:
+    """The denoising loop (CFG as one batch-2 pass); returns the final latents (1, z, F', h, w)."""
+    plan = self.scheduler.set_timesteps(num_inference_steps)
+    guidance = np.full(int(plan.timesteps.shape[0]), guidance_scale, np.float64)
+    pair = lambda x: jnp.concatenate([x, x])
+    target = jnp.concatenate([lat['latents'], lat['condition']], axis=1)
+    ref = jnp.concatenate([lat['ref'], lat['ref_condition']], axis=1)
+    cond = self._condition(pair(target), text, pair(clip_tokens), pair(ref), ref_text,
+                           pair(ref_clip_tokens))
+    step = lambda x, state, plan, i, g, key: self._step(x, state, plan, i, g, key,
+                                                        lat['condition'], cond)
+    return common.denoise(step, lat['latents'], plan, guidance, key, progress=progress,
+                          on_step=on_step)
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    """(1, z, F', h, w) normalised latents -> (1, 3, F, H, W) video in [-1, 1]."""
+    return self._decode(latents)
+
+  # -------------------------------------------------------------------------------------- call
+
+  def __call__(self, image, ref_videos: Sequence, prompt: str, ref_prompts: Sequence[str], *,
+               negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+               negative_ref_prompt: str = DEFAULT_NEGATIVE_PROMPT, height: int = 480,
+               width: int = 832, num_frames: int = 49, num_inference_steps: int = 50,
+               guidance_scale: float = 5.0, frames_selection: str = 'evenly',
+               max_sequence_length: int = 512, seed: int = 42, noise: dict | None = None,
+               progress: bool = True, on_step: Callable | None = None) -> VideoOutput:
+    """``image`` uint8 (H, W, 3); ``ref_videos`` uint8 (F_i, H_i, W_i, 3) each, with one entry of
+    ``ref_prompts`` per reference. Defaults are the official demo's (480x832, 49 frames)."""
+    image = common.check_image(image)
+    if isinstance(ref_prompts, str):
+      ref_prompts = [ref_prompts]
+    r = self.vae.spatial_ratio
+    common.check_size(height, width, num_frames, r, TEMPORAL_RATIO,
+                      r * self.transformer.cfg.patch_size[1])
+    refs = common.check_references(ref_videos, ref_prompts, num_frames, frames_selection,
+                                   np.random.default_rng(seed))
+    text, ref_text = self.encode_prompts(prompt, ref_prompts, negative_prompt,
+                                         negative_ref_prompt, max_sequence_length)
+    clip_tokens = self.encode_images([image])
+    ref_clip_tokens = self.encode_images([v[0] for v in refs])
+    refs = [common.resize_frames(v, height, width) for v in refs]
+    image = common.resize_frames(image[None], height, width)[0]
+    sample_key, latent_key = jax.random.split(jax.random.key(seed))
+    lat = self.encode_latents(image, refs, num_frames, latent_key, noise)
+    latents = self.sample(lat, text, ref_text, clip_tokens, ref_clip_tokens,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          key=sample_key, progress=progress, on_step=on_step)
+    video, frames = common.postprocess(self.decode(latents))
+    return VideoOutput(frames, video, np.asarray(latents), np.stack(refs))
+
+
+def _condition(model: WanTransformer, latents, text, image, ref, ref_text, ref_image):
+  return model.condition(latents, text, image, ref, ref_text, ref_image, 1)
+
+
+def _step(model: WanTransformer, latents, state, plan, i, guidance, key, condition, cond):
+  """One CFG step as a single batch-2 pass ([cond, uncond]), guidance, scheduler step."""
+  t = plan.timesteps[i]
+  x = jnp.concatenate([latents, condition], axis=1)
+  flow = model.predict(jnp.concatenate([x, x]), t, cond).astype(jnp.float32)
+  positive, negative = flow[:1], flow[1:]
+  guided = negative + guidance * (positive - negative)
+  return common.scheduler_step(plan, state, guided, i, latents, key)
