@@ -13,7 +13,7 @@ from flax import nnx
 from conftest import DATA
 from convert.pipeline import main as vap_convert
 from tiny_checkpoint import main as tiny_main, write_tiny_checkpoint
-from vap_jax.weights import checkpoint as ckpt
+from vap_jax.weights import checkpoint as ckpt, component
 from vap_jax.weights.cogvideox import load_cogvideox
 from vap_jax.weights.encoders import load_image_encoder, load_text_encoder
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
@@ -127,6 +127,8 @@ def test_vap_convert_restores_every_component_exactly(converted, kind, family):
         assert (dst / name / f).read_bytes() == (src / name / f).read_bytes()
       continue
     assert entry['config'] == json.loads((src / name / 'config.json').read_text())
+    spec = ckpt.model_specs(family)[name]
+    assert component.source_config(spec, dst) == component.source_config(spec, src) == entry['config']
     dtype = entry['param_dtype']
     if kind == 'golden':
       assert dtype == 'float32'
@@ -157,6 +159,39 @@ def test_golden_transformer_buffers_survive(converted):
   for prefix, key in (('patch_embed', 'patch_embed.pos_embedding'),
                       ('expert_patch_embed', 'patch_embed_mot_ref.pos_embedding')):
     np.testing.assert_array_equal(state[prefix, 'pos_embedding'], tensors.read(key))
+
+
+def test_pipelines_run_from_converted_folders(converted):
+  """The pipelines built from vap-convert output of the official components reproduce the
+  official text and CLIP embeddings; a folder of the other family is refused."""
+  from safetensors.numpy import load_file
+  from conftest import assert_close
+  from vap_jax.pipelines import CogVideoXVAPPipeline, WanVAPPipeline
+  golden = DATA / 'wan_pipeline'
+  pipe = WanVAPPipeline.from_pretrained(converted['golden', 'wan'][1], dtype='float32')
+  kw = json.loads((golden / 'call.json').read_text())['kwargs']
+  args = load_file(golden / 'transformer_text_args.safetensors')
+  text, _ = pipe.encode_prompts(kw['prompt'], kw['prompt_mot_ref'], kw['negative_prompt'],
+                                kw['negative_prompt_mot_ref'])
+  assert_close(text[0], args['prompt_embeds'][0], what='prompt embeds')
+  image = load_file(golden / 'inputs.safetensors')['image']
+  assert_close(pipe.encode_images([image]),
+               load_file(golden / 'clip.safetensors')['image.image_embeds'], what='CLIP tokens')
+  with pytest.raises(CheckpointError, match='is a wan checkpoint, not cogvideox'):
+    CogVideoXVAPPipeline.from_pretrained(converted['golden', 'wan'][1])
+
+
+def test_folders_converted_before_source_config_still_load(converted, tmp_path):
+  """Converted folders written before the unified key stored ``diffusers_config``/``hf_config``."""
+  _, dst = converted['tiny', 'wan']
+  for name, old_key, load in (('transformer', 'diffusers_config', load_wan),
+                              ('image_encoder', 'hf_config', load_image_encoder)):
+    old = tmp_path / name
+    shutil.copytree(dst / name, old)
+    meta = json.loads((old / 'config.json').read_text())
+    meta[old_key] = meta.pop('source_config')
+    (old / 'config.json').write_text(json.dumps(meta))
+    _assert_same(_params(load(old, dtype='float32')), _params(load(dst, dtype='float32')), name)
 
 
 def _partial_copy(src, dst, drop=(), strip=()):

@@ -167,13 +167,14 @@ def image_processor_config(path: str | Path) -> dict:
 
 def clip_preprocess_kwargs(config: dict) -> dict:
   """``CLIPImageProcessor`` fields -> keyword arguments of `vap_jax.models.clip.preprocess`."""
-  size, crop = config.get('size', {}), config.get('crop_size', {})
-  size = size.get('shortest_edge', size) if isinstance(size, dict) else size
+  for field in ('do_resize', 'do_center_crop', 'do_rescale', 'do_normalize'):
+    if not config.get(field, True):
+      raise ValueError(f'image_processor {field}=false is not supported')
+  size = config.get('size', 224)
+  size = size.get('shortest_edge', 224) if isinstance(size, dict) else size
+  crop = config.get('crop_size', size)
   crop = crop.get('height', size) if isinstance(crop, dict) else crop
-  if not config.get('do_center_crop', True):
-    crop = None
-  kwargs = dict(size=int(size), crop_size=None if crop is None else int(crop),
-                resample=config.get('resample', 3))
+  kwargs = dict(size=int(size), crop_size=int(crop), resample=config.get('resample', 3))
   for key, field in (('mean', 'image_mean'), ('std', 'image_std')):
     if field in config:
       kwargs[key] = tuple(config[field])

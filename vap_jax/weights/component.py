@@ -100,12 +100,6 @@ def load(spec: ModelSpec, path: str | Path, *, mesh: Mesh | None = None,
                     rules=rules, progress=progress)
 
 
-def write_converted_config(spec: ModelSpec, dst: str | Path, *, param_dtype: str, source,
-                           raw: dict) -> None:
-  orbax_io.write_config(dst, {'model': spec.name, 'param_dtype': param_dtype,
-                              'source': str(Path(source).resolve()), 'source_config': raw})
-
-
 def convert_checkpoint(spec: ModelSpec, checkpoint: SafetensorsCheckpoint, raw: dict,
                        keymap: KeyMap, dst: str | Path, *, param_dtype: str = 'bfloat16',
                        group_bytes: int | None = None, overwrite: bool = False,
@@ -118,7 +112,8 @@ def convert_checkpoint(spec: ModelSpec, checkpoint: SafetensorsCheckpoint, raw: 
   count = orbax_io.convert_safetensors(checkpoint, keymap, spec.factory(config), dst,
                                        group_bytes=group_bytes, overwrite=overwrite,
                                        progress=progress)
-  write_converted_config(spec, dst, param_dtype=param_dtype, source=checkpoint.path, raw=raw)
+  orbax_io.write_config(dst, {'model': spec.name, 'param_dtype': param_dtype,
+                              'source': str(Path(checkpoint.path).resolve()), 'source_config': raw})
   return count
 
 
