@@ -43,6 +43,7 @@ setup(
     },
     entry_points={
         'console_scripts': [
+            'vap-convert=convert.pipeline:main',
             'vap-convert-cogvideox=convert.cogvideox:main',
             'vap-convert-wan=convert.wan:main',
             'vap-convert-encoder=convert.encoders:main',

@@ -94,4 +94,4 @@ def test_checkpoint_missing_a_component(inputs, tmp_path, capsys):
   shutil.rmtree(ckpt / 'vae')
   assert main(_argv(inputs, tmp_path / 'o.mp4', ckpt=ckpt)) == 2
   err = capsys.readouterr().err
-  assert 'missing component folder(s) vae' in err and str(ckpt) in err
+  assert 'missing components: vae/' in err and str(ckpt) in err

@@ -157,7 +157,7 @@ def test_converter_round_trip_and_cli(cog, tmp_path):
   with pytest.raises(FileExistsError):
     convert_cogvideox_vae(cog[1], tmp_path / 'orbax', progress=False)
   from vap_jax.weights.vae import load_wan_vae
-  with pytest.raises(CheckpointError, match='not wan_vae'):
+  with pytest.raises(CheckpointError, match="not 'wan_vae'"):
     load_wan_vae(tmp_path / 'orbax')
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from vap_jax.pipelines.cogvideox_vap import CogVideoXVAPPipeline
 from vap_jax.pipelines.common import DEFAULT_NEGATIVE_PROMPT, VideoOutput
-from vap_jax.pipelines.loading import detect_family
 from vap_jax.pipelines.wan_vap import WanVAPPipeline
+from vap_jax.weights.checkpoint import check_components
 
 PIPELINES = {'cogvideox': CogVideoXVAPPipeline, 'wan': WanVAPPipeline}
 
@@ -17,8 +17,8 @@ class Pipeline:
 
   @staticmethod
   def from_pretrained(path: str | Path, **kwargs) -> CogVideoXVAPPipeline | WanVAPPipeline:
-    return PIPELINES[detect_family(path)].from_pretrained(path, **kwargs)
+    return PIPELINES[check_components(path)].from_pretrained(path, **kwargs)
 
 
 __all__ = ['CogVideoXVAPPipeline', 'DEFAULT_NEGATIVE_PROMPT', 'Pipeline', 'VideoOutput',
-           'WanVAPPipeline', 'detect_family']
+           'WanVAPPipeline']

@@ -137,11 +137,12 @@ def _write_outputs(args, result: common.VideoOutput, fps: float) -> list[Path]:
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-  from vap_jax.pipelines import Pipeline, detect_family
+  from vap_jax.pipelines import Pipeline
+  from vap_jax.weights.checkpoint import check_components
   try:
     if args.fps != 'ref' and not args.fps.replace('.', '', 1).isdigit():
       raise ValueError(f"--fps {args.fps!r}: expected a number or 'ref'")
-    family = detect_family(args.ckpt)
+    family = check_components(args.ckpt)
     image = _read_image(args.image)
     refs, ref_fps = _read_references(args.ref_video, args.ref_prompt, args.frames,
                                      args.frames_selection, args.seed)

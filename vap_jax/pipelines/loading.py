@@ -1,56 +1,16 @@
-"""Every component a pipeline needs, from a diffusers VAP folder or a ``vap-convert`` folder."""
+"""Every component a pipeline needs, from a diffusers VAP folder or a ``vap-convert`` folder
+(`vap_jax.weights.checkpoint` reads both layouts)."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from vap_jax.diffusion import from_config
 from vap_jax.text import Tokenizer
+from vap_jax.weights import checkpoint
 from vap_jax.weights.safetensors_io import CheckpointError
 
 log = logging.getLogger(__name__)
-
-COMPONENTS = {
-    'cogvideox': ('transformer', 'vae', 'text_encoder', 'tokenizer', 'scheduler'),
-    'wan': ('transformer', 'vae', 'text_encoder', 'tokenizer', 'scheduler', 'image_encoder',
-            'image_processor'),
-}
-
-
-def detect_family(path: str | Path) -> str:
-  """'cogvideox' or 'wan' for a VAP checkpoint folder (diffusers or converted); checks that every
-  component the family needs is there."""
-  path = Path(path)
-  if not path.is_dir():
-    raise CheckpointError(f'checkpoint folder {path} does not exist')
-  for name in ('manifest.json', 'model_index.json', 'transformer/config.json'):
-    if (path / name).is_file():
-      meta = json.loads((path / name).read_text())
-      label = meta.get('family') or meta.get('_class_name', '')
-      family = ('cogvideox' if label.lower().startswith('cogvideox') else
-                'wan' if label.lower().startswith('wan') else None)
-      if family is None:
-        raise CheckpointError(f'{path / name}: {label!r} is neither a CogVideoX nor a Wan pipeline')
-      check_components(path, family)
-      return family
-  raise CheckpointError(f'{path} has no model_index.json (diffusers) or manifest.json '
-                        f'(vap-convert): not a VAP checkpoint folder')
-
-
-def check_components(path: Path, family: str) -> None:
-  if not path.is_dir():
-    raise CheckpointError(f'checkpoint folder {path} does not exist')
-  missing = [c for c in COMPONENTS[family] if not (path / c).is_dir()]
-  if missing:
-    raise CheckpointError(f'{path} is not a complete {family} VAP checkpoint: missing '
-                          f'component folder(s) {", ".join(missing)}')
-
-
-def read_json(path: Path, what: str) -> dict:
-  if not path.is_file():
-    raise CheckpointError(f'{path} not found ({what})')
-  return json.loads(path.read_text())
 
 
 def load_components(path: str | Path, family: str, *, dtype: str, vae_dtype: str, mesh=None,
@@ -58,11 +18,13 @@ def load_components(path: str | Path, family: str, *, dtype: str, vae_dtype: str
   """Keyword arguments for the family's pipeline constructor."""
   from vap_jax.weights.encoders import load_image_encoder, load_text_encoder
   path = Path(path)
-  check_components(path, family)
-  scheduler = from_config(read_json(path / 'scheduler' / 'scheduler_config.json', 'scheduler'))
+  found = checkpoint.check_components(path)
+  if found != family:
+    raise CheckpointError(f'{path} is a {found} checkpoint, not {family}')
   log.info('loading the %s VAP pipeline from %s', family, path)
   parts = dict(
-      tokenizer=Tokenizer(path / 'tokenizer'), scheduler=scheduler,
+      tokenizer=Tokenizer(checkpoint.tokenizer_dir(path)),
+      scheduler=from_config(checkpoint.scheduler_config(path)),
       text_encoder=load_text_encoder(path, mesh=mesh, dtype=dtype, attention=attention))
   if family == 'cogvideox':
     from vap_jax.weights.cogvideox import load_cogvideox
@@ -76,6 +38,5 @@ def load_components(path: str | Path, family: str, *, dtype: str, vae_dtype: str
     parts['vae'] = load_wan_vae(path, mesh=mesh, dtype=vae_dtype)
     parts['image_encoder'] = load_image_encoder(path, mesh=mesh, dtype=image_encoder_dtype,
                                                 attention=attention)
-    parts['image_processor'] = read_json(
-        path / 'image_processor' / 'preprocessor_config.json', 'image_processor')
+    parts['image_processor'] = checkpoint.image_processor_config(path)
   return parts

@@ -31,6 +31,7 @@ from vap_jax.models.wan import WanTransformer
 from vap_jax.pipelines import common
 from vap_jax.pipelines.common import DEFAULT_NEGATIVE_PROMPT, VideoOutput
 from vap_jax.text import Tokenizer, encode_wan
+from vap_jax.weights.checkpoint import clip_preprocess_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,7 @@ class WanVAPPipeline:
 
   def encode_images(self, images: Sequence[np.ndarray]) -> jax.Array:
     """uint8 (H, W, 3) images at their own size -> CLIP penultimate tokens, (1, n*257, D)."""
-    cfg = self.image_processor
-    size = cfg.get('size', {}).get('shortest_edge', 224)
-    crop = cfg.get('crop_size', {}).get('height', size)
-    pixels = clip.preprocess(images, size=size, crop_size=crop,
-                             mean=cfg.get('image_mean', clip.OPENAI_CLIP_MEAN),
-                             std=cfg.get('image_std', clip.OPENAI_CLIP_STD),
-                             resample=cfg.get('resample', 3))
+    pixels = clip.preprocess(images, **clip_preprocess_kwargs(self.image_processor))
     tokens = self._clip(jnp.asarray(pixels))
     return tokens.reshape(1, -1, tokens.shape[-1])
 

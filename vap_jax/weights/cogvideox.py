@@ -6,19 +6,17 @@ base lives under top-level names and ``blocks.i.base``; the expert under ``exper
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from flax import nnx
 from jax.sharding import Mesh
 
 from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
 from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
-from vap_jax.weights import orbax_io
+from vap_jax.weights import component
+from vap_jax.weights.component import ModelSpec, read_json_config
 from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule, expert_path
-from vap_jax.weights.loading import component_dir, load_model
-from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from vap_jax.weights.safetensors_io import CheckpointError
 
 _BLOCK = r'transformer_blocks\.(\d+)\.'
 _LAYER = r'blocks.\1.base.'
@@ -55,50 +53,42 @@ COGVIDEOX = KeyMap('cogvideox', [
 ], marker='_mot_ref', marked_path=expert_path)
 
 
-def read_diffusers_config(path: str | Path) -> dict:
-  folder = component_dir(Path(path))
-  config_file = folder / 'config.json'
-  if not config_file.is_file():
-    raise CheckpointError(f'{folder} has no config.json (expected a diffusers transformer folder)')
-  config = json.loads(config_file.read_text())
+def _read_source(folder: Path) -> tuple[dict, KeyMap]:
+  config = read_json_config(folder, 'a diffusers transformer folder')
   name = config.get('_class_name', '')
   if not name.startswith('CogVideoXTransformer3D'):
-    raise CheckpointError(f'{config_file}: _class_name {name!r} is not a CogVideoX transformer')
-  return config
+    raise CheckpointError(f'{folder / "config.json"}: _class_name {name!r} is not a CogVideoX '
+                          'transformer')
+  return config, COGVIDEOX
+
+
+SPEC = ModelSpec('cogvideox', 'transformer', _read_source, CogVideoXConfig.from_diffusers,
+                 CogVideoXTransformer)
+
+
+def read_diffusers_config(path: str | Path) -> dict:
+  """The checked diffusers config.json of a CogVideoX(-VAP) transformer (pipeline or component)."""
+  return _read_source(SPEC.folder(path))[0]
 
 
 def model_factory(config: CogVideoXConfig, seed: int = 0):
-  return lambda: CogVideoXTransformer(config, rngs=nnx.Rngs(seed))
+  return SPEC.factory(config, seed)
 
 
 def load_cogvideox(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                    dtype: str = 'bfloat16', param_dtype: str | None = None,
                    attention: str = 'xla', progress: bool = False) -> CogVideoXTransformer:
-  """Load a CogVideoX(-VAP) transformer from a diffusers folder or a converted Orbax folder.
+  """Load a CogVideoX(-VAP) transformer from a diffusers or converted folder (pipeline root or
+  component, see `vap_jax.weights.component`).
 
   ``dtype`` is the compute dtype; parameters are stored as ``param_dtype`` (default: ``dtype``).
   """
-  path = Path(path)
-  runtime = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention=attention)
-  if (path / orbax_io.STATE_DIR).is_dir():
-    meta = orbax_io.read_config(path)
-    config = CogVideoXConfig.from_diffusers(meta['diffusers_config'], **runtime)
-    return orbax_io.restore_model(model_factory(config), path, mesh=mesh, rules=rules)
-  config = CogVideoXConfig.from_diffusers(read_diffusers_config(path), **runtime)
-  checkpoint = SafetensorsCheckpoint(component_dir(path))
-  return load_model(model_factory(config), checkpoint, COGVIDEOX, mesh=mesh, rules=rules,
-                    progress=progress)
+  return component.load(SPEC, path, mesh=mesh, rules=rules, progress=progress, dtype=dtype,
+                        param_dtype=param_dtype or dtype, attention=attention)
 
 
 def convert(src: str | Path, dst: str | Path, *, param_dtype: str = 'bfloat16',
             group_bytes: int | None = None, overwrite: bool = False, progress: bool = True) -> int:
   """diffusers CogVideoX(-VAP) transformer folder -> vap_jax Orbax folder. Returns tensor count."""
-  raw = read_diffusers_config(src)
-  config = CogVideoXConfig.from_diffusers(raw, dtype=param_dtype, param_dtype=param_dtype)
-  checkpoint = SafetensorsCheckpoint(component_dir(Path(src)))
-  count = orbax_io.convert_safetensors(checkpoint, COGVIDEOX, model_factory(config), dst,
-                                       group_bytes=group_bytes, overwrite=overwrite,
-                                       progress=progress)
-  orbax_io.write_config(dst, {'model': 'cogvideox', 'param_dtype': param_dtype,
-                              'source': str(Path(src).resolve()), 'diffusers_config': raw})
-  return count
+  return component.convert(SPEC, src, dst, param_dtype=param_dtype, group_bytes=group_bytes,
+                           overwrite=overwrite, progress=progress)

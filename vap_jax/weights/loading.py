@@ -19,16 +19,28 @@ from vap_jax.nn.layers import abstract_variables
 from vap_jax.parallel import DEFAULT_RULES, param_shardings
 from vap_jax.parallel.sharding import Rules
 from vap_jax.weights import keymap as km
-from vap_jax.weights.safetensors_io import SafetensorsCheckpoint
+from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 log = logging.getLogger(__name__)
 
 
+# The top-level file of a pipeline folder: diffusers (downloaded) and vap-convert (converted).
+MODEL_INDEX = 'model_index.json'
+MANIFEST = 'manifest.json'
+
+
 def component_dir(path: Path, component: str = 'transformer') -> Path:
-  """A whole downloaded pipeline folder resolves to its ``component/``; a component folder
-  (or file) is returned as is."""
+  """A whole pipeline folder (diffusers or converted) resolves to its ``component/``; a component
+  folder (or file) is returned as is. A pipeline folder without that component is an error."""
+  path = Path(path)
   if (path / component / 'config.json').is_file():
     return path / component
+  for marker, what in ((MANIFEST, 'converted (vap-convert)'), (MODEL_INDEX, 'diffusers')):
+    if (path / marker).is_file():
+      hint = ('; the conversion is incomplete: re-run vap-convert' if marker == MANIFEST and
+              (path / component).is_dir() else '')
+      raise CheckpointError(f'{what} pipeline folder {path} is missing its {component}/ component '
+                            f'(no {component}/config.json){hint}')
   return path
 
 

@@ -7,17 +7,19 @@ are flattened to (C,).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
+
+from vap_jax.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
+from vap_jax.models.vae_wan import AutoencoderKLWan, WanVAEConfig
 
 from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
-from vap_jax.weights import orbax_io
+from vap_jax.weights import component
+from vap_jax.weights.component import ModelSpec, read_json_config
 from vap_jax.weights.keymap import CONV_TO_DENSE, KeyMap, Rule, Transform
 from vap_jax.weights.loading import component_dir, load_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
@@ -105,99 +107,53 @@ COGVIDEOX = KeyMap('cogvideox_vae', [
 ])
 
 
+def _source_reader(class_name: str, keymap: KeyMap):
+  def read_source(folder: Path) -> tuple[dict, KeyMap]:
+    config = read_json_config(folder, 'a diffusers vae folder')
+    if config.get('_class_name') != class_name:
+      raise CheckpointError(f'{folder / "config.json"}: _class_name '
+                            f'{config.get("_class_name")!r} is not {class_name}')
+    return config, keymap
+  return read_source
+
+
+WAN_SPEC = ModelSpec('wan_vae', 'vae', _source_reader('AutoencoderKLWan', WAN),
+                     WanVAEConfig.from_diffusers, AutoencoderKLWan)
+COGVIDEOX_SPEC = ModelSpec('cogvideox_vae', 'vae', _source_reader('AutoencoderKLCogVideoX', COGVIDEOX),
+                           CogVideoXVAEConfig.from_diffusers, AutoencoderKLCogVideoX)
+
+
 def read_vae_config(path: str | Path, class_name: str) -> dict:
-  folder = component_dir(Path(path), 'vae')
-  config_file = folder / 'config.json'
-  if not config_file.is_file():
-    raise CheckpointError(f'{folder} has no config.json (expected a diffusers vae folder)')
-  config = json.loads(config_file.read_text())
-  if config.get('_class_name') != class_name:
-    raise CheckpointError(f'{config_file}: _class_name {config.get("_class_name")!r} is not '
-                          f'{class_name}')
-  return config
-
-
-class _Spec:
-  """What differs between the two VAEs: class names, config, module, key map."""
-
-  def __init__(self, name, class_name, keymap, make_config, make_model):
-    self.name, self.class_name, self.keymap = name, class_name, keymap
-    self.make_config, self.make_model = make_config, make_model
-
-  def factory(self, config, seed: int = 0):
-    return lambda: self.make_model(config, rngs=nnx.Rngs(seed))
-
-
-def _wan_spec() -> _Spec:
-  from vap_jax.models.vae_wan import AutoencoderKLWan, WanVAEConfig
-  return _Spec('wan_vae', 'AutoencoderKLWan', WAN, WanVAEConfig.from_diffusers, AutoencoderKLWan)
-
-
-def _cog_spec() -> _Spec:
-  from vap_jax.models.vae_cogvideox import AutoencoderKLCogVideoX, CogVideoXVAEConfig
-  return _Spec('cogvideox_vae', 'AutoencoderKLCogVideoX', COGVIDEOX,
-               CogVideoXVAEConfig.from_diffusers, AutoencoderKLCogVideoX)
-
-
-def _load(spec: _Spec, path, mesh, rules, dtype, param_dtype, **runtime):
-  path = Path(path)
-  runtime = dict(dtype=dtype, param_dtype=param_dtype or dtype, **runtime)
-  if (path / orbax_io.STATE_DIR).is_dir():
-    meta = orbax_io.read_config(path)
-    if meta.get('model') != spec.name:
-      raise CheckpointError(f'{path} holds a {meta.get("model")!r} checkpoint, not {spec.name}')
-    config = spec.make_config(meta['diffusers_config'], **runtime)
-    return orbax_io.restore_model(spec.factory(config), path, mesh=mesh, rules=rules)
-  config = spec.make_config(read_vae_config(path, spec.class_name), **runtime)
-  checkpoint = SafetensorsCheckpoint(component_dir(path, 'vae'))
-  return load_model(spec.factory(config), checkpoint, spec.keymap, mesh=mesh, rules=rules)
-
-
-def _convert(spec: _Spec, src, dst, *, param_dtype, group_bytes, overwrite, progress) -> int:
-  raw = read_vae_config(src, spec.class_name)
-  config = spec.make_config(raw, dtype=param_dtype, param_dtype=param_dtype)
-  checkpoint = SafetensorsCheckpoint(component_dir(Path(src), 'vae'))
-  count = orbax_io.convert_safetensors(checkpoint, spec.keymap, spec.factory(config), dst,
-                                       group_bytes=group_bytes, overwrite=overwrite,
-                                       progress=progress)
-  orbax_io.write_config(dst, {'model': spec.name, 'param_dtype': param_dtype,
-                              'source': str(Path(src).resolve()), 'diffusers_config': raw})
-  return count
+  """The checked diffusers config.json of a ``class_name`` VAE (pipeline or vae folder)."""
+  return _source_reader(class_name, None)(component_dir(Path(path), 'vae'))[0]
 
 
 def load_wan_vae(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                  dtype: str = 'float32', param_dtype: str | None = None, **runtime):
-  """Wan2.1 VAE from a diffusers (pipeline or vae) folder, a converted Orbax folder, or one
+  """Wan2.1 VAE from a diffusers or converted folder (pipeline root or ``vae`` folder), or one
   ``.safetensors`` file with the original Wan naming (the Wan2.1 config, fields overridable)."""
   path = Path(path)
   if path.is_file():
-    from vap_jax.models.vae_wan import AutoencoderKLWan, WanVAEConfig
     config = WanVAEConfig(dtype=dtype, param_dtype=param_dtype or dtype, **runtime)
-    return load_model(lambda: AutoencoderKLWan(config, rngs=nnx.Rngs(0)),
-                      SafetensorsCheckpoint(path), wan_original_keymap(config.num_res_blocks),
-                      mesh=mesh, rules=rules)
-  return _load(_wan_spec(), path, mesh, rules, dtype, param_dtype, **runtime)
+    return load_model(WAN_SPEC.factory(config), SafetensorsCheckpoint(path),
+                      wan_original_keymap(config.num_res_blocks), mesh=mesh, rules=rules)
+  return component.load(WAN_SPEC, path, mesh=mesh, rules=rules, dtype=dtype,
+                        param_dtype=param_dtype or dtype, **runtime)
 
 
 def convert_wan_vae(src, dst, *, param_dtype: str = 'float32', group_bytes: int | None = None,
                     overwrite: bool = False, progress: bool = True) -> int:
   """A diffusers folder, or one original-naming ``.safetensors`` file (Wan2.1 config)."""
   if not Path(src).is_file():
-    return _convert(_wan_spec(), src, dst, param_dtype=param_dtype, group_bytes=group_bytes,
-                    overwrite=overwrite, progress=progress)
-  from vap_jax.models.vae_wan import AutoencoderKLWan, WanVAEConfig
-  config = WanVAEConfig(dtype=param_dtype, param_dtype=param_dtype)
-  count = orbax_io.convert_safetensors(
-      SafetensorsCheckpoint(src), wan_original_keymap(config.num_res_blocks),
-      lambda: AutoencoderKLWan(config, rngs=nnx.Rngs(0)), dst, group_bytes=group_bytes,
-      overwrite=overwrite, progress=progress)
-  architecture = {k: list(v) if isinstance(v, tuple) else v
-                  for k, v in dataclasses.asdict(config).items() if k in _WAN_ARCHITECTURE}
-  orbax_io.write_config(dst, {'model': 'wan_vae', 'param_dtype': param_dtype,
-                              'source': str(Path(src).resolve()),
-                              'diffusers_config': {'_class_name': 'AutoencoderKLWan',
-                                                   **architecture}})
-  return count
+    return component.convert(WAN_SPEC, src, dst, param_dtype=param_dtype,
+                             group_bytes=group_bytes, overwrite=overwrite, progress=progress)
+  defaults = WanVAEConfig()
+  raw = {'_class_name': 'AutoencoderKLWan',
+         **{k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(defaults).items() if k in _WAN_ARCHITECTURE}}
+  return component.convert_checkpoint(
+      WAN_SPEC, SafetensorsCheckpoint(src), raw, wan_original_keymap(defaults.num_res_blocks), dst,
+      param_dtype=param_dtype, group_bytes=group_bytes, overwrite=overwrite, progress=progress)
 
 
 _WAN_ARCHITECTURE = ('base_dim', 'decoder_base_dim', 'z_dim', 'dim_mult', 'num_res_blocks',
@@ -207,12 +163,13 @@ _WAN_ARCHITECTURE = ('base_dim', 'decoder_base_dim', 'z_dim', 'dim_mult', 'num_r
 
 def load_cogvideox_vae(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                        dtype: str = 'float32', param_dtype: str | None = None, **runtime):
-  """CogVideoX VAE from a diffusers (pipeline or vae) folder or a converted Orbax folder."""
-  return _load(_cog_spec(), path, mesh, rules, dtype, param_dtype, **runtime)
+  """CogVideoX VAE from a diffusers or converted folder (pipeline root or ``vae`` folder)."""
+  return component.load(COGVIDEOX_SPEC, path, mesh=mesh, rules=rules, dtype=dtype,
+                        param_dtype=param_dtype or dtype, **runtime)
 
 
 def convert_cogvideox_vae(src, dst, *, param_dtype: str = 'float32',
                           group_bytes: int | None = None, overwrite: bool = False,
                           progress: bool = True) -> int:
-  return _convert(_cog_spec(), src, dst, param_dtype=param_dtype, group_bytes=group_bytes,
-                  overwrite=overwrite, progress=progress)
+  return component.convert(COGVIDEOX_SPEC, src, dst, param_dtype=param_dtype,
+                           group_bytes=group_bytes, overwrite=overwrite, progress=progress)

@@ -4,18 +4,16 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from flax import nnx
 from jax.sharding import Mesh
 
 from vap_jax.models.wan import WanConfig, WanTransformer
 from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
-from vap_jax.weights import orbax_io
+from vap_jax.weights import component
+from vap_jax.weights.component import ModelSpec, read_json_config
 from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule, expert_path
-from vap_jax.weights.loading import component_dir, load_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 
@@ -85,16 +83,12 @@ WAN_ORIGINAL = KeyMap('wan (original)', [
 ])
 
 
-def read_config(path: str | Path) -> tuple[dict, KeyMap]:
+def _read_source(folder: Path) -> tuple[dict, KeyMap]:
   """The diffusers config of a transformer folder and the key map its tensors need.
 
   An original-format folder (Wan's ``config.json`` with ``dim``/``num_heads``) is translated.
   """
-  folder = component_dir(Path(path))
-  config_file = folder / 'config.json'
-  if not config_file.is_file():
-    raise CheckpointError(f'{folder} has no config.json (expected a Wan transformer folder)')
-  config = json.loads(config_file.read_text())
+  config = read_json_config(folder, 'a Wan transformer folder')
   if config.get('_class_name', '').startswith('WanTransformer3D'):
     return config, WAN
   if 'dim' in config and 'num_heads' in config:  # original Wan release
@@ -110,39 +104,34 @@ def read_config(path: str | Path) -> tuple[dict, KeyMap]:
                 eps=config.get('eps', 1e-6),
                 image_dim=checkpoint.shape('img_emb.proj.0.weight')[0] if i2v else None,
                 added_kv_proj_dim=config['dim'] if i2v else None), WAN_ORIGINAL
-  raise CheckpointError(f'{config_file}: neither a diffusers Wan transformer config '
+  raise CheckpointError(f'{folder / "config.json"}: neither a diffusers Wan transformer config '
                         '(_class_name WanTransformer3D*) nor an original Wan config (dim, num_heads)')
 
 
+SPEC = ModelSpec('wan', 'transformer', _read_source, WanConfig.from_diffusers, WanTransformer)
+
+
+def read_config(path: str | Path) -> tuple[dict, KeyMap]:
+  """The diffusers config of a Wan transformer (pipeline or component folder, diffusers or
+  original names) and the key map its tensors need."""
+  return _read_source(SPEC.folder(path))
+
+
 def model_factory(config: WanConfig, seed: int = 0):
-  return lambda: WanTransformer(config, rngs=nnx.Rngs(seed))
+  return SPEC.factory(config, seed)
 
 
 def load_wan(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
              dtype: str = 'bfloat16', param_dtype: str | None = None, attention: str = 'xla',
              progress: bool = False) -> WanTransformer:
-  """Load a Wan(-VAP) transformer from a diffusers/original folder or a converted Orbax folder."""
-  path = Path(path)
-  runtime = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention=attention)
-  if (path / orbax_io.STATE_DIR).is_dir():
-    config = WanConfig.from_diffusers(orbax_io.read_config(path)['diffusers_config'], **runtime)
-    return orbax_io.restore_model(model_factory(config), path, mesh=mesh, rules=rules)
-  raw, keymap = read_config(path)
-  config = WanConfig.from_diffusers(raw, **runtime)
-  checkpoint = SafetensorsCheckpoint(component_dir(path))
-  return load_model(model_factory(config), checkpoint, keymap, mesh=mesh, rules=rules,
-                    progress=progress)
+  """Load a Wan(-VAP) transformer from a diffusers/original or converted folder (pipeline root or
+  component, see `vap_jax.weights.component`)."""
+  return component.load(SPEC, path, mesh=mesh, rules=rules, progress=progress, dtype=dtype,
+                        param_dtype=param_dtype or dtype, attention=attention)
 
 
 def convert(src: str | Path, dst: str | Path, *, param_dtype: str = 'bfloat16',
             group_bytes: int | None = None, overwrite: bool = False, progress: bool = True) -> int:
   """Wan(-VAP) transformer folder (diffusers or original names) -> vap_jax Orbax folder."""
-  raw, keymap = read_config(src)
-  config = WanConfig.from_diffusers(raw, dtype=param_dtype, param_dtype=param_dtype)
-  checkpoint = SafetensorsCheckpoint(component_dir(Path(src)))
-  count = orbax_io.convert_safetensors(checkpoint, keymap, model_factory(config), dst,
-                                       group_bytes=group_bytes, overwrite=overwrite,
-                                       progress=progress)
-  orbax_io.write_config(dst, {'model': 'wan', 'param_dtype': param_dtype,
-                              'source': str(Path(src).resolve()), 'diffusers_config': raw})
-  return count
+  return component.convert(SPEC, src, dst, param_dtype=param_dtype, group_bytes=group_bytes,
+                           overwrite=overwrite, progress=progress)

@@ -1,0 +1,130 @@
+"""Load or convert one model component, whatever folder it comes in, driven by a `ModelSpec`.
+
+Every network beside the pipelines (transformer, vae, text_encoder, image_encoder) is read the
+same way; its spec says what differs: the folder it has in a pipeline, how its source config is
+read and checked, how that config becomes our model config, and the key map of its tensors.
+`load` and `convert` accept any of four layouts (``sub`` = ``spec.subfolder``)::
+
+    diffusers pipeline root   root/model_index.json + root/sub/config.json + *.safetensors
+    diffusers component       folder/config.json + *.safetensors (one file or shards + index)
+    converted pipeline root   root/manifest.json + root/sub/{config.json, state/}  (vap-convert)
+    converted component       folder/config.json + folder/state/                    (Orbax)
+
+A converted ``config.json`` holds ``model`` (the spec name), ``param_dtype``, ``source`` and
+``source_config`` (the source config.json, diffusers or transformers field names); folders written
+before ``source_config`` existed stored it as ``diffusers_config`` / ``hf_config`` and still load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from vap_jax.parallel import DEFAULT_RULES
+from vap_jax.parallel.sharding import Rules
+from vap_jax.weights import orbax_io
+from vap_jax.weights.keymap import KeyMap
+from vap_jax.weights.loading import component_dir, load_model
+from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
+
+_LEGACY_CONFIG_KEYS = ('diffusers_config', 'hf_config')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What one kind of component needs to be loaded and converted."""
+  name: str             # recorded as "model" in a converted config.json
+  subfolder: str        # its folder in a pipeline: transformer, vae, text_encoder, image_encoder
+  read_source: Callable[[Path], tuple[dict, KeyMap]]  # component folder -> (checked config, key map)
+  make_config: Callable[..., Any]       # (source config, **runtime) -> model config
+  make_model: Callable[..., nnx.Module]  # (model config, *, rngs) -> model
+
+  def factory(self, config, seed: int = 0) -> Callable[[], nnx.Module]:
+    return lambda: self.make_model(config, rngs=nnx.Rngs(seed))
+
+  def folder(self, path: str | Path) -> Path:
+    """The component folder of ``path`` in any of the four layouts."""
+    return component_dir(Path(path), self.subfolder)
+
+
+def read_json_config(folder: Path, expected: str) -> dict:
+  """``folder/config.json`` as a dict; ``expected`` names the folder kind for the error."""
+  config_file = folder / orbax_io.CONFIG_FILE
+  if not config_file.is_file():
+    raise CheckpointError(f'{folder} has no config.json (expected {expected})')
+  try:
+    return json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f'{config_file} is not valid JSON: {e}') from e
+
+
+def is_converted(folder: str | Path) -> bool:
+  return (Path(folder) / orbax_io.STATE_DIR).is_dir()
+
+
+def converted_config(spec: ModelSpec, folder: Path) -> dict:
+  """The source config stored in a converted folder, after checking it holds a ``spec`` model."""
+  meta = orbax_io.read_config(folder)
+  if meta.get('model') != spec.name:
+    raise CheckpointError(f'{folder} holds a converted {meta.get("model")!r} model, not '
+                          f'{spec.name!r}')
+  for key in ('source_config', *_LEGACY_CONFIG_KEYS):
+    if key in meta:
+      return meta[key]
+  raise CheckpointError(f'{folder / orbax_io.CONFIG_FILE} has no source_config')
+
+
+def source_config(spec: ModelSpec, path: str | Path) -> dict:
+  """The component's source config (diffusers/transformers names) in either layout."""
+  folder = spec.folder(path)
+  return converted_config(spec, folder) if is_converted(folder) else spec.read_source(folder)[0]
+
+
+def load(spec: ModelSpec, path: str | Path, *, mesh: Mesh | None = None,
+         rules: Rules = DEFAULT_RULES, progress: bool = False, **runtime) -> nnx.Module:
+  """The ``spec`` model from ``path`` (any layout), each array placed on its ``mesh`` sharding.
+
+  ``runtime`` goes to ``spec.make_config`` (dtype, param_dtype, attention, tiling, ...).
+  """
+  folder = spec.folder(path)
+  if is_converted(folder):
+    config = spec.make_config(converted_config(spec, folder), **runtime)
+    return orbax_io.restore_model(spec.factory(config), folder, mesh=mesh, rules=rules)
+  raw, keymap = spec.read_source(folder)
+  config = spec.make_config(raw, **runtime)
+  return load_model(spec.factory(config), SafetensorsCheckpoint(folder), keymap, mesh=mesh,
+                    rules=rules, progress=progress)
+
+
+def convert_checkpoint(spec: ModelSpec, checkpoint: SafetensorsCheckpoint, raw: dict,
+                       keymap: KeyMap, dst: str | Path, *, param_dtype: str = 'bfloat16',
+                       group_bytes: int | None = None, overwrite: bool = False,
+                       progress: bool = True) -> int:
+  """Stream ``checkpoint`` (config ``raw``, names ``keymap``) into ``dst``; config.json last, so
+  a folder with one is complete."""
+  config = spec.make_config(raw, dtype=param_dtype, param_dtype=param_dtype)
+  if overwrite:  # an interrupted rewrite must not look complete
+    (Path(dst) / orbax_io.CONFIG_FILE).unlink(missing_ok=True)
+  count = orbax_io.convert_safetensors(checkpoint, keymap, spec.factory(config), dst,
+                                       group_bytes=group_bytes, overwrite=overwrite,
+                                       progress=progress)
+  orbax_io.write_config(dst, {'model': spec.name, 'param_dtype': param_dtype,
+                              'source': str(Path(checkpoint.path).resolve()), 'source_config': raw})
+  return count
+
+
+def convert(spec: ModelSpec, src: str | Path, dst: str | Path, *, param_dtype: str = 'bfloat16',
+            group_bytes: int | None = None, overwrite: bool = False, progress: bool = True) -> int:
+  """A source component (diffusers pipeline root or component folder) -> converted ``dst``.
+  Returns the number of tensors written."""
+  folder = spec.folder(src)
+  if is_converted(folder):
+    raise CheckpointError(f'{folder} is already a converted vap_jax folder')
+  raw, keymap = spec.read_source(folder)
+  return convert_checkpoint(spec, SafetensorsCheckpoint(folder), raw, keymap, dst,
+                            param_dtype=param_dtype, group_bytes=group_bytes,
+                            overwrite=overwrite, progress=progress)
