@@ -44,6 +44,7 @@ setup(
     entry_points={
         'console_scripts': [
             'vap-convert=convert.pipeline:main',
+            'vap-generate=vap_jax.pipelines.generate:main',
             'vap-convert-cogvideox=convert.cogvideox:main',
             'vap-convert-wan=convert.wan:main',
             'vap-convert-encoder=convert.encoders:main',

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from convert.pipeline import main as vap_convert
+from example_inputs import procedural_clip as _clip, write_example
 from tiny_checkpoint import write_tiny_checkpoint
 from vap_jax.data.video_io import read_video, write_mp4
 from vap_jax.pipelines import Pipeline
@@ -28,27 +29,13 @@ def converted(tmp_path_factory):
   return out
 
 
-def _clip(frames=13, height=64, width=96, seed=0):
-  """A small procedural clip: a bright square moving over a gradient."""
-  rng = np.random.default_rng(seed)
-  y, x = np.mgrid[:height, :width]
-  base = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 96)], -1)
-  out = np.repeat(base[None], frames, 0).astype(np.uint8)
-  for i in range(frames):
-    top, left = (3 * i) % (height - 16), (5 * i) % (width - 16)
-    out[i, top:top + 16, left:left + 16] = rng.integers(180, 255, 3)
-  return out
-
-
 @pytest.fixture(scope='module')
 def inputs(tmp_path_factory):
-  from PIL import Image
   root = tmp_path_factory.mktemp('inputs')
-  write_mp4(root / 'ref.mp4', _clip(), fps=16)
+  write_example(root)  # ref.mp4, image.png
   write_mp4(root / 'ref_wan.mp4', _clip(height=48, width=64), fps=12)
   write_mp4(root / 'short.mp4', _clip(frames=5), fps=16)
   (root / 'broken.mp4').write_bytes(b'\x00\x00\x00\x18ftypmp42' + bytes(200))
-  Image.fromarray(_clip(frames=1, seed=1)[0]).save(root / 'image.png')
   return root
 
 
