@@ -6,6 +6,7 @@ batch). One `Encoders` per family is shared by the tests, so each family compile
 """
 import json
 import pickle
+import types
 
 import jax
 import numpy as np
@@ -18,8 +19,10 @@ from fixtures_vap_data import BUCKETS, FRAMES, make_vap_data
 from vap_jax.data import video_io
 from vap_jax.data.latent_source import (LatentSource, cogvideox_latents, make_latent_loader,
                                         wan_latents)
+from vap_jax.data.pipeline import pairing_config
 from vap_jax.data.precompute import Encoders, PrecomputeConfig, precompute
 from vap_jax.data.records import decode_record, encode_record
+from vap_jax.data.vap_data import build_pair_table, read_vap_csv
 from vap_jax.parallel import make_mesh, sharding_context
 from vap_jax.text import Tokenizer, encode_cogvideox, encode_wan
 
@@ -121,9 +124,6 @@ def test_cogvideox_records_equal_direct_encoder_calls(vap, runs):
   enc = encoders('cogvideox')
   source = LatentSource(folder)
   rec = source[3]
-  from vap_jax.data.vap_data import build_pair_table, read_vap_csv
-  from vap_jax.data.pipeline import pairing_config
-  import types
   table = build_pair_table(read_vap_csv(vap['root'] / 'vap_data.csv'),
                            pairing_config(types.SimpleNamespace(**data_config(vap['root']))))
   _check_metadata(vap, rec, table.rows)
