@@ -49,6 +49,7 @@ setup(
             'vap-convert-wan=convert.wan:main',
             'vap-convert-encoder=convert.encoders:main',
             'vap-convert-vae=convert.vae:main',
+            'vap-precompute=convert.precompute:main',
         ],
     },
 )

@@ -1,4 +1,7 @@
-"""VAP-Data: PyAV video io, the table schema and pairing rules, and the Grain pipeline."""
+"""VAP-Data: PyAV video io, the table schema and pairing rules, the Grain pipeline, and the
+precomputed-latent shards (`precompute` writes them, `latent_source` reads them)."""
+from vap_jax.data.latent_source import (LatentSource, cogvideox_latents, make_latent_loader,
+                                        wan_latents)
 from vap_jax.data.pipeline import DataFailureError, FailureCounter, VapLoader, make_loader
 from vap_jax.data.vap_data import (PairingConfig, SchemaError, build_pair_table,
                                    read_benchmark_csv, read_vap_csv, remove_llm_prefix,
@@ -9,4 +12,6 @@ from vap_jax.data.video_io import VideoError, load_clip, read_video, write_gif, 
 __all__ = ['DataFailureError', 'FailureCounter', 'VapLoader', 'make_loader', 'PairingConfig',
            'SchemaError', 'build_pair_table', 'read_benchmark_csv', 'read_vap_csv',
            'remove_llm_prefix', 'sample_pair', 'VideoError', 'load_clip', 'read_video',
-           'write_gif', 'write_mp4', 'write_png_strip']
+           'write_gif', 'write_mp4', 'write_png_strip', 'LatentSource', 'cogvideox_latents',
+           'make_latent_loader', 'wan_latents']
+# The writer (`vap_jax.data.precompute`) loads models: import it from its module.

@@ -49,29 +49,36 @@ class DecodeSample:
 
   Output: video (F, H, W, 3) and ref_videos (R, F, H, W, 3) in [-1, 1], R =
   sample_ref_videos_num with dropped refs zero and `ref_mask` False; captions; the index and
-  path. A failure returns {'_error', '_path', 'index'} instead of raising.
+  path; with `metadata` also the ref paths, kinds, source fps and chosen frame indices (-1 pads
+  dropped refs). A failure returns {'_error', '_path', 'index'} instead of raising.
   """
 
   def __init__(self, root, table: PairTable, pairing: PairingConfig, *, fps, buckets,
-               frames_selection, resize_mode, output_dtype):
+               frames_selection, resize_mode, output_dtype, metadata: bool = False):
     self.root, self.table, self.pairing = Path(root), table, pairing
     self.fps, self.buckets = fps, [tuple(b) for b in buckets]
     self.frames_selection, self.resize_mode = frames_selection, resize_mode
     self.output_dtype = output_dtype
+    self.metadata = metadata
 
-  def _clip(self, rel_path, rng, bucket=None):
-    """One decode pass; the bucket is the target's, else chosen from this video (official)."""
-    chosen = []
+  def _clip(self, rel_path, rng, bucket=None, meta=None):
+    """One decode pass; the bucket is the target's, else chosen from this video (official).
+
+    `meta`, a list, receives (source fps, indices of the chosen frames in the decoded video)."""
+    chosen, picked = [], []
 
     def pick(count, fps, height, width):
       n = count
       if self.fps and fps > 0 and int(fps) != self.fps:
         n = len(video_io.resample_indices(int(fps), self.fps, count))
       chosen.append(bucket or video_io.nearest_bucket(n, height, width, self.buckets))
-      return video_io.clip_indices(count, fps, chosen[0][0], target_fps=self.fps,
-                                   frames_selection=self.frames_selection, rng=rng)
+      picked.append(video_io.clip_indices(count, fps, chosen[0][0], target_fps=self.fps,
+                                          frames_selection=self.frames_selection, rng=rng))
+      return picked[-1]
 
-    frames, _ = video_io.read_video(self.root / rel_path, pick=pick)
+    frames, fps = video_io.read_video(self.root / rel_path, pick=pick)
+    if meta is not None:
+      meta.append((fps, np.asarray(picked[-1], np.int64)))
     clip = video_io.resize_to(video_io.to_unit_range(frames), chosen[0][1:], self.resize_mode)
     return clip.astype(_out_dtype(self.output_dtype)), chosen[0]
 
@@ -80,19 +87,20 @@ class DecodeSample:
     pair = sample_pair(self.table, row, self.pairing, index)
     rng = np.random.default_rng([self.pairing.seed, index, 1])
     current = pair['video']
+    meta = [] if self.metadata else None
     try:
-      video, bucket = self._clip(current, rng)
+      video, bucket = self._clip(current, rng, meta=meta)
       refs = []
       for ref in pair['refs']:  # refs take the target's bucket so they stack with it
         current = ref
-        refs.append(self._clip(ref, rng, bucket)[0])
+        refs.append(self._clip(ref, rng, bucket, meta=meta)[0])
     except video_io.VideoError as e:
       return {'_error': e.reason, '_path': str(self.root / current), 'index': index}
     r = self.pairing.sample_ref_videos_num
     ref_videos = np.zeros((r,) + video.shape, video.dtype)
     ref_videos[:len(refs)] = refs
     pad = [''] * (r - len(refs))
-    return {
+    out = {
         'video': video, 'ref_videos': ref_videos,
         'ref_mask': np.arange(r) < len(refs),
         'caption': np.array(pair['caption']),
@@ -100,6 +108,16 @@ class DecodeSample:
         'path': np.array(pair['video']),
         'index': np.int64(index),
     }
+    if self.metadata:  # where the frames came from (precompute stores it)
+      indices = np.full((1 + r, bucket[0]), -1, np.int64)
+      fps = np.zeros(1 + r, np.float64)
+      for i, (f, idx) in enumerate(meta):
+        fps[i], indices[i] = f, idx
+      out.update(ref_paths=np.array(pair['refs'] + pad), kind=np.array(pair['kind']),
+                 ref_kinds=np.array(pair['kinds'] + pad), caption_masked=pair['caption_masked'],
+                 fps=fps[0], ref_fps=fps[1:], frame_indices=indices[0],
+                 ref_frame_indices=indices[1:], csv_line=np.int64(row.get('_line', -1)))
+    return out
 
 
 class FailureCounter:
