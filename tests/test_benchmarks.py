@@ -37,3 +37,15 @@ def test_aot_memory_analysis_on_fake_devices():
     assert r['argument_bytes'] > 0 and r['per_device_bytes'] >= r['argument_bytes']
   # Weights are sharded 8 ways: each device holds well under half of the one-device arguments.
   assert eight['argument_bytes'] < 0.5 * one['argument_bytes']
+
+
+def test_generate_harness_times_a_whole_video(tmp_path):
+  from benchmarks import generate
+  from tiny_checkpoint import write_tiny_checkpoint
+  write_tiny_checkpoint(tmp_path / 'cog', 'cogvideox')
+  row = generate.run(str(tmp_path / 'cog'), steps=2, frames=9, height=64, width=96,
+                     dtype='float32')
+  assert row['family'] == 'cogvideox' and row['steps'] == 2
+  assert 0 < row['step_seconds'] <= row['denoise_seconds'] < row['video_seconds']
+  assert row['video_seconds_cold'] > 0 and json.loads(json.dumps(row)) == row
+  assert '2 steps' in generate.format_row(row)
