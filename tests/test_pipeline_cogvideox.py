@@ -101,3 +101,13 @@ def test_denoising_step_compiles_once(pipe, golden):
     jax.config.update('jax_log_compiles', False)
     logger.removeHandler(handler)
   assert sum('jit(_step)' in r for r in records) <= 1  # 0 if an earlier test compiled it
+
+
+def test_two_references(pipe, golden):
+  """Several references: each is encoded on its own and concatenated along frames / text."""
+  video = golden['inputs']['ref_videos'][0]
+  kw = dict(height=64, width=96, num_frames=9, num_inference_steps=2, progress=False)
+  one = pipe(golden['inputs']['image'], [video], 'a', ['b'], **kw)
+  two = pipe(golden['inputs']['image'], [video, video[::-1]], 'a', ['b', 'c'], **kw)
+  assert two.ref_frames.shape == (2, 9, 64, 96, 3) and two.frames.shape == (9, 64, 96, 3)
+  assert np.isfinite(two.video).all() and np.abs(two.video - one.video).max() > 1e-4

@@ -90,3 +90,13 @@ def test_batched_cfg_equals_two_passes(pipe, golden):
     out = model(x, t, text, common[0], common[1], ref_text,
                 lat['transformer_encoder_hidden_states_image_mot_ref'])
     assert_close(out, d[f'step0.noise_pred_{key}'], what=f'noise_pred_{key}')
+
+
+def test_two_references(pipe, golden):
+  """Several references (the official code asserts one): own caption, CLIP tokens, condition."""
+  video = golden['inputs']['ref_videos'][0]
+  kw = dict(height=48, width=64, num_frames=9, num_inference_steps=2, progress=False)
+  one = pipe(golden['inputs']['image'], [video], 'a', ['b'], **kw)
+  two = pipe(golden['inputs']['image'], [video, video[::-1]], 'a', ['b', 'c'], **kw)
+  assert two.ref_frames.shape == (2, 9, 48, 64, 3) and two.frames.shape == (9, 48, 64, 3)
+  assert np.isfinite(two.video).all() and np.abs(two.video - one.video).max() > 1e-4
