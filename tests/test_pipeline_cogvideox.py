@@ -111,3 +111,15 @@ def test_two_references(pipe, golden):
   two = pipe(golden['inputs']['image'], [video, video[::-1]], 'a', ['b', 'c'], **kw)
   assert two.ref_frames.shape == (2, 9, 64, 96, 3) and two.frames.shape == (9, 64, 96, 3)
   assert np.isfinite(two.video).all() and np.abs(two.video - one.video).max() > 1e-4
+
+
+def test_sharded_pipeline_equals_one_device(pipe, golden):
+  """The whole pipeline on an 8-device mesh (weights and activations sharded) gives the frames of
+  one device."""
+  from vap_jax.parallel import make_mesh
+  kw = dict(height=64, width=96, num_frames=9, num_inference_steps=2, noise=_noise(golden),
+            progress=False)
+  args = (golden['inputs']['image'], list(golden['inputs']['ref_videos']), 'a', ['b'])
+  sharded = CogVideoXVAPPipeline.from_pretrained(
+      GOLDEN / 'components', dtype='float32', mesh=make_mesh({'fsdp': 2, 'context': 2, 'tensor': 2}))
+  assert_close(sharded(*args, **kw).video, pipe(*args, **kw).video, atol=1e-5, what='frames')

@@ -100,3 +100,14 @@ def test_two_references(pipe, golden):
   two = pipe(golden['inputs']['image'], [video, video[::-1]], 'a', ['b', 'c'], **kw)
   assert two.ref_frames.shape == (2, 9, 48, 64, 3) and two.frames.shape == (9, 48, 64, 3)
   assert np.isfinite(two.video).all() and np.abs(two.video - one.video).max() > 1e-4
+
+
+def test_sharded_pipeline_equals_one_device(pipe, golden):
+  """CFG batch over 'data', weights over 'fsdp': same frames as one device."""
+  from vap_jax.parallel import make_mesh
+  kw = dict(height=48, width=64, num_frames=9, num_inference_steps=2, progress=False,
+            noise=dict(latents=golden['latents']['initial_noise']))
+  args = (golden['inputs']['image'], list(golden['inputs']['ref_videos']), 'a', ['b'])
+  sharded = WanVAPPipeline.from_pretrained(GOLDEN / 'components', dtype='float32',
+                                           mesh=make_mesh({'data': 2, 'fsdp': 4}))
+  assert_close(sharded(*args, **kw).video, pipe(*args, **kw).video, atol=1e-5, what='frames')
