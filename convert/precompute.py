@@ -33,10 +33,11 @@ def _value(text: str):
 
 
 def _mesh(text: str) -> dict:
+  from vap_jax.parallel import parse_mesh_shape
   try:
-    return {k.strip(): int(v) for k, v in (p.split('=') for p in text.split(',') if p.strip())}
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'--mesh {text!r}: expected e.g. data=-1 or data=4,fsdp=2')
+    return parse_mesh_shape(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

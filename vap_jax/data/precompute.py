@@ -130,23 +130,16 @@ def _dtype(name: str):
 
 
 def read_image_processor(folder, image_size: int) -> dict:
-  """`CLIPImageProcessor` settings from `image_processor/preprocessor_config.json`, else the CLIP
-  defaults at the encoder's image size."""
-  from vap_jax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+  """`clip.preprocess` arguments from `image_processor/preprocessor_config.json` (or one in
+  ``folder`` itself), else the CLIP defaults at the encoder's image size."""
+  from vap_jax.weights.checkpoint import clip_preprocess_kwargs
   folder = Path(folder)
   for file in (folder / 'image_processor' / 'preprocessor_config.json',
                folder / 'preprocessor_config.json'):
     if file.is_file():
-      c = json.loads(file.read_text())
-      size, crop = c.get('size', {}), c.get('crop_size', {})
-      size = size.get('shortest_edge', size.get('height')) if isinstance(size, dict) else size
-      crop = crop.get('height') if isinstance(crop, dict) else crop
-      return dict(size=int(size), crop_size=int(crop or size),
-                  mean=tuple(c.get('image_mean', OPENAI_CLIP_MEAN)),
-                  std=tuple(c.get('image_std', OPENAI_CLIP_STD)), resample=int(c.get('resample', 3)))
+      return clip_preprocess_kwargs(json.loads(file.read_text()))
   log.warning('no preprocessor_config.json in %s: CLIP defaults at %d px', folder, image_size)
-  return dict(size=image_size, crop_size=image_size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-              resample=3)
+  return dict(size=image_size, crop_size=image_size)
 
 
 class Encoders:

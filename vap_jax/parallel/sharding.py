@@ -66,6 +66,16 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
+def parse_mesh_shape(text: str) -> dict[str, int]:
+  """``'fsdp=4,tensor=2'`` (a command-line flag) -> ``{'fsdp': 4, 'tensor': 2}`` for `make_mesh`."""
+  try:
+    return {k.strip(): int(v) for k, v in (item.split('=') for item in text.split(',')
+                                           if item.strip())}
+  except ValueError:
+    raise ValueError(f'mesh {text!r}: expected AXIS=N[,AXIS=N...] over {MESH_AXES}, e.g. '
+                     f'fsdp=8 or data=2,fsdp=4 (N=-1 takes the remaining devices)') from None
+
+
 def logical_to_spec(names: Iterable[str | None], rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
   """Logical axis names -> PartitionSpec under ordered ``rules`` (first unused mesh axis wins).
 

@@ -102,15 +102,13 @@ class CogVideoXVAPPipeline:
           video[:1], keys[3 + 2 * i], _nth(noise.get('ref_image'), i))))
     h, w = image.shape[0] // self.vae.spatial_ratio, image.shape[1] // self.vae.spatial_ratio
     shape = (1, frames, self.latent_channels, h, w)
-    initial = noise.get('latents')
+    initial = noise.get('latents')  # x_T: init_noise_sigma is 1 for both CogVideoX samplers
     initial = (jax.random.normal(keys[1], shape, jnp.float32) if initial is None
                else jnp.asarray(initial, jnp.float32))
     if initial.shape != shape:
       raise ValueError(f'initial noise must be {shape}, got {initial.shape}')
-    return dict(latents=initial * self.scheduler_init_sigma, image=image_latents,
-                ref=jnp.concatenate(refs, 1), ref_image=jnp.concatenate(ref_images, 1))
-
-  scheduler_init_sigma = 1.0  # CogVideoX DDIM / DPM: init_noise_sigma = 1
+    return dict(latents=initial, image=image_latents, ref=jnp.concatenate(refs, 1),
+                ref_image=jnp.concatenate(ref_images, 1))
 
   def sample(self, lat: dict, text, ref_text, *, num_inference_steps: int,
              guidance_scale: float, use_dynamic_cfg: bool, key: jax.Array, progress: bool = True,
@@ -145,8 +143,7 @@ class CogVideoXVAPPipeline:
                width: int = 720, num_frames: int = 49, num_inference_steps: int = 50,
                guidance_scale: float = 6.0, use_dynamic_cfg: bool = True,
                frames_selection: str = 'evenly', max_sequence_length: int | None = None,
-               seed: int = 42,
-               noise: dict | None = None, progress: bool = True,
+               seed: int = 42, noise: dict | None = None, progress: bool = True,
                on_step: Callable | None = None) -> VideoOutput:
     """``image`` uint8 (H, W, 3); ``ref_videos`` uint8 (F_i, H_i, W_i, 3) each, with one entry of
     ``ref_prompts`` per reference. Defaults are the official demo's (dynamic CFG on); the text
@@ -154,9 +151,7 @@ class CogVideoXVAPPipeline:
     image = common.check_image(image)
     if isinstance(ref_prompts, str):
       ref_prompts = [ref_prompts]
-    cfg = self.vae.cfg
-    common.check_size(height, width, num_frames, self.vae.spatial_ratio,
-                      cfg.temporal_compression_ratio,
+    common.check_size(height, width, num_frames, self.vae.cfg.temporal_compression_ratio,
                       self.vae.spatial_ratio * self.transformer.cfg.patch_size)
     key = jax.random.key(seed)
     refs = common.check_references(ref_videos, ref_prompts, num_frames, frames_selection,

@@ -65,8 +65,6 @@ def check_references(ref_videos: Sequence, ref_prompts: Sequence[str], num_frame
   index error for a shorter one); here each reference uses its own length. A reference with
   fewer than ``num_frames`` frames is an error rather than silently repeated frames.
   """
-  if isinstance(ref_prompts, str):
-    ref_prompts = [ref_prompts]
   if not ref_videos:
     raise ValueError('at least one reference video is required')
   if len(ref_prompts) != len(ref_videos):
@@ -84,8 +82,7 @@ def check_references(ref_videos: Sequence, ref_prompts: Sequence[str], num_frame
   return selected
 
 
-def check_size(height: int, width: int, num_frames: int, spatial: int, temporal: int,
-               multiple: int) -> None:
+def check_size(height: int, width: int, num_frames: int, temporal: int, multiple: int) -> None:
   """Sizes the VAE and the patchifier can take: H, W multiples of ``multiple`` pixels, 4k+1
   frames."""
   if height % multiple or width % multiple or height <= 0 or width <= 0:

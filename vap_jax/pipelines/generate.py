@@ -106,14 +106,8 @@ def _read_references(paths: list[str], prompts: list[str], frames: int, mode: st
 
 
 def _mesh(spec: str | None):
-  if not spec:
-    return None
-  from vap_jax.parallel import make_mesh
-  try:
-    shape = {k.strip(): int(v) for k, v in (item.split('=') for item in spec.split(','))}
-  except ValueError:
-    raise ValueError(f'--mesh {spec!r}: expected AXIS=N[,AXIS=N...], e.g. fsdp=8') from None
-  return make_mesh(shape)
+  from vap_jax.parallel import make_mesh, parse_mesh_shape
+  return make_mesh(parse_mesh_shape(spec)) if spec else None
 
 
 def _write_outputs(args, result: common.VideoOutput, fps: float) -> list[Path]:

@@ -145,7 +145,7 @@ class WanVAPPipeline:
     if isinstance(ref_prompts, str):
       ref_prompts = [ref_prompts]
     r = self.vae.spatial_ratio
-    common.check_size(height, width, num_frames, r, TEMPORAL_RATIO,
+    common.check_size(height, width, num_frames, TEMPORAL_RATIO,
                       r * self.transformer.cfg.patch_size[1])
     refs = common.check_references(ref_videos, ref_prompts, num_frames, frames_selection,
                                    np.random.default_rng(seed))
