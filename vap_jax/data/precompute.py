@@ -228,8 +228,7 @@ class Encoders:
       x = self._put(clips)
       if self.family == 'cogvideox':
         out = dict(zip(('mean', 'logvar'), self._posterior(self.vae, x)))
-        first = self._put(clips[:, :1])
-        out['image_mean'], out['image_logvar'] = self._posterior(self.vae, first)
+        out['image_mean'], out['image_logvar'] = self._posterior(self.vae, x[:, :1])
       else:
         out = dict(zip(('mean', 'logvar', 'condition'), self._with_condition(self.vae, x)))
         pixels = preprocess(video_io.from_unit_range(clips[:, 0]), **self.clip_args)

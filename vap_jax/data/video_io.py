@@ -319,42 +319,34 @@ def _as_uint8(frames) -> np.ndarray:
   return frames
 
 
+def _encode(path, frames: np.ndarray, codec: str, pix_fmt: str, fps: float = 1,
+            container: str | None = None, options: dict | None = None) -> None:
+  """uint8 (F, H, W, 3) RGB frames -> one stream of ``codec`` in a new file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with av.open(str(path), 'w', format=container) as out:
+    stream = out.add_stream(codec, rate=int(round(fps)), options=options or {})
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+    for f in frames:
+      out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
+    out.mux(stream.encode())
+
+
 def write_mp4(path, frames, fps: float = 16, crf: int = 18) -> None:
   """H.264 mp4 (yuv420p; odd sizes are padded by one pixel). Float frames are read as [-1, 1]."""
   frames = _as_uint8(frames)
   h, w = frames.shape[1:3]
-  pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
-  frames = np.pad(frames, pad, mode='edge')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with av.open(str(path), 'w') as out:
-    stream = out.add_stream('libx264', rate=int(round(fps)), options={'crf': str(crf)})
-    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
-    for f in frames:
-      out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
-    out.mux(stream.encode())
+  frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode='edge')
+  _encode(path, frames, 'libx264', 'yuv420p', fps, options={'crf': str(crf)})
 
 
 def write_gif(path, frames, fps: float = 8) -> None:
   """An animated GIF preview (palette colours)."""
-  frames = _as_uint8(frames)
-  with av.open(str(path), 'w', format='gif') as out:
-    stream = out.add_stream('gif', rate=int(round(fps)))
-    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], 'rgb8'
-    for f in frames:
-      out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
-    out.mux(stream.encode())
+  _encode(path, _as_uint8(frames), 'gif', 'rgb8', fps, container='gif')
 
 
 def write_png_strip(path, frames, max_frames: int = 8) -> None:
   """One PNG with up to `max_frames` evenly chosen frames side by side."""
   frames = _as_uint8(frames)
   pick = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).astype(int)
-  _write_png(path, np.ascontiguousarray(np.concatenate(list(frames[pick]), axis=1)))
-
-
-def _write_png(path, image: np.ndarray) -> None:
-  with av.open(str(path), 'w', format='image2') as out:
-    stream = out.add_stream('png', rate=1)
-    stream.width, stream.height, stream.pix_fmt = image.shape[1], image.shape[0], 'rgb24'
-    out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format='rgb24')))
-    out.mux(stream.encode())
+  strip = np.ascontiguousarray(np.concatenate(list(frames[pick]), axis=1))
+  _encode(path, strip[None], 'png', 'rgb24', container='image2')

@@ -120,12 +120,11 @@ class CogVideoXVAPPipeline:
       guidance = cogvideox_dynamic_guidance(guidance_scale, timesteps)
     else:
       guidance = np.full(len(timesteps), guidance_scale, np.float64)
-    ref = jnp.concatenate([lat['ref'], lat['ref_image']], axis=2)
-    target = jnp.concatenate([lat['latents'], lat['image']], 2)
-    cond = self._condition(jnp.concatenate([target, target]), text, jnp.concatenate([ref, ref]),
-                           ref_text)
-    step = lambda x, state, plan, i, g, key: self._step(x, state, plan, i, g, key, lat['image'],
-                                                        cond)
+    pair = lambda x: jnp.concatenate([x, x])  # the CFG batch [uncond, cond]
+    image = pair(lat['image'])
+    cond = self._condition(jnp.concatenate([pair(lat['latents']), image], 2), text,
+                           pair(jnp.concatenate([lat['ref'], lat['ref_image']], 2)), ref_text)
+    step = lambda x, state, plan, i, g, key: self._step(x, state, plan, i, g, key, image, cond)
     return common.denoise(step, lat['latents'], plan, guidance, key,
                           sharding=self._latent_sharding, progress=progress,
                           on_step=on_step)
@@ -192,9 +191,10 @@ def _condition(model: CogVideoXTransformer, latents, text, ref, ref_text):
 
 def _step(model: CogVideoXTransformer, latents, state, plan, i, guidance, key, image_latents,
           cond):
-  """One CFG step: batch [uncond, cond] through the transformer, guidance, scheduler step."""
+  """One CFG step: batch [uncond, cond] through the transformer, guidance, scheduler step.
+  ``image_latents`` is already the batch-2 pair."""
   t = plan.timesteps[i]
-  x = jnp.concatenate([jnp.concatenate([latents] * 2), jnp.concatenate([image_latents] * 2)], 2)
+  x = jnp.concatenate([jnp.concatenate([latents, latents]), image_latents], 2)
   v = model.predict(x, t, cond).astype(jnp.float32)
   uncond, text = v[:1], v[1:]
   guided = uncond + guidance * (text - uncond)
