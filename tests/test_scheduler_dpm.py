@@ -15,7 +15,6 @@ import pytest
 
 import vap_jax.diffusion as vd
 from conftest import assert_close
-from vap_jax.diffusion import schedulers as vs
 
 diffusers = pytest.importorskip('diffusers')
 torch = pytest.importorskip('torch')
@@ -72,7 +71,7 @@ def test_dpm_chain_matches_diffusers(cfg_name, n):
   """Free-running chain (no feedback), one jitted step, eta 0 and 1 (diffusers ignores eta)."""
   cfg = {'cogvideox': COG_CFG, 'variant': VARIANT_CFG}[cfg_name]
   x, outs = _inputs(n)
-  plan = vs.from_config({**cfg, '_class_name': 'CogVideoXDPMScheduler'}).set_timesteps(n)
+  plan = vd.from_config({**cfg, '_class_name': 'CogVideoXDPMScheduler'}).set_timesteps(n)
   ts, want0, want_x00 = _torch_chain(cfg, n, x, outs, eta=0.0)
   _, want1, _ = _torch_chain(cfg, n, x, outs, eta=1.0)
   np.testing.assert_array_equal(want0, want1)  # diffusers' DPM step does not read eta
@@ -116,12 +115,12 @@ def test_dpm_loop_in_fori_loop(n):
 
 def test_dpm_tables_match_ddim_schedule():
   """DPM and DDIM share one host schedule; DPM's defaults are the CogVideoX config."""
-  dpm = vs.from_config(COG_CFG, class_name='CogVideoXDPMScheduler')
+  dpm = vd.from_config(COG_CFG, class_name='CogVideoXDPMScheduler')
   assert dpm == vd.CogVideoXDPMScheduler()
-  ddim = vs.from_config(COG_CFG, class_name='CogVideoXDDIMScheduler')
+  ddim = vd.from_config(COG_CFG, class_name='CogVideoXDDIMScheduler')
   np.testing.assert_array_equal(dpm.alphas_cumprod, ddim.alphas_cumprod)
   ref = diffusers.CogVideoXDPMScheduler.from_config(VARIANT_CFG)
-  ours = vs.from_config(VARIANT_CFG, class_name='CogVideoXDPMScheduler')
+  ours = vd.from_config(VARIANT_CFG, class_name='CogVideoXDPMScheduler')
   np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-12, atol=1e-15)
   plan = dpm.set_timesteps(50)
   ms = np.asarray(plan.multistep)
@@ -131,13 +130,13 @@ def test_dpm_tables_match_ddim_schedule():
 
 def test_dpm_config_and_input_errors():
   with pytest.raises(ValueError, match='prediction_type'):  # missing key -> diffusers default 'epsilon'
-    vs.from_config({'_class_name': 'CogVideoXDPMScheduler'})
+    vd.from_config({'_class_name': 'CogVideoXDPMScheduler'})
   with pytest.raises(ValueError, match='trained_betas'):
-    vs.from_config({**COG_CFG, 'trained_betas': [0.1] * 1000}, class_name='CogVideoXDPMScheduler')
+    vd.from_config({**COG_CFG, 'trained_betas': [0.1] * 1000}, class_name='CogVideoXDPMScheduler')
   with pytest.raises(ValueError, match='beta_schedule'):
-    vs.from_config({**COG_CFG, 'beta_schedule': 'squaredcos_cap_v2'}, class_name='CogVideoXDPMScheduler')
+    vd.from_config({**COG_CFG, 'beta_schedule': 'squaredcos_cap_v2'}, class_name='CogVideoXDPMScheduler')
   # clip_sample is accepted: diffusers' DPM step never clips.
-  vs.from_config({**COG_CFG, 'clip_sample': True}, class_name='CogVideoXDPMScheduler')
+  vd.from_config({**COG_CFG, 'clip_sample': True}, class_name='CogVideoXDPMScheduler')
   plan = vd.CogVideoXDPMScheduler().set_timesteps(4)
   assert plan.needs_noise
   x = jnp.zeros(SHAPE)

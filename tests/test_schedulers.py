@@ -47,7 +47,7 @@ CASES = [('cogvideox_ddim', 'CogVideoXDDIMScheduler'), ('flowmatch_euler_shift5'
 @pytest.mark.parametrize('n', [50, 4])
 def test_golden_chain(name, cls, n):
   cfg, g = _load(name)
-  sched = vs.from_config(cfg, class_name=cls)
+  sched = vd.from_config(cfg, class_name=cls)
   plan = sched.set_timesteps(n)
   np.testing.assert_array_equal(np.asarray(plan.timesteps), g[f'N{n}.timesteps'])
   if f'N{n}.sigmas' in g:
@@ -59,7 +59,7 @@ def test_golden_chain(name, cls, n):
 
 def test_ddim_tables_and_training_ops():
   cfg, g = _load('cogvideox_ddim')
-  sched = vs.from_config(cfg, class_name='CogVideoXDDIMScheduler')
+  sched = vd.from_config(cfg, class_name='CogVideoXDDIMScheduler')
   np.testing.assert_allclose(sched.alphas_cumprod, g['alphas_cumprod'], rtol=1e-12, atol=1e-15)
   assert sched.final_alpha_cumprod == float(g['final_alpha_cumprod'])
   x0, noise, t = (jnp.asarray(g[f'train.{k}']) for k in ('x0', 'noise', 'timesteps'))
@@ -80,21 +80,21 @@ def test_dynamic_cfg_matches_official():
   ramp = vd.cogvideox_dynamic_guidance(6.0, ts, use_step_index=True)
   assert ramp[0] == 7.0 and np.all(np.diff(ramp) <= 0) and ramp[-1] < 1.001
   u, c = jnp.ones(3), jnp.full(3, 3.0)
-  np.testing.assert_allclose(vd.cfg(u, c, 2.5), np.full(3, 6.0))
+  np.testing.assert_allclose(vd.apply_guidance(u, c, 2.5), np.full(3, 6.0))
 
 
 def test_from_config_errors():
   with pytest.raises(ValueError, match='PNDMScheduler'):
-    vs.from_config({'_class_name': 'PNDMScheduler'})
+    vd.from_config({'_class_name': 'PNDMScheduler'})
   with pytest.raises(ValueError, match='use_dynamic_shifting'):
-    vs.from_config({'_class_name': 'FlowMatchEulerDiscreteScheduler', 'use_dynamic_shifting': True})
+    vd.from_config({'_class_name': 'FlowMatchEulerDiscreteScheduler', 'use_dynamic_shifting': True})
   with pytest.raises(ValueError, match='prediction_type'):
-    vs.from_config({'_class_name': 'CogVideoXDDIMScheduler', 'prediction_type': 'epsilon'})
+    vd.from_config({'_class_name': 'CogVideoXDDIMScheduler', 'prediction_type': 'epsilon'})
   with pytest.raises(ValueError, match='solver_order'):
-    vs.from_config({'_class_name': 'UniPCMultistepScheduler', 'solver_order': 3, 'use_flow_sigmas': True,
+    vd.from_config({'_class_name': 'UniPCMultistepScheduler', 'solver_order': 3, 'use_flow_sigmas': True,
                     'prediction_type': 'flow_prediction'})
   with pytest.raises(ValueError, match='_class_name'):
-    vs.from_config({})
+    vd.from_config({})
 
 
 def test_vs_pypi_diffusers_variations():
@@ -125,7 +125,7 @@ def test_vs_pypi_diffusers_variations():
 def test_free_running_chain_in_fori_loop(name, cls):
   """The whole N=50 loop as one ``lax.fori_loop`` (no golden feedback): the final sample still matches."""
   cfg, g = _load(name)
-  plan = vs.from_config(cfg, class_name=cls).set_timesteps(50)
+  plan = vd.from_config(cfg, class_name=cls).set_timesteps(50)
   outs = jnp.stack([jnp.asarray(g[f'N50.step{i:02d}.model_output']) for i in range(50)])
   x0 = jnp.asarray(g['N50.sample_init'])
 

@@ -8,12 +8,13 @@ step; multistep history lives in the explicit ``state`` pytree from ``plan.init_
 Stochastic samplers (``CogVideoXDPMScheduler``; their plan has ``needs_noise = True``) take the
 step's standard-normal noise as an explicit last argument: ``plan.step(state, out, i, x, noise)``.
 """
-from vap_jax.diffusion.schedulers import (CogVideoXDDIMScheduler, CogVideoXSchedule, DDIMPlan,
-                                          FlowMatchEulerDiscreteScheduler, FlowMatchPlan, from_config)
+from vap_jax.diffusion.config import from_config
 from vap_jax.diffusion.dpm import CogVideoXDPMScheduler, DPMPlan
-from vap_jax.diffusion.guidance import cfg, cogvideox_dynamic_guidance
+from vap_jax.diffusion.schedulers import (CogVideoXDDIMScheduler, CogVideoXSchedule, DDIMPlan,
+                                          FlowMatchEulerDiscreteScheduler, FlowMatchPlan)
+from vap_jax.diffusion.guidance import apply_guidance, cogvideox_dynamic_guidance
 from vap_jax.diffusion.unipc import UniPCMultistepScheduler, UniPCPlan
 
 __all__ = ['CogVideoXDDIMScheduler', 'CogVideoXDPMScheduler', 'CogVideoXSchedule', 'DDIMPlan', 'DPMPlan',
            'FlowMatchEulerDiscreteScheduler', 'FlowMatchPlan', 'UniPCMultistepScheduler', 'UniPCPlan', 'from_config',
-           'cfg', 'cogvideox_dynamic_guidance']
+           'apply_guidance', 'cogvideox_dynamic_guidance']

@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vap_jax.diffusion.schedulers import CogVideoXSchedule, _check_options, _f32, _pytree
+from vap_jax.diffusion.plans import check_options, host_f32, pytree_dataclass
+from vap_jax.diffusion.schedulers import CogVideoXSchedule
 
 
-@_pytree
+@pytree_dataclass
 class DPMPlan:
   """``set_timesteps`` output: per-step float32 coefficients (see the module docstring).
 
@@ -105,7 +106,7 @@ class CogVideoXDPMScheduler(CogVideoXSchedule):
   def from_config(cls, cfg: Mapping[str, Any]):
     cfg = {**cls.DIFFUSERS_DEFAULTS, **cfg}
     # clip_sample, clip_sample_range, sample_max_value: diffusers' DPM step never reads them.
-    _check_options('CogVideoXDPMScheduler', cfg, {
+    check_options('CogVideoXDPMScheduler', cfg, {
         'trained_betas': (None,), 'beta_schedule': ('scaled_linear', 'linear'), 'prediction_type': ('v_prediction',),
         'timestep_spacing': ('trailing', 'linspace', 'leading')})
     keys = [f.name for f in dataclasses.fields(cls)]
@@ -133,4 +134,4 @@ class CogVideoXDPMScheduler(CogVideoXSchedule):
         raise ValueError(f'CogVideoXDPMScheduler.set_timesteps({n}): non-finite {k} at steps '
                          f'{np.flatnonzero(~np.isfinite(v)).tolist()} (timesteps {ts.tolist()})')
     return DPMPlan(timesteps=jnp.asarray(ts.astype(np.int32)), multistep=jnp.asarray(multistep),
-                   **{k: _f32(v) for k, v in tab.items()})
+                   **{k: host_f32(v) for k, v in tab.items()})

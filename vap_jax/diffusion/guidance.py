@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 
-def cfg(uncond, cond, scale):
+def apply_guidance(uncond, cond, scale):
   """``uncond + scale * (cond - uncond)``; ``scale`` may be a python float or a traced scalar."""
   return uncond + scale * (cond - uncond)
 

@@ -1,6 +1,7 @@
 """CogVideoX DDIM and flow-match Euler samplers, plus ``from_config`` for diffusers configs.
 
-``CogVideoXSchedule`` is the host-side CogVideoX noise schedule shared with the DPM sampler (``dpm.py``).
+``CogVideoXSchedule`` is the host-side CogVideoX noise schedule shared with the DPM sampler (``dpm.py``);
+``vap_jax.diffusion.from_config`` builds any of the samplers from a diffusers config.
 
 The math follows diffusers' ``CogVideoXDDIMScheduler`` and ``FlowMatchEulerDiscreteScheduler``
 (what the VAP pipelines call), including their float64/float32 choices: DDIM keeps
@@ -17,25 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _pytree(cls):
-  """Frozen dataclass whose fields are all pytree children (arrays)."""
-  cls = dataclasses.dataclass(frozen=True)(cls)
-  names = [f.name for f in dataclasses.fields(cls)]
-  return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
-
-
-def _check_options(name: str, cfg: Mapping[str, Any], allowed: Mapping[str, Any]):
-  """Reject config options whose value we do not implement (``allowed`` maps key -> accepted values)."""
-  for key, ok in allowed.items():
-    if key in cfg and cfg[key] not in ok:
-      raise ValueError(f'{name}: {key}={cfg[key]!r} is not supported (supported: {list(ok)})')
+from vap_jax.diffusion.plans import check_options, host_f32, pytree_dataclass
 
 
 # ----------------------------------------------------------------------------------------------- DDIM
 
 
-@_pytree
+@pytree_dataclass
 class DDIMPlan:
   """``set_timesteps`` output. Per step i: ``x0 = c_sample*x - c_out*v``; ``prev = a*x + b*x0``."""
   timesteps: jax.Array  # (N,) int32
@@ -140,27 +129,29 @@ class CogVideoXSchedule:
     return sa.reshape(shape) * noise - sb.reshape(shape) * sample
 
 
-def _f32(x):
-  """Host float64 -> float32 device array (torch's cast of a 0-d float64 coefficient onto a float32 sample)."""
-  return jnp.asarray(np.asarray(x, np.float64).astype(np.float32))
-
-
 @dataclasses.dataclass(frozen=True)
 class CogVideoXDDIMScheduler(CogVideoXSchedule):
   """CogVideoX's DDIM: v-prediction, scaled-linear betas, SNR shift, zero-terminal-SNR, trailing."""
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> 'CogVideoXDDIMScheduler':
+    check_options('CogVideoXDDIMScheduler', cfg, {
+        'clip_sample': (False,), 'trained_betas': (None,), 'thresholding': (False,)})
+    keys = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{k: cfg[k] for k in keys if k in cfg})
 
   def set_timesteps(self, n: int) -> DDIMPlan:
     ts, at, ap = self.step_alphas(n)
     a = ((1 - ap) / (1 - at)) ** 0.5
     b = ap ** 0.5 - at ** 0.5 * a
-    return DDIMPlan(timesteps=jnp.asarray(ts.astype(np.int32)), c_sample=_f32(at ** 0.5), c_out=_f32((1 - at) ** 0.5),
-                    a=_f32(a), b=_f32(b))
+    return DDIMPlan(timesteps=jnp.asarray(ts.astype(np.int32)), c_sample=host_f32(at ** 0.5), c_out=host_f32((1 - at) ** 0.5),
+                    a=host_f32(a), b=host_f32(b))
 
 
 # ----------------------------------------------------------------------------------- flow-match Euler
 
 
-@_pytree
+@pytree_dataclass
 class FlowMatchPlan:
   """``sigmas`` has N+1 entries (a trailing 0); ``timesteps = sigmas[:N] * T`` (float32)."""
   timesteps: jax.Array  # (N,) float32
@@ -181,6 +172,15 @@ class FlowMatchEulerDiscreteScheduler:
   """Deterministic flow-matching Euler sampler with a static ``shift`` (Wan, SD3)."""
   num_train_timesteps: int = 1000
   shift: float = 1.0
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> 'FlowMatchEulerDiscreteScheduler':
+    check_options('FlowMatchEulerDiscreteScheduler', cfg, {
+        'use_dynamic_shifting': (False,), 'invert_sigmas': (False,), 'shift_terminal': (None,),
+        'use_karras_sigmas': (False,), 'use_exponential_sigmas': (False,), 'use_beta_sigmas': (False,),
+        'stochastic_sampling': (False,)})
+    return cls(num_train_timesteps=cfg.get('num_train_timesteps', 1000),
+               shift=float(cfg.get('shift', 1.0)))
 
   @property
   def train_sigmas(self) -> np.ndarray:
@@ -207,52 +207,3 @@ class FlowMatchEulerDiscreteScheduler:
     """Training interpolation ``sigma * noise + (1 - sigma) * x0`` (per-sample ``sigma``)."""
     sigma = jnp.asarray(sigma, sample.dtype).reshape((-1,) + (1,) * (sample.ndim - 1))
     return sigma * noise + (1.0 - sigma) * sample
-
-
-# ------------------------------------------------------------------------------------------ configs
-
-_COMMON_IGNORED = {'_class_name', '_diffusers_version', 'num_train_timesteps'}
-
-
-def _ddim_from_config(cfg):
-  _check_options('CogVideoXDDIMScheduler', cfg, {
-      'clip_sample': (False,), 'trained_betas': (None,), 'thresholding': (False,)})
-  keys = [f.name for f in dataclasses.fields(CogVideoXDDIMScheduler)]
-  return CogVideoXDDIMScheduler(**{k: cfg[k] for k in keys if k in cfg})
-
-
-def _flow_euler_from_config(cfg):
-  _check_options('FlowMatchEulerDiscreteScheduler', cfg, {
-      'use_dynamic_shifting': (False,), 'invert_sigmas': (False,), 'shift_terminal': (None,),
-      'use_karras_sigmas': (False,), 'use_exponential_sigmas': (False,), 'use_beta_sigmas': (False,),
-      'stochastic_sampling': (False,)})
-  return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.get('num_train_timesteps', 1000),
-                                         shift=float(cfg.get('shift', 1.0)))
-
-
-def _dpm_from_config(cfg):
-  from vap_jax.diffusion.dpm import CogVideoXDPMScheduler
-  return CogVideoXDPMScheduler.from_config(cfg)
-
-
-def _unipc_from_config(cfg):
-  from vap_jax.diffusion.unipc import UniPCMultistepScheduler
-  return UniPCMultistepScheduler.from_config(cfg)
-
-
-_BUILDERS = {
-    'CogVideoXDDIMScheduler': _ddim_from_config,
-    'CogVideoXDPMScheduler': _dpm_from_config,
-    'FlowMatchEulerDiscreteScheduler': _flow_euler_from_config,
-    'UniPCMultistepScheduler': _unipc_from_config,
-}
-
-
-def from_config(cfg: Mapping[str, Any], class_name: str | None = None):
-  """Build a scheduler from a diffusers ``scheduler_config.json`` dict (``_class_name`` picks the class)."""
-  name = class_name or cfg.get('_class_name')
-  if name is None:
-    raise ValueError('scheduler config has no _class_name; pass class_name=')
-  if name not in _BUILDERS:
-    raise ValueError(f'scheduler class {name!r} is not supported (supported: {sorted(_BUILDERS)})')
-  return _BUILDERS[name](dict(cfg))

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vap_jax.diffusion.schedulers import _check_options, _pytree
+from vap_jax.diffusion.plans import check_options, pytree_dataclass
 
 
-@_pytree
+@pytree_dataclass
 class UniPCPlan:
   """Per-step tables. ``p_*``: predictor sigma_i -> sigma_{i+1}; ``c_*``: corrector at step i."""
   timesteps: jax.Array  # (N,) int32
@@ -72,7 +72,7 @@ class UniPCMultistepScheduler:
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]):
-    _check_options('UniPCMultistepScheduler', cfg, {
+    check_options('UniPCMultistepScheduler', cfg, {
         'prediction_type': ('flow_prediction',), 'use_flow_sigmas': (True,), 'predict_x0': (True,),
         'solver_type': ('bh2',), 'solver_order': (2,), 'thresholding': (False,), 'disable_corrector': ([],),
         'solver_p': (None,), 'use_karras_sigmas': (False,), 'use_exponential_sigmas': (False,),
