@@ -140,6 +140,21 @@ def test_write_and_read_back(tmp_path):
   assert fps == 8
 
 
+def test_mp4_writer_is_deterministic(tmp_path):
+  """The same frames encode to the same bytes every time. With x264's macroblock tree on (now
+  off) these frames gave 4-9 distinct files in every 10 encodes."""
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[:128, :192]
+  frames = np.stack([np.clip(((np.sin(xx / 17 + t / 3) + np.cos(yy / 11 - t / 5)) * 60 + 128)[..., None]
+                             + rng.normal(0, 8, (128, 192, 3)), 0, 255).astype(np.uint8)
+                     for t in range(25)])
+  files = set()
+  for _ in range(10):
+    video_io.write_mp4(tmp_path / 'a.mp4', frames, fps=16)
+    files.add((tmp_path / 'a.mp4').read_bytes())
+  assert len(files) == 1
+
+
 def test_nearest_bucket_and_crop_modes():
   buckets = [[49, 480, 720], [49, 480, 832], [25, 240, 360]]
   assert video_io.nearest_bucket(60, 720, 1280, buckets) == (49, 480, 832)

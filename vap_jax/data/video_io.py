@@ -332,11 +332,18 @@ def _encode(path, frames: np.ndarray, codec: str, pix_fmt: str, fps: float = 1,
 
 
 def write_mp4(path, frames, fps: float = 16, crf: int = 18) -> None:
-  """H.264 mp4 (yuv420p; odd sizes are padded by one pixel). Float frames are read as [-1, 1]."""
+  """H.264 mp4 (yuv420p; odd sizes are padded by one pixel). Float frames are read as [-1, 1].
+
+  The same frames always give the same bytes: x264's macroblock-tree rate control is off, since
+  with it the same frames encoded to different streams from call to call (measured with PyAV
+  18.1's x264: 2-4 distinct files in 8-150 encodes, decoded pixels up to 47 levels apart), for
+  about 3% more bytes at the same quality setting.
+  """
   frames = _as_uint8(frames)
   h, w = frames.shape[1:3]
   frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode='edge')
-  _encode(path, frames, 'libx264', 'yuv420p', fps, options={'crf': str(crf)})
+  _encode(path, frames, 'libx264', 'yuv420p', fps,
+          options={'crf': str(crf), 'x264-params': 'no-mbtree=1'})
 
 
 def write_gif(path, frames, fps: float = 8) -> None:
