@@ -12,6 +12,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 DATA = Path(__file__).parent / 'data'
+CONFIGS = Path(__file__).parent.parent / 'configs'
+
+
+def config_file(spec: str):
+  """A config file of configs/, read by path as the commands do: ``config_file('wan_tiny.py')``,
+  ``config_file('vap_data.py:wan')``."""
+  from vap_jax.config import load_config
+  return load_config(CONFIGS / spec)
 
 
 def assert_close(actual, expected, *, atol=1e-5, rtol=1e-5, what='output'):
@@ -23,6 +31,23 @@ def assert_close(actual, expected, *, atol=1e-5, rtol=1e-5, what='output'):
   assert np.allclose(actual, expected, atol=atol, rtol=rtol), (
       f'{what}: max abs err {err.max():.3e}, max rel err {rel:.3e}')
   return err.max(), rel
+
+
+def assert_trig_close(actual, expected, angles, *, what='table'):
+  """sin/cos tables of float32 angles, compared with a bound that float32 gives, not a machine.
+
+  A float32 angle is off its exact value by a few ulp of itself (a power for the frequency, a
+  product with the position), and two math libraries may round it or evaluate sin/cos a few ulp
+  apart: |error| <= 4 eps |angle| + 4 eps per element. At |angle| = 45 rad one ulp is 3.8e-6,
+  so a fixed 1e-6 passes on one CPU and fails on another.
+  """
+  eps = float(np.finfo(np.float32).eps)
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  bound = 4 * eps * np.abs(np.asarray(angles, np.float64)) + 4 * eps
+  err = np.abs(actual - expected)
+  worst = np.unravel_index(np.argmax(err - bound), err.shape)
+  assert (err <= bound).all(), (f'{what}: error {err[worst]:.3e} at {worst} above its float32 '
+                                f'bound {bound[worst]:.3e} (angle {angles[worst]:.3f})')
 
 
 @pytest.fixture(scope='session')

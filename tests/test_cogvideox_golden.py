@@ -11,10 +11,19 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from conftest import assert_close
+from conftest import assert_close, assert_trig_close
 from vap_jax.models.cogvideox import CogVideoXConfig
 from vap_jax.nn.embeddings import timestep_features
+from vap_jax.nn.rope import cogvideox_rope_angles
 from vap_jax.weights.cogvideox import load_cogvideox
+
+
+def _angles(model, frames, height, width, num_refs):
+  """The float32 angles behind ``model.rope(frames, height, width, num_refs)``."""
+  cfg, p = model.cfg, model.cfg.patch_size
+  return cogvideox_rope_angles(cfg.attention_head_dim, frames, height // p, width // p,
+                               base_h=cfg.sample_height // p, base_w=cfg.sample_width // p,
+                               num_refs=num_refs)
 
 
 @pytest.fixture(scope='module')
@@ -33,8 +42,9 @@ def test_config_reads_block_idx_from_diffusers_config(golden_cog, model):
 def test_rope_tables_equal_official(golden_cog, model, num_refs, key):
   rope = load_file(golden_cog / 'rope.safetensors')
   cos, sin = model.rope(3, 8, 12, num_refs)
-  assert_close(cos, rope[f'{key}_cos'], atol=1e-6, what=f'{key} cos')
-  assert_close(sin, rope[f'{key}_sin'], atol=1e-6, what=f'{key} sin')
+  angles = _angles(model, 3, 8, 12, num_refs)
+  assert_trig_close(cos, rope[f'{key}_cos'], angles, what=f'{key} cos')
+  assert_trig_close(sin, rope[f'{key}_sin'], angles, what=f'{key} sin')
 
 
 @pytest.mark.parametrize('case', ['case_1ref', 'case_2ref'])
@@ -49,7 +59,8 @@ def test_mot_forward_equals_official(golden_cog, model, case):
   # The model's own RoPE equals the tables the official pipeline passed in.
   for name, table in (('image_rotary_emb', model.rope(3, 8, 12)),
                       ('image_rotary_emb_mot_ref', model.rope(3, 8, 12, n_refs))):
-    assert_close(table[0], inputs[f'{name}_cos'], atol=1e-6, what=name)
+    assert_trig_close(table[0], inputs[f'{name}_cos'], _angles(model, 3, 8, 12, n_refs if 'ref'
+                                                                in name else 0), what=name)
 
   tol = dict(atol=1e-5, rtol=1e-5)
   t_feat = timestep_features(jnp.asarray(inputs['timestep']), model.cfg.inner_dim)

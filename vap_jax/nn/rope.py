@@ -32,8 +32,9 @@ def _axis_angles(dim: int, positions: np.ndarray, theta: float, dtype) -> np.nda
   return np.outer(positions.astype(dtype), inv_freq.astype(dtype)).astype(dtype)
 
 
-def _table(pos_t, pos_h, pos_w, dims: tuple[int, int, int], theta: float, dtype):
-  """Per-token (cos, sin), tokens t-major then h then w; pair angles [t | h | w], each repeated."""
+def _angles(pos_t, pos_h, pos_w, dims: tuple[int, int, int], theta: float, dtype) -> np.ndarray:
+  """Per-token angles (tokens, sum(dims)), tokens t-major then h then w; pairs [t | h | w], each
+  angle repeated for its channel pair."""
   t, h, w = len(pos_t), len(pos_h), len(pos_w)
   parts = [_axis_angles(d, p, theta, dtype) for d, p in zip(dims, (pos_t, pos_h, pos_w))]
   angles = np.concatenate([
@@ -41,7 +42,10 @@ def _table(pos_t, pos_h, pos_w, dims: tuple[int, int, int], theta: float, dtype)
       np.broadcast_to(parts[1][None, :, None], (t, h, w, parts[1].shape[-1])),
       np.broadcast_to(parts[2][None, None, :], (t, h, w, parts[2].shape[-1])),
   ], axis=-1).reshape(t * h * w, -1)
-  angles = np.repeat(angles, 2, axis=-1)
+  return np.repeat(angles, 2, axis=-1)
+
+
+def _table(angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
@@ -62,13 +66,9 @@ def crop_region(grid_h: int, grid_w: int, base_h: int, base_w: int):
   return (top, left), (top + resize_h, left + resize_w)
 
 
-def cogvideox_rope(head_dim: int, frames: int, grid_h: int, grid_w: int, *, base_h: int,
-                   base_w: int, num_refs: int = 0, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
-  """CogVideoX 3D RoPE table ("linspace" grid), for the target or for ``num_refs`` references.
-
-  The head dim splits [t | h | w] = [d/4 | 3d/8 | 3d/8]; angles in float32 as diffusers.
-  Spatial positions span the crop region of the training grid.
-  """
+def cogvideox_rope_angles(head_dim: int, frames: int, grid_h: int, grid_w: int, *, base_h: int,
+                          base_w: int, num_refs: int = 0, theta: float = 10000.0) -> np.ndarray:
+  """The float32 angles (tokens, head_dim) of `cogvideox_rope`'s table."""
   (top, left), (bottom, right) = crop_region(grid_h, grid_w, base_h, base_w)
   pos_h = np.linspace(top, bottom * (grid_h - 1) / grid_h, grid_h, dtype=np.float32)
   pos_w = np.linspace(left, right * (grid_w - 1) / grid_w, grid_w, dtype=np.float32)
@@ -77,7 +77,18 @@ def cogvideox_rope(head_dim: int, frames: int, grid_h: int, grid_w: int, *, base
   else:
     pos_t = np.linspace(0, frames * (frames - 1) / frames, frames, dtype=np.float32)
   dims = (head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3)
-  return _table(pos_t, pos_h, pos_w, dims, theta, np.float32)
+  return _angles(pos_t, pos_h, pos_w, dims, theta, np.float32)
+
+
+def cogvideox_rope(head_dim: int, frames: int, grid_h: int, grid_w: int, *, base_h: int,
+                   base_w: int, num_refs: int = 0, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+  """CogVideoX 3D RoPE table ("linspace" grid), for the target or for ``num_refs`` references.
+
+  The head dim splits [t | h | w] = [d/4 | 3d/8 | 3d/8]; angles in float32 as diffusers.
+  Spatial positions span the crop region of the training grid.
+  """
+  return _table(cogvideox_rope_angles(head_dim, frames, grid_h, grid_w, base_h=base_h,
+                                      base_w=base_w, num_refs=num_refs, theta=theta))
 
 
 def wan_rope(head_dim: int, frames: int, grid_h: int, grid_w: int, *, num_refs: int = 0,
@@ -89,5 +100,6 @@ def wan_rope(head_dim: int, frames: int, grid_h: int, grid_w: int, *, num_refs: 
   """
   hw = 2 * (head_dim // 6)
   dims = (head_dim - 2 * hw, hw, hw)
-  return _table(_time_positions(frames, num_refs).astype(np.float64), np.arange(grid_h, dtype=np.float64),
-                np.arange(grid_w, dtype=np.float64), dims, theta, np.float64)
+  return _table(_angles(_time_positions(frames, num_refs).astype(np.float64),
+                        np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
+                        dims, theta, np.float64))
