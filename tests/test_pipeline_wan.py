@@ -36,10 +36,11 @@ def test_prompt_and_image_embeddings(pipe, golden, kwargs):
   args = golden['transformer_text_args']
   text, ref_text = pipe.encode_prompts(kwargs['prompt'], kwargs['prompt_mot_ref'],
                                        kwargs['negative_prompt'], kwargs['negative_prompt_mot_ref'])
-  assert_close(text[0], args['prompt_embeds'][0], what='prompt embeds')
-  assert_close(text[1], args['negative_prompt_embeds'][0], what='negative prompt embeds')
-  assert_close(ref_text[0], args['prompt_embeds_mot_ref'][0], what='ref prompt embeds')
-  assert_close(ref_text[1], args['negative_prompt_embeds_mot_ref'][0], what='negative ref embeds')
+  # The CFG batch is [negative, positive], as in the CogVideoX pipeline.
+  assert_close(text[1], args['prompt_embeds'][0], what='prompt embeds')
+  assert_close(text[0], args['negative_prompt_embeds'][0], what='negative prompt embeds')
+  assert_close(ref_text[1], args['prompt_embeds_mot_ref'][0], what='ref prompt embeds')
+  assert_close(ref_text[0], args['negative_prompt_embeds_mot_ref'][0], what='negative ref embeds')
   inputs = golden['inputs']
   assert_close(pipe.encode_images([inputs['image']]), golden['clip']['image.image_embeds'],
                what='image CLIP tokens')

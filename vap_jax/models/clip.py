@@ -22,9 +22,8 @@ from flax import nnx
 
 from vap_jax.nn.attention import attention
 from vap_jax.nn.layers import LayerNorm, Linear, param
-from vap_jax.parallel import constrain
+from vap_jax.parallel import TOKEN_AXES, constrain
 
-TOKEN_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -27,11 +27,10 @@ from vap_jax.nn.embeddings import sincos_3d_table, timestep_features
 from vap_jax.nn.layers import (AdaLayerNorm, FeedForward, LayerNorm, LayerNormZero, Linear,
                                TimestepEmbedding, buffer)
 from vap_jax.nn.rope import RopeTable, cogvideox_rope
-from vap_jax.parallel import constrain
+from vap_jax.parallel import TOKEN_AXES, constrain
 
 log = logging.getLogger(__name__)
 
-TOKEN_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,8 @@ from flax import nnx
 
 from vap_jax.nn.attention import attention
 from vap_jax.nn.layers import Linear, RMSNorm, param
-from vap_jax.parallel import constrain
+from vap_jax.parallel import TOKEN_AXES, constrain
 
-TOKEN_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 
 _ACTIVATIONS = {
     'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),  # T5 v1.1 "gated-gelu"

@@ -258,6 +258,11 @@ class AutoencoderKLCogVideoX(nnx.Module):
   def spatial_ratio(self) -> int:
     return 2 ** (len(self.cfg.block_out_channels) - 1)
 
+  @property
+  def temporal_ratio(self) -> int:
+    """Frames per latent frame after the first."""
+    return self.cfg.temporal_compression_ratio
+
   def _run(self, module, x, batch, chunked):
     x = constrain(x, ACT)
     if not chunked:

@@ -274,6 +274,11 @@ class AutoencoderKLWan(nnx.Module):
   def spatial_ratio(self) -> int:
     return 2 ** (len(self.cfg.dim_mult) - 1)
 
+  @property
+  def temporal_ratio(self) -> int:
+    """Frames per latent frame after the first."""
+    return 2 ** sum(self.cfg.temperal_downsample)
+
   def _encode_video(self, x, chunked: bool):
     """(B, T, H, W, C) -> moments (B, T', h, w, 2z)."""
     frames = 1 + 4 * ((x.shape[1] - 1) // 4)  # diffusers drops trailing frames the same way
@@ -328,6 +333,13 @@ class AutoencoderKLWan(nnx.Module):
   def denormalize_latents(self, z: jax.Array) -> jax.Array:
     mean, inv_std = self._stats(z)
     return z / inv_std + mean
+
+  def encode_normalized(self, video: jax.Array, *, tiled: bool = False) -> jax.Array:
+    """The pipelines' latents of a video: the posterior mode, normalised."""
+    return self.normalize_latents(self.encode(video, tiled=tiled).mode())
+
+  def decode_normalized(self, z: jax.Array, *, tiled: bool = False) -> jax.Array:
+    return self.decode(self.denormalize_latents(z), tiled=tiled)
 
   def _stats(self, z):
     shape = (1, self.cfg.z_dim, 1, 1, 1)

@@ -32,9 +32,8 @@ from vap_jax.nn.attention import attention
 from vap_jax.nn.embeddings import timestep_features
 from vap_jax.nn.layers import FeedForward, LayerNorm, Linear, RMSNorm, TimestepEmbedding, param
 from vap_jax.nn.rope import RopeTable, wan_rope
-from vap_jax.parallel import constrain
+from vap_jax.parallel import TOKEN_AXES, constrain
 
-TOKEN_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 F32 = jnp.float32
 
 

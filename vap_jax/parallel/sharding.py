@@ -21,6 +21,9 @@ MESH_AXES = ('data', 'fsdp', 'context', 'tensor')
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
+# Logical names of a (batch, tokens, width) activation, the layout every transformer stream has.
+TOKEN_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+
 # Weights: FSDP over the model width, tensor parallel over heads/MLP. Activations: batch over
 # data+fsdp, sequence over context, heads over tensor.
 DEFAULT_RULES: Rules = (

@@ -43,19 +43,15 @@ class CogVideoXVAPPipeline:
     self._latent_sharding = common.replicated(mesh)
     self._step = common.compiled(transformer, _step, mesh, donate_argnums=(1,),
                                  out_shardings=self._latent_sharding)
-    self._encode = common.compiled(vae, _encoder(vae_tiling), mesh)
-    self._decode = common.compiled(vae, _decoder(vae_tiling), mesh)
+    self._encode = common.compiled(vae, common.method('encode', tiled=vae_tiling), mesh)
+    self._decode = common.compiled(vae, common.method('decode', tiled=vae_tiling), mesh)
 
   @classmethod
-  def from_pretrained(cls, path: str | Path, *, dtype: str = 'bfloat16',
-                      vae_dtype: str | None = None, mesh=None, attention: str = 'xla',
-                      vae_tiling: bool = False) -> 'CogVideoXVAPPipeline':
-    """A diffusers VAP folder or a ``vap-convert`` folder. ``vae_dtype`` defaults to ``dtype``
-    (the official demo runs the VAE in bf16)."""
+  def from_pretrained(cls, path: str | Path, **kwargs) -> 'CogVideoXVAPPipeline':
+    """A diffusers VAP folder or a ``vap-convert`` folder; keyword arguments as
+    `vap_jax.pipelines.loading.load_components` (dtypes, mesh, attention, vae_tiling)."""
     from vap_jax.pipelines.loading import load_components
-    parts = load_components(path, 'cogvideox', dtype=dtype, vae_dtype=vae_dtype or dtype,
-                            mesh=mesh, attention=attention)
-    return cls(**parts, mesh=mesh, vae_tiling=vae_tiling)
+    return cls(**load_components(path, cls.family, **kwargs))
 
   @property
   def latent_channels(self) -> int:
@@ -85,10 +81,9 @@ class CogVideoXVAPPipeline:
     the references). ``noise`` may hold the draws to use: ``latents``, ``image``, ``ref_video``
     (one per reference) and ``ref_image`` (one per reference), in the VAE's posterior layout."""
     noise = noise or {}
-    cfg = self.vae.cfg
-    scale = cfg.scaling_factor
+    scale = self.vae.cfg.scaling_factor
     keys = jax.random.split(key, 2 + 2 * len(ref_frames))
-    frames = (num_frames - 1) // cfg.temporal_compression_ratio + 1
+    frames = (num_frames - 1) // self.vae.temporal_ratio + 1
 
     def pad(z):  # one latent frame -> `frames`, zeros after the first
       return jnp.pad(z, ((0, 0), (0, frames - z.shape[1]), (0, 0), (0, 0), (0, 0)))
@@ -120,7 +115,7 @@ class CogVideoXVAPPipeline:
       guidance = cogvideox_dynamic_guidance(guidance_scale, timesteps)
     else:
       guidance = np.full(len(timesteps), guidance_scale, np.float64)
-    pair = lambda x: jnp.concatenate([x, x])  # the CFG batch [uncond, cond]
+    pair = common.cfg_pair
     image = pair(lat['image'])
     cond = self._condition(jnp.concatenate([pair(lat['latents']), image], 2), text,
                            pair(jnp.concatenate([lat['ref'], lat['ref_image']], 2)), ref_text)
@@ -150,7 +145,7 @@ class CogVideoXVAPPipeline:
     image = common.check_image(image)
     if isinstance(ref_prompts, str):
       ref_prompts = [ref_prompts]
-    common.check_size(height, width, num_frames, self.vae.cfg.temporal_compression_ratio,
+    common.check_size(height, width, num_frames, self.vae.temporal_ratio,
                       self.vae.spatial_ratio * self.transformer.cfg.patch_size)
     key = jax.random.key(seed)
     refs = common.check_references(ref_videos, ref_prompts, num_frames, frames_selection,
@@ -169,18 +164,6 @@ class CogVideoXVAPPipeline:
     return VideoOutput(frames, video, np.asarray(latents), np.stack(refs))
 
 
-def _encoder(tiled: bool):
-  def vae_encode(vae: AutoencoderKLCogVideoX, video):
-    return vae.encode(video, tiled=tiled)
-  return vae_encode
-
-
-def _decoder(tiled: bool):
-  def vae_decode(vae: AutoencoderKLCogVideoX, latents):
-    return vae.decode(latents, tiled=tiled)
-  return vae_decode
-
-
 def _nth(items, i):
   return None if items is None else items[i]
 
@@ -191,12 +174,10 @@ def _condition(model: CogVideoXTransformer, latents, text, ref, ref_text):
 
 def _step(model: CogVideoXTransformer, latents, state, plan, i, guidance, key, image_latents,
           cond):
-  """One CFG step: batch [uncond, cond] through the transformer, guidance, scheduler step.
-  ``image_latents`` is already the batch-2 pair."""
+  """One CFG step: the [negative, positive] batch through the transformer, guidance, scheduler
+  step. ``image_latents`` is already the batch-2 pair."""
   t = plan.timesteps[i]
-  x = jnp.concatenate([jnp.concatenate([latents, latents]), image_latents], 2)
-  v = model.predict(x, t, cond).astype(jnp.float32)
-  uncond, text = v[:1], v[1:]
-  guided = uncond + guidance * (text - uncond)
-  new, state = common.scheduler_step(plan, state, guided, i, latents.astype(jnp.float32), key)
+  x = jnp.concatenate([common.cfg_pair(latents), image_latents], 2)
+  v = common.guided(model.predict(x, t, cond), guidance)
+  new, state = common.scheduler_step(plan, state, v, i, latents.astype(jnp.float32), key)
   return new.astype(latents.dtype), state

@@ -20,6 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from vap_jax.data.video_io import select_frames
+from vap_jax.diffusion import apply_guidance
 from vap_jax.parallel.sharding import sharding_context
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,15 @@ def postprocess(decoded) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- compiled calls
 
 
+def method(name: str, **kwargs) -> Callable:
+  """``module.<name>(*args, **kwargs)`` as a function of ``(module, *args)`` for `compiled`
+  (its jit is named after the method)."""
+  def call(module, *args):
+    return getattr(module, name)(*args, **kwargs)
+  call.__name__ = call.__qualname__ = name
+  return call
+
+
 def compiled(module: nnx.Module, fn: Callable, mesh=None, **jit_kwargs) -> Callable:
   """``fn(module, *args)`` compiled once: the module is split a single time so each call passes
   only its state (no per-call graph traversal), and runs under the mesh's sharding rules."""
@@ -157,6 +167,17 @@ def denoise(step: Callable, latents: jax.Array, plan, guidance: np.ndarray, key:
     if on_step is not None:
       on_step(i, latents)
   return latents
+
+
+def cfg_pair(x: jax.Array) -> jax.Array:
+  """``x`` for both halves of the CFG batch; every pipeline orders it [negative, positive]."""
+  return jnp.concatenate([x, x])
+
+
+def guided(output: jax.Array, scale) -> jax.Array:
+  """Guidance from a model output on the [negative, positive] CFG batch, in float32."""
+  output = output.astype(jnp.float32)
+  return apply_guidance(output[:1], output[1:], scale)
 
 
 def scheduler_step(plan, state, model_output, i, sample, key):

@@ -13,9 +13,15 @@ from vap_jax.weights.safetensors_io import CheckpointError
 log = logging.getLogger(__name__)
 
 
-def load_components(path: str | Path, family: str, *, dtype: str, vae_dtype: str, mesh=None,
-                    attention: str = 'xla', image_encoder_dtype: str = 'float32') -> dict:
-  """Keyword arguments for the family's pipeline constructor."""
+def load_components(path: str | Path, family: str, *, dtype: str = 'bfloat16',
+                    vae_dtype: str = 'float32', image_encoder_dtype: str = 'float32', mesh=None,
+                    attention: str = 'xla', vae_tiling: bool = False) -> dict:
+  """Keyword arguments for the family's pipeline constructor: every component, loaded.
+
+  ``dtype`` is the transformer's and text encoder's; the VAE and (Wan) CLIP image encoder run in
+  float32 unless ``vae_dtype`` / ``image_encoder_dtype`` say otherwise, for both families.
+  ``mesh`` shards every component; ``attention`` picks the attention op.
+  """
   from vap_jax.weights.encoders import load_image_encoder, load_text_encoder
   path = Path(path)
   found = checkpoint.check_components(path)
@@ -23,6 +29,7 @@ def load_components(path: str | Path, family: str, *, dtype: str, vae_dtype: str
     raise CheckpointError(f'{path} is a {found} checkpoint, not {family}')
   log.info('loading the %s VAP pipeline from %s', family, path)
   parts = dict(
+      mesh=mesh, vae_tiling=vae_tiling,
       tokenizer=Tokenizer(checkpoint.tokenizer_dir(path)),
       scheduler=from_config(checkpoint.scheduler_config(path)),
       text_encoder=load_text_encoder(path, mesh=mesh, dtype=dtype, attention=attention))

@@ -35,9 +35,6 @@ from vap_jax.weights.checkpoint import clip_preprocess_kwargs
 
 log = logging.getLogger(__name__)
 
-TEMPORAL_RATIO = 4  # Wan2.1 VAE: 4 frames per latent frame after the first
-
-
 class WanVAPPipeline:
   family = 'wan'
 
@@ -51,29 +48,25 @@ class WanVAPPipeline:
     self._latent_sharding = common.replicated(mesh)
     self._step = common.compiled(transformer, _step, mesh, donate_argnums=(1,),
                                  out_shardings=self._latent_sharding)
-    self._encode = common.compiled(vae, _encoder(vae_tiling), mesh)
-    self._decode = common.compiled(vae, _decoder(vae_tiling), mesh)
+    self._encode = common.compiled(vae, common.method('encode_normalized', tiled=vae_tiling), mesh)
+    self._decode = common.compiled(vae, common.method('decode_normalized', tiled=vae_tiling), mesh)
     self._clip = common.compiled(image_encoder, _clip_tokens, mesh)
 
   @classmethod
-  def from_pretrained(cls, path: str | Path, *, dtype: str = 'bfloat16', vae_dtype: str = 'float32',
-                      mesh=None, attention: str = 'xla', vae_tiling: bool = False
-                      ) -> 'WanVAPPipeline':
-    """A diffusers VAP folder or a ``vap-convert`` folder. The VAE and CLIP run in float32, as
-    the official demo does."""
+  def from_pretrained(cls, path: str | Path, **kwargs) -> 'WanVAPPipeline':
+    """A diffusers VAP folder or a ``vap-convert`` folder; keyword arguments as
+    `vap_jax.pipelines.loading.load_components` (dtypes, mesh, attention, vae_tiling)."""
     from vap_jax.pipelines.loading import load_components
-    parts = load_components(path, 'wan', dtype=dtype, vae_dtype=vae_dtype, mesh=mesh,
-                            attention=attention)
-    return cls(**parts, mesh=mesh, vae_tiling=vae_tiling)
+    return cls(**load_components(path, cls.family, **kwargs))
 
   # ------------------------------------------------------------------------------------ stages
 
   def encode_prompts(self, prompt: str, ref_prompts: Sequence[str], negative_prompt: str,
                      negative_ref_prompt: str, max_length: int = 512):
-    """-> text (2, L, D) and ref_text (2, n*L, D), both ordered [positive, negative]."""
+    """-> text (2, L, D) and ref_text (2, n*L, D), both ordered [negative, positive]."""
     embed = lambda texts: encode_wan(self.tokenizer, self.text_encoder, texts, max_length)
-    text = embed([prompt, negative_prompt])
-    refs = [embed([p, negative_ref_prompt]) for p in ref_prompts]
+    text = embed([negative_prompt, prompt])
+    refs = [embed([negative_ref_prompt, p]) for p in ref_prompts]
     return text, jnp.concatenate(refs, axis=1)
 
   def encode_images(self, images: Sequence[np.ndarray]) -> jax.Array:
@@ -94,10 +87,10 @@ class WanVAPPipeline:
     """Initial noise (1, z, F', h, w), the image condition (1, 4 + z, F', h, w), and the
     reference latents (1, z, n*F', h, w) and conditions (1, 4 + z, n*F', h, w). ``noise`` may hold
     ``latents`` (the initial draw)."""
-    frames = (num_frames - 1) // TEMPORAL_RATIO + 1
+    frames = (num_frames - 1) // self.vae.temporal_ratio + 1
     r = self.vae.spatial_ratio
     h, w = image.shape[0] // r, image.shape[1] // r
-    mask = jnp.zeros((1, TEMPORAL_RATIO, frames, h, w), jnp.float32).at[:, :, 0].set(1)
+    mask = jnp.zeros((1, self.vae.temporal_ratio, frames, h, w), jnp.float32).at[:, :, 0].set(1)
     refs = [self._encode(jnp.asarray(common.to_model_range(v))) for v in ref_frames]
     ref_conditions = [self._first_frame_condition(v[0], num_frames, mask) for v in ref_frames]
     shape = (1, self.vae.cfg.z_dim, frames, h, w)
@@ -115,7 +108,7 @@ class WanVAPPipeline:
     """The denoising loop (CFG as one batch-2 pass); returns the final latents (1, z, F', h, w)."""
     plan = self.scheduler.set_timesteps(num_inference_steps)
     guidance = np.full(int(plan.timesteps.shape[0]), guidance_scale, np.float64)
-    pair = lambda x: jnp.concatenate([x, x])
+    pair = common.cfg_pair
     target = jnp.concatenate([lat['latents'], lat['condition']], axis=1)
     ref = jnp.concatenate([lat['ref'], lat['ref_condition']], axis=1)
     cond = self._condition(pair(target), text, pair(clip_tokens), pair(ref), ref_text,
@@ -145,7 +138,7 @@ class WanVAPPipeline:
     if isinstance(ref_prompts, str):
       ref_prompts = [ref_prompts]
     r = self.vae.spatial_ratio
-    common.check_size(height, width, num_frames, TEMPORAL_RATIO,
+    common.check_size(height, width, num_frames, self.vae.temporal_ratio,
                       r * self.transformer.cfg.patch_size[1])
     refs = common.check_references(ref_videos, ref_prompts, num_frames, frames_selection,
                                    np.random.default_rng(seed))
@@ -164,18 +157,6 @@ class WanVAPPipeline:
     return VideoOutput(frames, video, np.asarray(latents), np.stack(refs))
 
 
-def _encoder(tiled: bool):
-  def vae_encode(vae: AutoencoderKLWan, video):  # the mode, normalised as the pipeline does
-    return vae.normalize_latents(vae.encode(video, tiled=tiled).mode())
-  return vae_encode
-
-
-def _decoder(tiled: bool):
-  def vae_decode(vae: AutoencoderKLWan, latents):
-    return vae.decode(vae.denormalize_latents(latents), tiled=tiled)
-  return vae_decode
-
-
 def _clip_tokens(model: CLIPVisionTransformer, pixels):
   return model.hidden_state(pixels, -2)  # the penultimate hidden state, as Wan reads it
 
@@ -185,10 +166,8 @@ def _condition(model: WanTransformer, latents, text, image, ref, ref_text, ref_i
 
 
 def _step(model: WanTransformer, latents, state, plan, i, guidance, key, condition, cond):
-  """One CFG step as a single batch-2 pass ([cond, uncond]), guidance, scheduler step."""
+  """One CFG step as a single batch-2 pass ([negative, positive]), guidance, scheduler step."""
   t = plan.timesteps[i]
-  x = jnp.concatenate([latents, condition], axis=1)
-  flow = model.predict(jnp.concatenate([x, x]), t, cond).astype(jnp.float32)
-  positive, negative = flow[:1], flow[1:]
-  guided = negative + guidance * (positive - negative)
-  return common.scheduler_step(plan, state, guided, i, latents, key)
+  x = common.cfg_pair(jnp.concatenate([latents, condition], axis=1))
+  flow = common.guided(model.predict(x, t, cond), guidance)
+  return common.scheduler_step(plan, state, flow, i, latents, key)

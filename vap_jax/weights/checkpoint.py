@@ -64,7 +64,7 @@ def model_specs(family: str) -> dict[str, ModelSpec]:
   raise ValueError(f'family {family!r} is not one of {FAMILIES}')
 
 
-def is_converted(path: str | Path) -> bool:
+def is_converted_pipeline(path: str | Path) -> bool:
   """True for a converted (vap-convert) folder, False for a diffusers one."""
   return (Path(path) / MANIFEST).is_file()
 
@@ -87,7 +87,7 @@ def read_manifest(path: str | Path) -> dict:
 def detect_family(path: str | Path) -> str:
   """'cogvideox' or 'wan', from ``manifest.json`` (converted) or ``model_index.json`` (diffusers)."""
   path = Path(path)
-  if is_converted(path):
+  if is_converted_pipeline(path):
     family = read_manifest(path).get('family')
     if family not in FAMILIES:
       raise CheckpointError(f'{path / MANIFEST}: family {family!r} is not one of {FAMILIES}')
@@ -116,7 +116,7 @@ def _problem(path: Path, name: str, converted: bool) -> str | None:
     return None if any((folder / f).is_file() for f in files) else f'no {" or ".join(files)}'
   if not (folder / 'config.json').is_file():
     return 'no config.json' + (' (incomplete conversion: re-run vap-convert)' if converted else '')
-  if converted and not component.is_converted(folder):
+  if converted and not component.has_orbax_state(folder):
     return f'no {orbax_io.STATE_DIR}/'
   if not converted and not any(folder.glob('*.safetensors')):
     return 'no *.safetensors'
@@ -130,7 +130,7 @@ def check_components(path: str | Path) -> str:
   """
   path = Path(path)
   family = detect_family(path)
-  converted = is_converted(path)
+  converted = is_converted_pipeline(path)
   problems = {name: why for name in COMPONENTS[family]
               if (why := _problem(path, name, converted)) is not None}
   if problems:
@@ -144,7 +144,7 @@ def check_components(path: str | Path) -> str:
 
 def _file_component(path: str | Path, name: str) -> Path:
   path = Path(path)
-  why = _problem(path, name, is_converted(path))
+  why = _problem(path, name, is_converted_pipeline(path))
   if why is not None:
     raise CheckpointError(f'checkpoint {path} has no usable {name}/ component ({why})')
   return path / name
@@ -184,7 +184,7 @@ def clip_preprocess_kwargs(config: dict) -> dict:
 def _component_done(folder: Path, spec: ModelSpec, param_dtype: str) -> bool:
   """True if ``folder`` is a finished conversion of a ``spec`` model in ``param_dtype``; raises
   if it is a finished conversion of something else."""
-  if not ((folder / orbax_io.CONFIG_FILE).is_file() and component.is_converted(folder)):
+  if not ((folder / orbax_io.CONFIG_FILE).is_file() and component.has_orbax_state(folder)):
     return False
   meta = orbax_io.read_config(folder)
   if meta.get('model') == spec.name and meta.get('param_dtype') == param_dtype:
@@ -220,13 +220,13 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, dtype: str = 'bfloat16
   components are kept. ``overwrite`` rewrites everything.
   """
   src, dst = Path(src).resolve(), Path(dst)
-  if is_converted(src):
+  if is_converted_pipeline(src):
     raise CheckpointError(f'{src} is already a converted folder ({MANIFEST})')
   family = check_components(src)
   dtypes = {name: (dtypes or {}).get(name) or DEFAULT_DTYPES[name] or dtype
             for name in model_specs(family)}
   if dst.exists() and any(dst.iterdir()) and not overwrite:
-    if not is_converted(dst):
+    if not is_converted_pipeline(dst):
       raise FileExistsError(f'{dst} exists and is not a vap-convert output: pick an empty folder '
                             'or pass overwrite=True (--overwrite)')
     previous = _read_json(dst / MANIFEST)

@@ -62,7 +62,8 @@ def read_json_config(folder: Path, expected: str) -> dict:
     raise CheckpointError(f'{config_file} is not valid JSON: {e}') from e
 
 
-def is_converted(folder: str | Path) -> bool:
+def has_orbax_state(folder: str | Path) -> bool:
+  """True for a converted component folder (one that holds an Orbax `state/`)."""
   return (Path(folder) / orbax_io.STATE_DIR).is_dir()
 
 
@@ -81,7 +82,7 @@ def converted_config(spec: ModelSpec, folder: Path) -> dict:
 def source_config(spec: ModelSpec, path: str | Path) -> dict:
   """The component's source config (diffusers/transformers names) in either layout."""
   folder = spec.folder(path)
-  return converted_config(spec, folder) if is_converted(folder) else spec.read_source(folder)[0]
+  return converted_config(spec, folder) if has_orbax_state(folder) else spec.read_source(folder)[0]
 
 
 def load(spec: ModelSpec, path: str | Path, *, mesh: Mesh | None = None,
@@ -91,7 +92,7 @@ def load(spec: ModelSpec, path: str | Path, *, mesh: Mesh | None = None,
   ``runtime`` goes to ``spec.make_config`` (dtype, param_dtype, attention, tiling, ...).
   """
   folder = spec.folder(path)
-  if is_converted(folder):
+  if has_orbax_state(folder):
     config = spec.make_config(converted_config(spec, folder), **runtime)
     return orbax_io.restore_model(spec.factory(config), folder, mesh=mesh, rules=rules)
   raw, keymap = spec.read_source(folder)
@@ -122,7 +123,7 @@ def convert(spec: ModelSpec, src: str | Path, dst: str | Path, *, param_dtype: s
   """A source component (diffusers pipeline root or component folder) -> converted ``dst``.
   Returns the number of tensors written."""
   folder = spec.folder(src)
-  if is_converted(folder):
+  if has_orbax_state(folder):
     raise CheckpointError(f'{folder} is already a converted vap_jax folder')
   raw, keymap = spec.read_source(folder)
   return convert_checkpoint(spec, SafetensorsCheckpoint(folder), raw, keymap, dst,

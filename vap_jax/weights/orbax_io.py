@@ -94,7 +94,7 @@ def convert_safetensors(checkpoint: SafetensorsCheckpoint, keymap: km.KeyMap,
   before anything is written. ``group_bytes`` bounds the host memory of one write; default 2x the
   largest tensor. Returns the number of tensors written.
   """
-  dst = Path(dst)
+  dst = Path(dst).absolute()  # Orbax refuses relative paths
   target = dst / STATE_DIR
   if target.exists():
     if not overwrite:
@@ -142,7 +142,7 @@ def convert_safetensors(checkpoint: SafetensorsCheckpoint, keymap: km.KeyMap,
 
 def save_model(model: nnx.Module, dst: str | Path, *, overwrite: bool = False) -> None:
   """Save a live model's state in the same layout `restore_model` reads."""
-  target = Path(dst) / STATE_DIR
+  target = Path(dst).absolute() / STATE_DIR
   if target.exists() and overwrite:
     shutil.rmtree(target)
   flat = km.flat_variables(nnx.state(model))
@@ -154,7 +154,7 @@ def save_model(model: nnx.Module, dst: str | Path, *, overwrite: bool = False) -
 def restore_model(factory: Callable[[], nnx.Module], src: str | Path, *, mesh: Mesh | None = None,
                   rules: Rules = DEFAULT_RULES) -> nnx.Module:
   """Restore ``src/state`` into the model ``factory`` builds, each array on its mesh sharding."""
-  target = Path(src) / STATE_DIR
+  target = Path(src).absolute() / STATE_DIR
   if not target.is_dir():
     raise CheckpointError(f'{src} has no Orbax state folder {STATE_DIR}/')
   graphdef, state = nnx.split(abstract_model(factory))
