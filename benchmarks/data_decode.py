@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
 
-from configs.vap_data import get_config  # noqa: E402
+from vap_jax.data.pipeline import default_data_config  # noqa: E402
 from fixtures_vap_data import encode, write_csv  # noqa: E402
 from vap_jax.data import video_io  # noqa: E402
 from vap_jax.data.pipeline import make_loader  # noqa: E402
@@ -79,7 +79,7 @@ def time_in_process(root: Path, clips: int):
 
 
 def time_pipeline(root: Path, workers: int, samples: int):
-  cfg = get_config().data
+  cfg = default_data_config()
   cfg.update(root=str(root), truncate_multiple=1, workers=workers, batch_size=1,
              num_epochs=None, mask_caption_ratio=0.0, worker_buffer=2)
   loader = make_loader(cfg, shard=(0, 1))

@@ -44,7 +44,7 @@ def run(ckpt: str, *, steps: int = 50, frames: int = 49, height: int | None = No
         width: int | None = None, refs: int = 1, dtype: str = 'bfloat16',
         attention: str = 'xla', mesh: str | None = None) -> dict:
   from vap_jax.pipelines import Pipeline
-  from vap_jax.pipelines.generate import _mesh
+  from vap_jax.cli.generate import _mesh
   from vap_jax.weights.checkpoint import check_components
   family = check_components(ckpt)
   height = height or 480

@@ -19,13 +19,14 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs import cogvideox_5b_vap, cogvideox_tiny, wan_i2v_14b_vap, wan_tiny
+from vap_jax.config import load_config
 from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer, rope_table
 from vap_jax.models.flops import cogvideox_flops, wan_flops
 from vap_jax.models.wan import WanConfig, WanTransformer
@@ -43,13 +44,20 @@ class Case:
   refs: int = 1
 
 
-def _cog(module, arg=None, **shape):
-  cfg = CogVideoXConfig(**module.get_config(arg).model)
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+
+
+def _model_config(name: str, arg: str | None):
+  return load_config(CONFIGS / f'{name}.py{":" + arg if arg else ""}').model
+
+
+def _cog(name, arg=None, **shape):
+  cfg = CogVideoXConfig(**_model_config(name, arg))
   return Case('cogvideox', cfg, **shape, refs=1 if cfg.block_idx_with_mot_ref else 0)
 
 
-def _wan(module, arg=None, **shape):
-  cfg = WanConfig(**module.get_config(arg).model)
+def _wan(name, arg=None, **shape):
+  cfg = WanConfig(**_model_config(name, arg))
   return Case('wan', cfg, **shape, refs=1 if cfg.block_idx_with_mot_ref else 0)
 
 
@@ -65,25 +73,25 @@ WAN_SMALL = dict(num_layers=4, num_attention_heads=8, attention_head_dim=64, ffn
 COG_SHAPE = dict(frames=13, height=60, width=90, text_len=226)
 WAN_SHAPE = dict(frames=13, height=60, width=104, text_len=512, image_len=257)
 CASES = {
-    'cogvideox-vap': lambda: _cog(cogvideox_5b_vap, **COG_SHAPE),
-    'cogvideox-base': lambda: _cog(cogvideox_5b_vap, 'base', **COG_SHAPE),
-    'wan-vap': lambda: _wan(wan_i2v_14b_vap, **WAN_SHAPE),
-    'wan-base': lambda: _wan(wan_i2v_14b_vap, 'base', **WAN_SHAPE),
+    'cogvideox-vap': lambda: _cog('cogvideox_5b_vap', **COG_SHAPE),
+    'cogvideox-base': lambda: _cog('cogvideox_5b_vap', 'base', **COG_SHAPE),
+    'wan-vap': lambda: _wan('wan_i2v_14b_vap', **WAN_SHAPE),
+    'wan-base': lambda: _wan('wan_i2v_14b_vap', 'base', **WAN_SHAPE),
     # CPU-sized: 4 layers, width 512, 17 frames at 240x352 (Cog) / 240x416 (Wan), float32.
-    'cogvideox-small-base': lambda: _small(_cog(cogvideox_5b_vap, 'base', frames=5, height=30,
+    'cogvideox-small-base': lambda: _small(_cog('cogvideox_5b_vap', 'base', frames=5, height=30,
                                                 width=44, text_len=226), **COG_SMALL),
-    'cogvideox-small': lambda: _small(_cog(cogvideox_5b_vap, frames=5, height=30, width=44,
+    'cogvideox-small': lambda: _small(_cog('cogvideox_5b_vap', frames=5, height=30, width=44,
                                            text_len=226), block_idx_with_mot_ref=(0, 1, 2),
                                       **COG_SMALL),
-    'wan-small-base': lambda: _small(_wan(wan_i2v_14b_vap, 'base', frames=5, height=30, width=52,
+    'wan-small-base': lambda: _small(_wan('wan_i2v_14b_vap', 'base', frames=5, height=30, width=52,
                                           text_len=512, image_len=257), **WAN_SMALL),
-    'wan-small': lambda: _small(_wan(wan_i2v_14b_vap, frames=5, height=30, width=52, text_len=512,
+    'wan-small': lambda: _small(_wan('wan_i2v_14b_vap', frames=5, height=30, width=52, text_len=512,
                                      image_len=257), block_idx_with_mot_ref=(0, 2), **WAN_SMALL),
-    'cogvideox-tiny': lambda: _cog(cogvideox_tiny, frames=3, height=8, width=12, text_len=8),
-    'cogvideox-tiny-base': lambda: _cog(cogvideox_tiny, 'base', frames=3, height=8, width=12,
+    'cogvideox-tiny': lambda: _cog('cogvideox_tiny', frames=3, height=8, width=12, text_len=8),
+    'cogvideox-tiny-base': lambda: _cog('cogvideox_tiny', 'base', frames=3, height=8, width=12,
                                         text_len=8),
-    'wan-tiny': lambda: _wan(wan_tiny, frames=3, height=8, width=8, text_len=512, image_len=257),
-    'wan-tiny-base': lambda: _wan(wan_tiny, 'base', frames=3, height=8, width=8, text_len=512,
+    'wan-tiny': lambda: _wan('wan_tiny', frames=3, height=8, width=8, text_len=512, image_len=257),
+    'wan-tiny-base': lambda: _wan('wan_tiny', 'base', frames=3, height=8, width=8, text_len=512,
                                   image_len=257),
 }
 

@@ -4,14 +4,17 @@ component restores to exactly the parameters loaded from the source; every loade
 layouts; missing components and wrong folders are clear errors; conversion resumes.
 """
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from flax import nnx
 
 from conftest import DATA
-from convert.pipeline import main as vap_convert
+from vap_jax.cli.convert import main as vap_convert
 from tiny_checkpoint import main as tiny_main, write_tiny_checkpoint
 from vap_jax.weights import checkpoint as ckpt, component
 from vap_jax.weights.cogvideox import load_cogvideox
@@ -118,7 +121,7 @@ def test_vap_convert_restores_every_component_exactly(converted, kind, family):
   assert manifest['family'] == family and manifest['source'] == str(src.resolve())
   assert list(manifest['components']) == list(ckpt.COMPONENTS[family])
   assert manifest['model_index'] == json.loads((src / 'model_index.json').read_text())
-  assert ckpt.is_converted(dst) and not ckpt.is_converted(src)
+  assert ckpt.is_converted_pipeline(dst) and not ckpt.is_converted_pipeline(src)
   assert ckpt.check_components(dst) == ckpt.detect_family(src) == family
   for name, entry in manifest['components'].items():
     if name in ckpt.FILE_COMPONENTS:
@@ -173,7 +176,7 @@ def test_pipelines_run_from_converted_folders(converted):
   args = load_file(golden / 'transformer_text_args.safetensors')
   text, _ = pipe.encode_prompts(kw['prompt'], kw['prompt_mot_ref'], kw['negative_prompt'],
                                 kw['negative_prompt_mot_ref'])
-  assert_close(text[0], args['prompt_embeds'][0], what='prompt embeds')
+  assert_close(text[1], args['prompt_embeds'][0], what='prompt embeds')  # [negative, positive]
   image = load_file(golden / 'inputs.safetensors')['image']
   assert_close(pipe.encode_images([image]),
                load_file(golden / 'clip.safetensors')['image.image_embeds'], what='CLIP tokens')
@@ -280,3 +283,31 @@ def test_vap_convert_resumes(converted, tmp_path, capsys, caplog):
   manifest = ckpt.read_manifest(dst)
   assert manifest['components']['transformer']['param_dtype'] == 'float32'
   assert load_cogvideox(dst, dtype='float32').blocks[0].expert is not None
+
+
+def test_vap_convert_takes_relative_paths_and_is_quiet(tiny, tmp_path):
+  """The installed command as a user runs it: relative paths (Orbax refuses them, so the
+  converter makes them absolute), and one summary line unless -v asks for the library logs."""
+  shutil.copytree(tiny['cogvideox'], tmp_path / 'src')
+  def run(*extra):
+    return subprocess.run([sys.executable, '-m', 'vap_jax.cli.convert', '--src', 'src', '--dst',
+                           'out/ckpt', '--dtype', 'float32', *FAST, *extra], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  quiet = run()
+  assert quiet.returncode == 0, quiet.stderr
+  assert quiet.stdout.startswith('converted the cogvideox checkpoint src to out/ckpt')
+  assert quiet.stdout.count('\n') == 1 and quiet.stderr == ''
+  _assert_same(_params(load_cogvideox(tmp_path / 'out' / 'ckpt', dtype='float32')),
+               _params(load_cogvideox(tmp_path / 'src', dtype='float32')), 'transformer')
+  verbose = run('-v')  # a resume: every component is kept
+  assert verbose.returncode == 0
+  assert 'INFO vap_jax.weights.checkpoint: transformer: already converted' in verbose.stderr
+
+
+def test_unwritable_destination_is_a_clear_error(tiny, tmp_path, capsys):
+  (tmp_path / 'file').write_text('x')
+  for dst, message in [(tmp_path / 'file' / 'out', 'is a file, not a folder'),
+                       ('/proc/vap_nope/out', 'cannot write in /proc')]:
+    assert vap_convert(['--src', str(tiny['cogvideox']), '--dst', str(dst), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: --dst {dst}') and message in err and err.count('\n') == 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
-from conftest import assert_close
+from conftest import assert_close, config_file
 from vap_jax.models.clip import CLIPVisionConfig, preprocess
 from vap_jax.parallel import make_mesh, sharding_context
 from vap_jax.weights.encoders import (CLIP_VISION, convert, load_image_encoder, model_factory,
@@ -160,10 +160,9 @@ def test_real_size_parameter_count():
                        num_attention_heads=16, image_size=224, patch_size=14, hidden_act='gelu')
   with torch.device('meta'):
     expected = sum(p.numel() for p in CLIPVisionModel(hf_config).parameters())
-  from configs.encoders import get_config
   ours = CLIPVisionConfig.from_hf(hf_config.to_dict())
   assert ours == CLIPVisionConfig() and ours.num_positions == 257
-  named = CLIPVisionConfig(**get_config('clip_h14').model)
+  named = CLIPVisionConfig(**config_file('encoders.py:clip_h14').model)
   model = abstract_model(model_factory(named))
   assert count_params(model) == expected
   from test_t5 import assert_shardable

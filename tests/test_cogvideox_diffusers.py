@@ -127,7 +127,7 @@ def test_converter_round_trip_equals_direct_load(learned, tmp_path):
 
 
 def test_converter_cli_and_bf16(learned, tmp_path, capsys):
-  from convert.cogvideox import main
+  from vap_jax.cli.convert import cogvideox_main as main
   _, folder = learned
   assert main(['--src', str(folder), '--dst', str(tmp_path / 'bf16')]) == 0
   model = load_cogvideox(tmp_path / 'bf16', dtype='bfloat16')

@@ -14,8 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs.vap_data import get_config
 from fixtures_vap_data import BUCKETS, make_vap_data
+from conftest import config_file
 from vap_jax.data import DataFailureError, make_loader, video_io
 
 
@@ -25,7 +25,7 @@ def vap(tmp_path_factory):
 
 
 def config(root, **kw):
-  cfg = get_config().data
+  cfg = config_file('vap_data.py').data
   cfg.update(root=str(root), buckets=BUCKETS, truncate_multiple=1, workers=0, batch_size=2,
              num_epochs=1, sample_ref_videos_num=2, mask_ref_ratio=0.5, mask_caption_ratio=0.3,
              max_failure_fraction=0.5, min_samples_before_cap=10)

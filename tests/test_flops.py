@@ -6,7 +6,7 @@ import jax.extend
 import numpy as np
 from flax import nnx
 
-from configs import cogvideox_tiny, wan_tiny
+from conftest import config_file
 from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
 from vap_jax.models.flops import cogvideox_flops, wan_flops
 from vap_jax.models.wan import WanConfig, WanTransformer
@@ -50,7 +50,7 @@ def _check_against_trace(model, flops, *args):
 
 
 def test_cogvideox_counts_equal_traced_dots():
-  cfg = CogVideoXConfig(**cogvideox_tiny.get_config().model)
+  cfg = CogVideoXConfig(**config_file('cogvideox_tiny.py').model)
   model = CogVideoXTransformer(cfg, rngs=nnx.Rngs(0))
   sd = jax.ShapeDtypeStruct
   for n in (0, 2):
@@ -62,7 +62,7 @@ def test_cogvideox_counts_equal_traced_dots():
 
 
 def test_wan_counts_equal_traced_dots():
-  cfg = WanConfig(**wan_tiny.get_config().model)
+  cfg = WanConfig(**config_file('wan_tiny.py').model)
   model = WanTransformer(cfg, rngs=nnx.Rngs(0))
   sd = jax.ShapeDtypeStruct
   for n in (0, 2):

@@ -6,12 +6,13 @@ import shutil
 import numpy as np
 import pytest
 
-from convert.pipeline import main as vap_convert
+from vap_jax.cli.convert import main as vap_convert
 from example_inputs import procedural_clip as _clip, write_example
 from tiny_checkpoint import write_tiny_checkpoint
 from vap_jax.data.video_io import read_video, write_mp4
 from vap_jax.pipelines import Pipeline
-from vap_jax.pipelines.generate import main
+from vap_jax.pipelines.common import check_references
+from vap_jax.cli.generate import _read_references, main
 
 SIZES = {'cogvideox': (64, 96), 'wan': (48, 64)}  # what the tiny transformers take
 
@@ -39,10 +40,10 @@ def inputs(tmp_path_factory):
   return root
 
 
-def _argv(inputs, out, ckpt, **overrides):
+def _argv(inputs, ckpt, **overrides):
   args = dict(ckpt=ckpt, image=inputs / 'image.png', ref_video=inputs / 'ref.mp4',
               prompt='a square moves', ref_prompt='a square moves too', frames=9, height=64,
-              width=96, steps=2, dtype='float32', out=out)
+              width=96, steps=2, dtype='float32')
   args.update(overrides)
   argv = []
   for key, value in args.items():
@@ -53,34 +54,41 @@ def _argv(inputs, out, ckpt, **overrides):
 
 def test_generate_writes_playable_video(converted, inputs, tmp_path):
   out = tmp_path / 'out' / 'video.mp4'
-  assert main(_argv(inputs, out, converted['cogvideox']) +
-              ['--side-by-side', '--preview', 'gif']) == 0
+  assert main(_argv(inputs, converted['cogvideox'], out=out) +
+              ['--side-by-side', '--preview', 'png']) == 0
   frames, fps = read_video(out)
   assert frames.shape == (9, 64, 96, 3) and fps == pytest.approx(16)
   side, _ = read_video(out.with_name('video_side_by_side.mp4'))
   assert side.shape == (9, 64, 2 * 96, 3)
-  assert read_video(out.with_suffix('.gif'))[0].shape[0] == 9
+  strip = read_video(out.with_suffix('.png'))[0][0]
+  assert strip.shape == (64, 8 * 96, 3)
   settings = json.loads(out.with_suffix('.json').read_text())
   assert settings['family'] == 'cogvideox' and settings['frames_written'] == 9
 
-  # The Python API gives the same frames: encoded the same way they decode to the same pixels.
-  pipe = Pipeline.from_pretrained(converted['cogvideox'], dtype='float32')
+  # The Python API gives the same video. The inputs are the same bytes: the CLI picks the
+  # reference frames while decoding, the API after decoding the whole clip.
   ref, _ = read_video(inputs / 'ref.mp4')
+  cli_refs, _ = _read_references([str(inputs / 'ref.mp4')], ['a square moves too'], 9, 'evenly',
+                                 seed=42)
+  np.testing.assert_array_equal(cli_refs[0], check_references([ref], ['x'], 9, 'evenly')[0])
+  pipe = Pipeline.from_pretrained(converted['cogvideox'], dtype='float32')
   from PIL import Image
   image = np.asarray(Image.open(inputs / 'image.png').convert('RGB'))
   result = pipe(image, [ref], 'a square moves', ['a square moves too'], num_frames=9, height=64,
                 width=96, num_inference_steps=2, progress=False)
-  write_mp4(tmp_path / 'api.mp4', result.frames, fps=16)
-  np.testing.assert_array_equal(read_video(tmp_path / 'api.mp4')[0], frames)
+  # The frames, compared losslessly (the PNG strip holds frames 0, 1, 2, 3, 4, 5, 6, 8): both
+  # are the same float32 program (compiled twice), so a pixel may at most round the other way.
+  api_strip = np.concatenate(list(result.frames[[0, 1, 2, 3, 4, 5, 6, 8]]), axis=1)
+  assert np.abs(api_strip.astype(int) - strip).max() <= 1
 
 
 def test_generate_wan_at_the_reference_fps(converted, inputs, tmp_path):
   out = tmp_path / 'wan.mp4'
-  assert main(_argv(inputs, out, converted['wan'], ref_video=inputs / 'ref_wan.mp4', height=48,
-                    width=64, fps='ref') + ['--preview', 'png']) == 0
+  assert main(_argv(inputs, converted['wan'], out=out, ref_video=inputs / 'ref_wan.mp4', height=48,
+                    width=64, fps='ref') + ['--preview', 'gif']) == 0
   frames, fps = read_video(out)
   assert frames.shape == (9, 48, 64, 3) and fps == pytest.approx(12)
-  assert read_video(out.with_suffix('.png'))[0].shape == (1, 48, 8 * 64, 3)
+  assert read_video(out.with_suffix('.gif'))[0].shape == (9, 48, 64, 3)
 
 
 @pytest.mark.parametrize('overrides,message', [
@@ -90,13 +98,17 @@ def test_generate_wan_at_the_reference_fps(converted, inputs, tmp_path):
     (dict(ref_video='short.mp4'), 'has 5 frames, 9 are needed'),
     (dict(ref_prompt=['one', 'two']), '1 --ref-video but 2 --ref-prompt'),
     (dict(frames=10), 'num_frames must be 4k+1'),
+    (dict(out='image.png/o.mp4'), 'image.png is a file, not a folder'),
+    (dict(out='/proc/vap_nope/o.mp4'), 'cannot write in /proc'),
 ])
 def test_bad_input_is_a_clear_error(converted, inputs, tmp_path, capsys, overrides, message):
-  for key in ('image', 'ref_video'):
+  for key in ('image', 'ref_video', 'out'):
     if key in overrides:
       overrides[key] = inputs / overrides[key]
-  assert main(_argv(inputs, tmp_path / 'o.mp4', converted['cogvideox'], **overrides)) == 2
-  assert message in capsys.readouterr().err
+  overrides.setdefault('out', tmp_path / 'o.mp4')
+  assert main(_argv(inputs, converted['cogvideox'], **overrides)) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count('\n') == 1
   assert not (tmp_path / 'o.mp4').exists()
 
 
@@ -104,6 +116,6 @@ def test_checkpoint_missing_a_component(converted, inputs, tmp_path, capsys):
   ckpt = tmp_path / 'ckpt'
   shutil.copytree(converted['cogvideox'], ckpt)
   shutil.rmtree(ckpt / 'vae')
-  assert main(_argv(inputs, tmp_path / 'o.mp4', ckpt)) == 2
+  assert main(_argv(inputs, ckpt, out=tmp_path / 'o.mp4')) == 2
   err = capsys.readouterr().err
   assert 'missing components: vae/' in err and str(ckpt) in err

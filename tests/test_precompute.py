@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import DATA, assert_close
-from configs.vap_data import get_config
+from conftest import DATA, assert_close, config_file
 from fixtures_vap_data import BUCKETS, FRAMES, make_vap_data
 from vap_jax.data import video_io
 from vap_jax.data.latent_source import (LatentSource, cogvideox_latents, make_latent_loader,
@@ -38,7 +37,7 @@ def vap(tmp_path_factory):
 
 
 def data_config(root, **kw):
-  cfg = get_config().data
+  cfg = config_file('vap_data.py').data
   cfg.update(root=str(root), buckets=BUCKETS, truncate_multiple=1, workers=0, max_samples=20,
              sample_ref_videos_num=2, mask_ref_ratio=0.0, mask_caption_ratio=0.0,
              max_failure_fraction=0.5, min_samples_before_cap=10)
@@ -279,7 +278,7 @@ def test_record_codec_round_trip():
 
 
 def test_cli_help_and_errors(vap, tmp_path, capsys):
-  from convert.precompute import main
+  from vap_jax.cli.precompute import main
   with pytest.raises(SystemExit) as e:
     main(['--help'])
   assert e.value.code == 0 and 'resum' in capsys.readouterr().out.lower()

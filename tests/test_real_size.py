@@ -4,7 +4,7 @@ import dataclasses
 import jax
 from flax import nnx
 
-from configs import cogvideox_5b_vap, wan_i2v_14b_vap
+from conftest import config_file
 from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
 from vap_jax.models.common import trainable_filter
 from vap_jax.models import wan
@@ -13,7 +13,7 @@ from vap_jax.weights.loading import abstract_model, count_params
 
 
 def test_cogvideox_5b_vap_parameter_counts():
-  config = CogVideoXConfig(**cogvideox_5b_vap.get_config().model)
+  config = CogVideoXConfig(**config_file('cogvideox_5b_vap.py').model)
   model = abstract_model(lambda: CogVideoXTransformer(config, rngs=nnx.Rngs(0)))
   total = count_params(model)
   expert = count_params(model, trainable=trainable_filter)
@@ -28,7 +28,7 @@ def test_cogvideox_5b_vap_parameter_counts():
 
 def test_abstract_build_matches_nnx_eval_shape():
   """The fast abstract build gives exactly nnx.eval_shape's shapes/dtypes/metadata (2 layers)."""
-  config = dataclasses.replace(CogVideoXConfig(**cogvideox_5b_vap.get_config().model),
+  config = dataclasses.replace(CogVideoXConfig(**config_file('cogvideox_5b_vap.py').model),
                                num_layers=2, block_idx_with_mot_ref=(0,))
   factory = lambda: CogVideoXTransformer(config, rngs=nnx.Rngs(0))
   fast = nnx.to_flat_state(nnx.state(abstract_model(factory)))
@@ -40,13 +40,13 @@ def test_abstract_build_matches_nnx_eval_shape():
 
 
 def test_wan_i2v_14b_vap_parameter_counts():
-  config = wan.WanConfig(**wan_i2v_14b_vap.get_config().model)
+  config = wan.WanConfig(**config_file('wan_i2v_14b_vap.py').model)
   model = abstract_model(lambda: wan.WanTransformer(config, rngs=nnx.Rngs(0)))
   expert = count_params(model, trainable=trainable_filter)
   assert expert == 4_279_386_880
   assert count_params(model) - expert == 16_394_878_784
   assert [i for i, b in enumerate(model.blocks) if b.expert is not None] == list(range(0, 40, 4))
-  d20 = wan.WanConfig(**wan_i2v_14b_vap.get_config('d20').model)
+  d20 = wan.WanConfig(**config_file('wan_i2v_14b_vap.py:d20').model)
   assert count_params(abstract_model(lambda: wan.WanTransformer(d20, rngs=nnx.Rngs(0))),
                       trainable=trainable_filter) == 8_317_771_520
 
@@ -56,9 +56,9 @@ def test_every_variable_has_logical_axes_and_real_sizes_shard():
   and the default rules place them evenly on an fsdp=2 x tensor=4 mesh."""
   from vap_jax.parallel import DEFAULT_RULES, make_mesh, param_shardings
   mesh = make_mesh(dict(fsdp=2, tensor=4))
-  for build in (lambda: CogVideoXTransformer(CogVideoXConfig(**cogvideox_5b_vap.get_config().model),
+  for build in (lambda: CogVideoXTransformer(CogVideoXConfig(**config_file('cogvideox_5b_vap.py').model),
                                              rngs=nnx.Rngs(0)),
-                lambda: wan.WanTransformer(wan.WanConfig(**wan_i2v_14b_vap.get_config().model),
+                lambda: wan.WanTransformer(wan.WanConfig(**config_file('wan_i2v_14b_vap.py').model),
                                            rngs=nnx.Rngs(0))):
     state = nnx.state(abstract_model(build))
     for path, var in nnx.to_flat_state(state):

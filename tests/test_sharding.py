@@ -6,8 +6,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs import cogvideox_tiny, wan_tiny
-from conftest import assert_close
+from conftest import assert_close, config_file
 from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
 from vap_jax.models.wan import WanConfig, WanTransformer
 from vap_jax.parallel import (DEFAULT_RULES, logical_to_spec, make_mesh, param_shardings,
@@ -16,14 +15,14 @@ from vap_jax.weights.loading import shard_model
 
 
 def _cog_inputs(rng, batch, n_refs=2):
-  cfg = cogvideox_tiny.get_config().model
+  cfg = config_file('cogvideox_tiny.py').model
   lat = lambda f: rng.standard_normal((batch, f, cfg.in_channels, 8, 12)).astype(np.float32)
   txt = lambda n: rng.standard_normal((batch, n, cfg.text_embed_dim)).astype(np.float32)
   return lat(3), txt(8), np.arange(batch) * 97 + 5, lat(3 * n_refs), txt(8 * n_refs)
 
 
 def _wan_inputs(rng, batch, n_refs=2):
-  cfg = wan_tiny.get_config().model
+  cfg = config_file('wan_tiny.py').model
   lat = lambda f: rng.standard_normal((batch, cfg.in_channels, f, 8, 8)).astype(np.float32)
   seq = lambda n, d: rng.standard_normal((batch, n, d)).astype(np.float32)
   return (lat(3), np.arange(batch) * 97 + 5, seq(6, cfg.text_dim), seq(5, cfg.image_dim),
@@ -31,16 +30,16 @@ def _wan_inputs(rng, batch, n_refs=2):
 
 
 MODELS = {
-    'cogvideox': (cogvideox_tiny, lambda c: CogVideoXTransformer(CogVideoXConfig(**c), rngs=nnx.Rngs(0)),
+    'cogvideox': ('cogvideox_tiny.py', lambda c: CogVideoXTransformer(CogVideoXConfig(**c), rngs=nnx.Rngs(0)),
                   _cog_inputs),
-    'wan': (wan_tiny, lambda c: WanTransformer(WanConfig(**c), rngs=nnx.Rngs(0)), _wan_inputs),
+    'wan': ('wan_tiny.py', lambda c: WanTransformer(WanConfig(**c), rngs=nnx.Rngs(0)), _wan_inputs),
 }
 
 
 @pytest.fixture(scope='module', params=sorted(MODELS))
 def reference(request):
-  config_module, build, make_inputs = MODELS[request.param]
-  config = config_module.get_config()
+  name, build, make_inputs = MODELS[request.param]
+  config = config_file(name)
   model = build(config.model)
   state = nnx.state(model)  # perturb zero biases / unit norms so every parameter matters
   keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))

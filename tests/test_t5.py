@@ -10,8 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
-from configs.encoders import get_config
-from conftest import assert_close
+from conftest import assert_close, config_file
 from vap_jax.models.t5 import T5Config, T5Encoder, relative_position_buckets
 from vap_jax.weights.encoders import T5, load_text_encoder, model_factory, read_hf_config
 from vap_jax.weights.keymap import plan
@@ -120,7 +119,7 @@ def test_mismatched_config_is_reported(encoder, tmp_path):
 
 def test_converter_round_trip(encoder, tmp_path):
   _, _, folder = encoder
-  from convert.encoders import main
+  from vap_jax.cli.convert import encoder_main as main
   assert main(['--kind', 't5', '--src', str(folder), '--dst', str(tmp_path / 'orbax'),
                '--dtype', 'float32']) == 0
   assert main(['--kind', 't5', '--src', str(tmp_path / 'nowhere'), '--dst', str(tmp_path / 'x')]) == 2
@@ -156,7 +155,7 @@ def test_real_size_parameter_count(flavour):
   with torch.device('meta'):
     expected = sum(p.numel() for p in hf_cls(hf_config).parameters())  # tied embedding counted once
   assert T5Config.from_hf(hf_config.to_dict()) == ours
-  named = T5Config(**get_config(f'{flavour}_xxl').model)
+  named = T5Config(**config_file(f'encoders.py:{flavour}_xxl').model)
   assert dataclasses.replace(named, dtype='float32', param_dtype='float32') == ours
   model = abstract_model(model_factory(named))
   assert count_params(model) == expected
@@ -176,7 +175,7 @@ def assert_shardable(state):
 
 def test_sharded_forward_equals_one_device():
   """umT5 tiny (random init) over fsdp 2 x tensor 4, with a padding mask: same numbers."""
-  config = T5Config(**get_config('umt5_tiny').model)
+  config = T5Config(**config_file('encoders.py:umt5_tiny').model)
   model = T5Encoder(config, rngs=nnx.Rngs(0))
   ids, mask = _ids(batch=2, lengths=(11, 5))
   single = model(ids, mask)

@@ -145,8 +145,8 @@ def test_bad_checkpoints_and_configs_give_clear_errors(cog, tmp_path):
 
 
 def test_converter_round_trip_and_cli(cog, tmp_path):
-  from convert.vae import main
-  assert main(['cogvideox', '--src', str(cog[1]), '--dst', str(tmp_path / 'orbax'),
+  from vap_jax.cli.convert import vae_main as main
+  assert main(['--kind', 'cogvideox', '--src', str(cog[1]), '--dst', str(tmp_path / 'orbax'),
                '--dtype', 'bfloat16']) == 0
   direct = nnx.state(load_cogvideox_vae(cog[1], param_dtype='bfloat16'))
   restored = dict(nnx.to_flat_state(nnx.state(load_cogvideox_vae(tmp_path / 'orbax',

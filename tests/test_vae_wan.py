@@ -146,15 +146,15 @@ def test_bad_checkpoints_and_configs_give_clear_errors(wan, tmp_path):
 
 
 def test_converter_round_trip_and_cli(wan, tmp_path):
-  from convert.vae import main
+  from vap_jax.cli.convert import vae_main as main
   count = convert_wan_vae(wan[1], tmp_path / 'orbax', progress=False, group_bytes=200_000)
   assert count == len(SafetensorsCheckpoint(wan[1]).keys())
   direct = nnx.state(load_wan_vae(wan[1]))
   restored = dict(nnx.to_flat_state(nnx.state(load_wan_vae(tmp_path / 'orbax'))))
   for path, var in nnx.to_flat_state(direct):
     np.testing.assert_array_equal(np.asarray(restored[path][...]), np.asarray(var[...]))
-  assert main(['wan', '--src', str(tmp_path / 'nothing'), '--dst', str(tmp_path / 'x')]) == 2
-  assert main(['wan', '--src', str(wan[1]), '--dst', str(tmp_path / 'orbax')]) == 2  # exists
+  assert main(['--kind', 'wan', '--src', str(tmp_path / 'nothing'), '--dst', str(tmp_path / 'x')]) == 2
+  assert main(['--kind', 'wan', '--src', str(wan[1]), '--dst', str(tmp_path / 'orbax')]) == 2  # exists
 
 
 def test_released_config_builds_abstractly_with_diffusers_parameter_count():

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 import grain
+import ml_collections
 import numpy as np
 
 from vap_jax.data import video_io
@@ -241,6 +242,47 @@ class VapLoader:
     return {'data_iterator': grain.checkpoint.CheckpointRestore(self.iterator)}
 
 
+def default_data_config(recipe: str | None = None) -> ml_collections.ConfigDict:
+  """The loader settings of the official SFT recipe (VAP_SPEC §5.3-5.4, training.json).
+
+  ``recipe``: comma-separated 'cog' (default, 49x480x720), 'wan' (49x480x832), '3ref' (the
+  3-reference ablation). `configs/vap_data.py` documents them; `make_loader` reads them.
+  """
+  args = set((recipe or 'cog').split(','))
+  unknown = args - {'cog', 'wan', '3ref'}
+  if unknown:
+    raise ValueError(f'data recipe {recipe!r}: unknown {sorted(unknown)} (expected cog, wan, 3ref)')
+  data = ml_collections.ConfigDict(dict(
+      root='data/VAP-Data',
+      meta_csv='vap_data.csv',
+      benchmark_csv='benchmark/benchmark.csv',
+      fps=16,
+      buckets=[[49, 480, 832]] if 'wan' in args else [[49, 480, 720]],  # (frames, height, width)
+      frames_selection='evenly',
+      resize_mode='bicubic',
+      output_dtype='float32',
+      sample_ref_videos_num=1,
+      mask_ref_ratio=0.0,
+      mask_caption_ratio=0.02,
+      alignment_score_threshold=0.0 if 'cog' in args else 10.0,
+      remove_llm_prefixes=True,
+      truncate_multiple=48,
+      max_samples=None,
+      seed=42,
+      num_epochs=None,              # None: repeat forever, a new shuffle each epoch
+      batch_size=1,                 # per process
+      workers=4,                    # grain mp_prefetch processes; 0 decodes in the caller
+      read_threads=1,               # decode threads per worker
+      worker_buffer=2,
+      max_failure_fraction=0.05,    # of samples seen; stop with the worst offenders above this
+      min_samples_before_cap=100,
+  ))
+  if '3ref' in args:
+    data.update(sample_ref_videos_num=3, mask_ref_ratio=0.3, mask_caption_ratio=0.1,
+                alignment_score_threshold=10.0)
+  return data
+
+
 def pairing_config(cfg) -> PairingConfig:
   return PairingConfig(
       alignment_score_threshold=float(cfg.alignment_score_threshold),
@@ -252,7 +294,7 @@ def pairing_config(cfg) -> PairingConfig:
 
 
 def make_loader(cfg, *, shard: tuple[int, int] | None = None) -> VapLoader:
-  """Builds the per-process iterator from a `configs/vap_data.py` `data` block.
+  """Builds the per-process iterator from loader settings (`default_data_config`).
 
   `shard` = (index, count) defaults to (jax.process_index(), jax.process_count()).
   """

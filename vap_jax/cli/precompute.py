@@ -7,8 +7,9 @@ shards that `vap_jax.data.latent_source` reads back for training.
 
 --model is a diffusers pipeline folder (vae/, text_encoder/, tokenizer/; Wan also image_encoder/,
 image_processor/); --vae/--text-encoder/--image-encoder/--tokenizer point elsewhere (e.g. at
-folders converted by vap-convert-*). Data settings start from configs/vap_data.py (cog or wan)
-with caption/reference dropout off (apply it at train time); --set changes any of them.
+folders converted by vap-convert-*). Data settings start from the official recipe of the family
+(`vap_jax.data.default_data_config`, documented in configs/vap_data.py) or from --config, with
+caption/reference dropout off (apply it at train time); --set changes any of them.
 
 Resumable: run the same command again and finished shards are skipped, unfinished ones redone.
 Multi-host: run it on every host with --distributed (jax.distributed.initialize()) or with
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
+
+from vap_jax.cli import common
 
 
 def _value(text: str):
@@ -48,8 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--data', required=True, help='VAP-Data root (holds vap_data.csv)')
   p.add_argument('--out', required=True, help='output folder (created; a rerun resumes it)')
   g = p.add_argument_group('what is stored')
+  g.add_argument('--config', default=None, metavar='PATH[:ARG]',
+                 help='data settings from a config file\'s `data` block, e.g. '
+                      'configs/vap_data.py:wan (default: the family\'s official recipe)')
   g.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='data setting of configs/vap_data.py, value as JSON (repeatable), e.g. '
+                 help='one data setting, value as JSON (repeatable), e.g. '
                       'max_samples=1000, buckets=[[49,480,720]], meta_csv=other.csv')
   g.add_argument('--draws', type=int, default=1,
                  help='reference draws per table row, each its own record (default 1)')
@@ -73,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   g.add_argument('--process-index', type=int, default=None)
   g.add_argument('--process-count', type=int, default=None)
   g.add_argument('--no-progress', action='store_true', help='no progress bar')
+  common.add_verbose(g)
   for name in ('vae', 'text-encoder', 'tokenizer', 'image-encoder'):
     g.add_argument(f'--{name}', default=None, help=f'{name} folder (default: --model)')
   args = p.parse_args(argv)
@@ -83,22 +89,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  common.setup_logging(args.verbose)
   import jax
 
-  from configs.vap_data import get_config
-  from vap_jax.data.pipeline import DataFailureError
+  from vap_jax.config import load_config
+  from vap_jax.data.pipeline import DataFailureError, default_data_config
   from vap_jax.data.precompute import PrecomputeConfig, precompute
   from vap_jax.weights.safetensors_io import CheckpointError
 
   if args.distributed:
     jax.distributed.initialize()
-  data = get_config('wan' if args.family == 'wan' else 'cog').data
-  data.update(root=args.data, mask_caption_ratio=0.0, mask_ref_ratio=0.0)
-  if args.workers is not None:
-    data.workers = args.workers
   start = time.time()
   try:
+    if args.config:
+      data = load_config(args.config).data
+    else:
+      data = default_data_config('wan' if args.family == 'wan' else 'cog')
+    data.update(root=args.data, mask_caption_ratio=0.0, mask_ref_ratio=0.0)
+    if args.workers is not None:
+      data.workers = args.workers
+    common.writable_folder(args.out, '--out')
     for item in args.set:
       key, sep, value = item.partition('=')
       if not sep or key not in data:

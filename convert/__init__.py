@@ -1,1 +1,0 @@
-"""Command-line converters: diffusers/HF checkpoint folders -> vap_jax Orbax folders."""
