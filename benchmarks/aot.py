@@ -2,17 +2,19 @@
 
   python -m benchmarks.aot --model cogvideox-vap --target h100-80g-x1
   python -m benchmarks.aot --model wan-vap --target h100-80g-x8 --mesh fsdp=8
+  python -m benchmarks.aot --model wan-vap --target h100-80g-x8 --train --remat full
 
 Lowers and compiles the sharded inference step (one transformer call at the official shapes,
-CFG batch 2, one reference, bf16 weights) for the target's device count, using that many fake
-host devices, and prints XLA's per-device memory analysis against the target's memory.
+CFG batch 2, one reference, bf16 weights) -- or with ``--train`` a forward and backward w.r.t.
+the expert parameters (batch 1 per data replica, float32 expert weights) under a remat policy --
+for the target's device count, using that many fake host devices, and prints XLA's per-device
+memory analysis against the target's memory. The blocks are scanned (``--no-scan`` unrolls).
 Attention defaults to ``blockwise`` (bounded score memory, like the fused kernels on the real
 target); ``xla`` would count the full score matrix. The compile is for the CPU backend, so the
 figures are an estimate of the accelerator's: same shardings and buffers, a different
 scheduler and fusion. Measured caveat: XLA:CPU converts bf16 matmul operands to float32, so its
 temporaries include float32 copies of the (gathered) bf16 weights -- up to 2x
-``bf16_weight_bytes_unsharded`` -- that a GPU/TPU does not make. Only the inference step exists so far; the train step joins with the
-trainer.
+``bf16_weight_bytes_unsharded`` -- that a GPU/TPU does not make.
 """
 from __future__ import annotations
 
@@ -32,25 +34,32 @@ TARGETS = {  # devices, memory per device in bytes
 
 
 def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwise',
-            batch: int = 2) -> dict:
+            batch: int | None = None, train: bool = False, remat: str = 'none',
+            scan: bool = True) -> dict:
   """Compile the sharded step for ``model`` on the current (fake) devices; memory per device."""
   import dataclasses
 
   import jax
+  import jax.numpy as jnp
   from flax import nnx
   from jax.sharding import NamedSharding
 
   from benchmarks.step import CASES, inputs
   from vap_jax.models.cogvideox import CogVideoXTransformer
+  from vap_jax.models.common import TRAINABLE
   from vap_jax.models.wan import WanTransformer
   from vap_jax.parallel import (DEFAULT_RULES, logical_to_spec, make_mesh, param_shardings,
                                 sharding_context)
   from vap_jax.weights.loading import abstract_model
 
   case = CASES[model]()
-  cfg = dataclasses.replace(case.config, attention=attention)
+  cfg = dataclasses.replace(case.config, attention=attention, scan_layers=scan, remat=remat)
+  if train:  # float32 master weights for what trains
+    cfg = dataclasses.replace(cfg, dtypes=dataclasses.replace(cfg.dtypes, trainable='float32'))
   build = CogVideoXTransformer if case.family == 'cogvideox' else WanTransformer
   mesh = make_mesh(mesh_shape, devices=jax.devices()[:math.prod(mesh_shape.values())])
+  if batch is None:  # CFG pair for inference; one video per data replica for training
+    batch = mesh.shape['data'] * mesh.shape['fsdp'] if train else 2
   graphdef, state = nnx.split(abstract_model(lambda: build(cfg, rngs=nnx.Rngs(0))))
   shardings = dict(nnx.to_flat_state(param_shardings(state, mesh, DEFAULT_RULES)))
   abstract_state = nnx.from_flat_state([
@@ -64,11 +73,22 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
                                 else batch_spec[0])) == 0 else (None,)
     return jax.ShapeDtypeStruct(a.shape, a.dtype,
                                 sharding=NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
-  args = [arg(a) for a in inputs(case, batch)]
+  args, kw = jax.tree.map(arg, inputs(case, batch))
+  if train:
+    model_graph, trainable, frozen = nnx.split(nnx.merge(graphdef, abstract_state), TRAINABLE, ...)
+
+    def step(trainable, frozen, args, kw):  # d(mean squared prediction)/d(expert)
+      def loss(trainable):
+        out = nnx.merge(model_graph, trainable, frozen)(*args, **kw)
+        return jnp.mean(jnp.square(out.astype(jnp.float32)))
+      return jax.grad(loss)(trainable)
+    operands = (trainable, frozen, args, kw)
+  else:
+    step = lambda s, a, k: nnx.merge(graphdef, s)(*a, **k)
+    operands = (abstract_state, args, kw)
   with sharding_context(mesh, DEFAULT_RULES):
     start = time.perf_counter()
-    lowered = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a)).lower(abstract_state, *args)
-    compiled = lowered.compile()
+    compiled = jax.jit(step).lower(*operands).compile()
     seconds = time.perf_counter() - start
   bf16_weights = sum(math.prod(v.shape) * 2 for _, v in nnx.to_flat_state(state)
                      if v.dtype == jax.numpy.bfloat16)
@@ -77,8 +97,8 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
            for name in ('argument', 'output', 'temp', 'alias', 'generated_code')}
   total = sizes['argument'] + sizes['output'] + sizes['temp'] - sizes['alias']
   return dict(model=model, mesh=mesh_shape, devices=mesh.size, attention=attention, batch=batch,
-              compile_seconds=round(seconds, 1), per_device_bytes=total,
-              bf16_weight_bytes_unsharded=bf16_weights,
+              train=train, remat=remat, scan=scan, compile_seconds=round(seconds, 1),
+              per_device_bytes=total, bf16_weight_bytes_unsharded=bf16_weights,
               **{f'{k}_bytes': v for k, v in sizes.items()})
 
 
@@ -94,6 +114,10 @@ def main(argv=None) -> dict:
   parser.add_argument('--mesh', default='', help="e.g. 'fsdp=8' or 'fsdp=2,tensor=4' "
                       "(default: all devices on fsdp)")
   parser.add_argument('--attention', default='blockwise', choices=['blockwise', 'xla'])
+  parser.add_argument('--train', action='store_true',
+                      help='forward + backward w.r.t. the expert (float32 expert weights)')
+  parser.add_argument('--remat', default='none', help='remat policy (vap_jax.models.stack)')
+  parser.add_argument('--no-scan', action='store_true', help='unrolled blocks instead of scan')
   args = parser.parse_args(argv)
   devices, capacity = TARGETS[args.target]
   mesh = _parse_mesh(args.mesh) or {'fsdp': devices}
@@ -101,12 +125,14 @@ def main(argv=None) -> dict:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={devices}')
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  result = analyze(args.model, mesh, attention=args.attention)
+  result = analyze(args.model, mesh, attention=args.attention, train=args.train,
+                   remat=args.remat, scan=not args.no_scan)
   result.update(target=args.target, capacity_bytes=capacity,
                 fits=result['per_device_bytes'] <= capacity)
   print(json.dumps(result))
   gib = lambda b: f'{b / 2**30:.1f} GiB'
-  print(f"{args.model} on {args.target} (mesh {mesh}, {args.attention} attention): per device "
+  what = f'train step, remat {args.remat}' if args.train else 'inference step'
+  print(f"{args.model} {what} on {args.target} (mesh {mesh}, {args.attention} attention): per device "
         f"{gib(result['per_device_bytes'])} = weights+inputs {gib(result['argument_bytes'])} + "
         f"temporaries {gib(result['temp_bytes'])} + outputs {gib(result['output_bytes'])}; "
         f"capacity {gib(capacity)} -> {'fits' if result['fits'] else 'DOES NOT FIT'} "

@@ -29,7 +29,8 @@ from flax import nnx
 from vap_jax.config import load_config
 from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer, rope_table
 from vap_jax.models.flops import cogvideox_flops, wan_flops
-from vap_jax.models.wan import WanConfig, WanTransformer
+from vap_jax.models.wan import KEEP_FP32, WanConfig, WanTransformer
+from vap_jax.nn.dtypes import DTypePolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +68,9 @@ def _small(case: Case, **changes) -> Case:
 
 
 COG_SMALL = dict(num_layers=4, num_attention_heads=8, sample_height=30, sample_width=44,
-                 sample_frames=17, dtype='float32', param_dtype='float32')
+                 sample_frames=17, dtypes=DTypePolicy())
 WAN_SMALL = dict(num_layers=4, num_attention_heads=8, attention_head_dim=64, ffn_dim=1536,
-                 added_kv_proj_dim=512, dtype='float32', param_dtype='float32')
+                 added_kv_proj_dim=512, dtypes=DTypePolicy(keep_fp32=KEEP_FP32))
 COG_SHAPE = dict(frames=13, height=60, width=90, text_len=226)
 WAN_SHAPE = dict(frames=13, height=60, width=104, text_len=512, image_len=257)
 CASES = {
@@ -96,22 +97,27 @@ CASES = {
 }
 
 
-def inputs(case: Case, batch: int, seed: int = 0) -> tuple:
-  """Random model inputs in the backbone's argument order (numpy, float32 / int32)."""
+def inputs(case: Case, batch: int, seed: int = 0) -> tuple[tuple, dict]:
+  """Random model inputs, (latents, timestep, text) and the keyword inputs (numpy, float32 /
+  int32), as either transformer takes them."""
   rng = np.random.default_rng(seed)
   cfg, n = case.config, case.refs
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   t = np.full((batch,), 500, np.int32)
   if case.family == 'cogvideox':
     lat = lambda f: normal(batch, f, cfg.in_channels, case.height, case.width)
-    args = (lat(case.frames), normal(batch, case.text_len, cfg.text_embed_dim), t)
-    return args + ((lat(n * case.frames), normal(batch, n * case.text_len, cfg.text_embed_dim))
-                   if n else ())
+    args = (lat(case.frames), t, normal(batch, case.text_len, cfg.text_embed_dim))
+    refs = dict(ref_latents=lat(n * case.frames),
+                ref_text=normal(batch, n * case.text_len, cfg.text_embed_dim)) if n else {}
+    return args, refs
   lat = lambda f: normal(batch, cfg.in_channels, f, case.height, case.width)
-  args = (lat(case.frames), t, normal(batch, case.text_len, cfg.text_dim),
-          normal(batch, case.image_len, cfg.image_dim))
-  return args + ((lat(n * case.frames), normal(batch, n * case.text_len, cfg.text_dim),
-                  normal(batch, n * case.image_len, cfg.image_dim)) if n else ())
+  args = (lat(case.frames), t, normal(batch, case.text_len, cfg.text_dim))
+  kw = dict(image=normal(batch, case.image_len, cfg.image_dim))
+  if n:
+    kw.update(ref_latents=lat(n * case.frames),
+              ref_text=normal(batch, n * case.text_len, cfg.text_dim),
+              ref_image=normal(batch, n * case.image_len, cfg.image_dim))
+  return args, kw
 
 
 def model_flops(case: Case, batch: int) -> int:
@@ -145,17 +151,17 @@ def time_jax(case: Case, batch: int, attention: str, repeats: int, warmup: int) 
   build = CogVideoXTransformer if case.family == 'cogvideox' else WanTransformer
   model = nnx.jit(lambda: build(cfg, rngs=nnx.Rngs(0)))()  # random weights, made on the device
   graphdef, state = nnx.split(model)
-  args = tuple(jnp.asarray(a) for a in inputs(case, batch))
-  step = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
+  args, kw = jax.tree.map(jnp.asarray, inputs(case, batch))
+  step = jax.jit(lambda s, a, k: nnx.merge(graphdef, s)(*a, **k))
   start = time.perf_counter()
-  compiled = step.lower(state, *args).compile()
+  compiled = step.lower(state, args, kw).compile()
   compile_s = time.perf_counter() - start
   for _ in range(warmup):
-    compiled(state, *args).block_until_ready()
+    compiled(state, args, kw).block_until_ready()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    compiled(state, *args).block_until_ready()
+    compiled(state, args, kw).block_until_ready()
     times.append(time.perf_counter() - start)
   return dict(seconds=statistics.median(times), compile_seconds=compile_s,
               peak_memory_bytes=_peak_memory())
@@ -191,14 +197,17 @@ def time_torch(case: Case, batch: int, repeats: int, warmup: int) -> dict:
   import torch
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   model = torch_model(case, device)
-  args = [torch.from_numpy(a).to(device) for a in inputs(case, batch)]
-  args = [a.to(torch.bfloat16) if a.is_floating_point() else a for a in args]
+  (latents, t, text), kw = inputs(case, batch)
+  to = lambda a: (torch.from_numpy(a).to(device).to(torch.bfloat16) if a.dtype == np.float32
+                  else torch.from_numpy(a).to(device))
+  latents, t, text = to(latents), to(t), to(text)
   if case.family == 'cogvideox':
     rope = rope_table(case.config, case.frames, case.height, case.width)
     rope = tuple(torch.from_numpy(np.array(r)).to(device) for r in rope)
-    call = lambda: model(args[0], args[1], args[2], image_rotary_emb=rope, return_dict=False)[0]
+    call = lambda: model(latents, text, t, image_rotary_emb=rope, return_dict=False)[0]
   else:
-    call = lambda: model(args[0], args[1], args[2], encoder_hidden_states_image=args[3],
+    image = to(kw['image'])
+    call = lambda: model(latents, t, text, encoder_hidden_states_image=image,
                          return_dict=False)[0]
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
   if device == 'cuda':
@@ -223,7 +232,7 @@ def run(model: str, *, attention: str = 'xla', batch: int = 2, repeats: int = 5,
   case = CASES[model]()
   device = jax.devices()[0]
   peak = measure_peak_flops(peak_size or (8192 if device.platform != 'cpu' else 1024),
-                            case.config.dtype)
+                            case.config.dtypes.compute)
   flops = model_flops(case, batch)
   common = dict(model=model, batch=batch, refs=case.refs, device=device.device_kind,
                 platform=device.platform, jax_version=jax.__version__,

@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       use_learned_positional_embeddings=True, flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5,
       norm_elementwise_affine=True, attention_bias=True, patch_bias=True,
       block_idx_with_mot_ref=tuple(range(41)),
-      dtype='bfloat16', param_dtype='bfloat16', attention='xla')
+      dtypes=dict(compute='bfloat16', params='bfloat16'), attention='xla')
   config.mesh = dict(data=1, fsdp=-1, context=1, tensor=1)
   config.rules = DEFAULT_RULES
   if arg == 'base':  # expert off: the plain CogVideoX-5B-I2V transformer

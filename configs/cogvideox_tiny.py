@@ -15,7 +15,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       time_embed_dim=8, text_embed_dim=16, patch_size=2, max_text_seq_length=8, sample_height=8,
       sample_width=12, sample_frames=9, temporal_compression_ratio=4,
       use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True,
-      block_idx_with_mot_ref=(0, 1), dtype='float32', param_dtype='float32', attention='xla')
+      block_idx_with_mot_ref=(0, 1), dtypes=dict(compute='float32', params='float32'),
+      attention='xla')
   config.mesh = dict(data=1, fsdp=1, context=1, tensor=1)
   config.rules = DEFAULT_RULES
   if arg == 'base':

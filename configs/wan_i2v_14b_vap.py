@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
       cross_attn_norm=True, qk_norm='rms_norm_across_heads', eps=1e-6, image_dim=1280,
       added_kv_proj_dim=5120, rope_max_seq_len=1024, block_idx_with_mot_ref=tuple(range(0, 40, 4)),
-      dtype='bfloat16', param_dtype='bfloat16', attention='xla')
+      dtypes=dict(compute='bfloat16', params='bfloat16'), attention='xla')
   config.mesh = dict(data=1, fsdp=-1, context=1, tensor=1)
   config.rules = DEFAULT_RULES
   if arg == 'base':  # expert off: the plain Wan2.1-I2V-14B transformer

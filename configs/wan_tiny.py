@@ -14,7 +14,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=12,
       out_channels=4, text_dim=16, freq_dim=256, ffn_dim=64, num_layers=4, image_dim=20,
       added_kv_proj_dim=48, rope_max_seq_len=32, block_idx_with_mot_ref=(0, 2),
-      dtype='float32', param_dtype='float32', attention='xla')
+      dtypes=dict(compute='float32', params='float32'), attention='xla')
   config.mesh = dict(data=1, fsdp=1, context=1, tensor=1)
   config.rules = DEFAULT_RULES
   if arg == 'base':

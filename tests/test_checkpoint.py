@@ -159,9 +159,9 @@ def test_golden_transformer_buffers_survive(converted):
   src, dst = converted['golden', 'cogvideox']
   state = _params(load_cogvideox(dst, dtype='float32'))
   tensors = SafetensorsCheckpoint(src / 'transformer')
-  for prefix, key in (('patch_embed', 'patch_embed.pos_embedding'),
-                      ('expert_patch_embed', 'patch_embed_mot_ref.pos_embedding')):
-    np.testing.assert_array_equal(state[prefix, 'pos_embedding'], tensors.read(key))
+  for prefix, key in ((('patch_embed',), 'patch_embed.pos_embedding'),
+                      (('expert', 'patch_embed'), 'patch_embed_mot_ref.pos_embedding')):
+    np.testing.assert_array_equal(state[prefix + ('pos_embedding',)], tensors.read(key))
 
 
 def test_pipelines_run_from_converted_folders(converted):
@@ -282,7 +282,7 @@ def test_vap_convert_resumes(converted, tmp_path, capsys, caplog):
                       *FAST]) == 0
   manifest = ckpt.read_manifest(dst)
   assert manifest['components']['transformer']['param_dtype'] == 'float32'
-  assert load_cogvideox(dst, dtype='float32').blocks[0].expert is not None
+  assert load_cogvideox(dst, dtype='float32').layers(0)[1] is not None
 
 
 def test_vap_convert_takes_relative_paths_and_is_quiet(tiny, tmp_path):
@@ -311,3 +311,20 @@ def test_unwritable_destination_is_a_clear_error(tiny, tmp_path, capsys):
     assert vap_convert(['--src', str(tiny['cogvideox']), '--dst', str(dst), *FAST]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f'error: --dst {dst}') and message in err and err.count('\n') == 1
+
+
+def test_folders_of_the_old_layout_say_to_convert_again(converted, tmp_path):
+  """Format 1 stored per-block paths; loading one must say what to do, not fail on a key."""
+  _, dst = converted['tiny', 'cogvideox']
+  old = _partial_copy(dst, tmp_path / 'old')
+  config = json.loads((old / 'transformer' / 'config.json').read_text())
+  del config['format_version']
+  (old / 'transformer' / 'config.json').unlink()  # a symlink into the shared fixture
+  (old / 'transformer' / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r'older vap_jax \(folder format 1.*vap-convert'):
+    load_cogvideox(old / 'transformer')
+  manifest = json.loads((old / 'manifest.json').read_text())
+  (old / 'manifest.json').unlink()
+  (old / 'manifest.json').write_text(json.dumps(dict(manifest, format_version=1)))
+  with pytest.raises(CheckpointError, match='format_version 1, this vap_jax reads 2: convert'):
+    ckpt.check_components(old)

@@ -10,10 +10,11 @@ from flax import nnx
 from conftest import assert_close, config_file
 from vap_jax.models.clip import CLIPVisionConfig, preprocess
 from vap_jax.parallel import make_mesh, sharding_context
-from vap_jax.weights.encoders import (CLIP_VISION, convert, load_image_encoder, model_factory,
-                                      read_hf_config)
+from vap_jax.weights.component import source_config
+from vap_jax.weights.encoders import (CLIP_SPEC, CLIP_VISION, convert, load_image_encoder,
+                                      model_factory)
 from vap_jax.weights.keymap import plan
-from vap_jax.weights.loading import abstract_model, count_params, shard_model
+from vap_jax.weights.loading import abstract_model, count_params
 from vap_jax.weights.safetensors_io import SafetensorsCheckpoint
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -84,7 +85,7 @@ def test_key_map_covers_checkpoint_and_model_both_ways(clip):
   _, folder = clip
   checkpoint = SafetensorsCheckpoint(folder)
   assert len(list(folder.glob('*.safetensors'))) > 2
-  config = CLIPVisionConfig.from_hf(read_hf_config(folder, 'clip'))
+  config = CLIPVisionConfig.from_source(source_config(CLIP_SPEC, folder))
   _, state = nnx.split(abstract_model(model_factory(config)))
   the_plan = plan(checkpoint, CLIP_VISION, state)
   assert (sorted(k for k, _ in the_plan.entries.values())
@@ -160,7 +161,7 @@ def test_real_size_parameter_count():
                        num_attention_heads=16, image_size=224, patch_size=14, hidden_act='gelu')
   with torch.device('meta'):
     expected = sum(p.numel() for p in CLIPVisionModel(hf_config).parameters())
-  ours = CLIPVisionConfig.from_hf(hf_config.to_dict())
+  ours = CLIPVisionConfig.from_source(hf_config.to_dict())
   assert ours == CLIPVisionConfig() and ours.num_positions == 257
   named = CLIPVisionConfig(**config_file('encoders.py:clip_h14').model)
   model = abstract_model(model_factory(named))

@@ -12,8 +12,9 @@ from vap_jax.models.flops import cogvideox_flops, wan_flops
 from vap_jax.models.wan import WanConfig, WanTransformer
 
 
-def traced_matmul_flops(fn, *args) -> int:
-  """2 * (batch * M * N * K) summed over every dot_general in the program, nested ones included."""
+def traced_matmul_flops(fn, *args, **kwargs) -> int:
+  """2 * (batch * M * N * K) summed over every dot_general in the program, nested ones included
+  (a scan's body once per iteration)."""
   def count(jaxpr) -> int:
     total = 0
     for eqn in jaxpr.eqns:
@@ -22,10 +23,11 @@ def traced_matmul_flops(fn, *args) -> int:
         lhs, rhs = (v.aval.shape for v in eqn.invars)
         out = eqn.outvars[0].aval.shape
         total += 2 * int(np.prod(out)) * int(np.prod([lhs[i] for i in lhs_contract]))
+      repeats = eqn.params['length'] if eqn.primitive.name == 'scan' else 1
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        total += count(sub)
+        total += repeats * count(sub)
     return total
-  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+  return count(jax.make_jaxpr(lambda a, k: fn(*a, **k))(args, kwargs).jaxpr)
 
 
 def test_cogvideox_hand_count():
@@ -44,8 +46,8 @@ def test_cogvideox_hand_count():
   assert counted['total'] == embed + 2 * per_stream + attention + head
 
 
-def _check_against_trace(model, flops, *args):
-  traced = traced_matmul_flops(lambda *a: model(*a), *args)
+def _check_against_trace(model, flops, *args, **kwargs):
+  traced = traced_matmul_flops(model, *args, **kwargs)
   assert flops['total'] == traced, (flops, traced)
 
 
@@ -54,11 +56,11 @@ def test_cogvideox_counts_equal_traced_dots():
   model = CogVideoXTransformer(cfg, rngs=nnx.Rngs(0))
   sd = jax.ShapeDtypeStruct
   for n in (0, 2):
-    args = [sd((2, 3, 8, 8, 12), 'float32'), sd((2, 8, 16), 'float32'), sd((2,), 'int32')]
-    if n:
-      args += [sd((2, 3 * n, 8, 8, 12), 'float32'), sd((2, 8 * n, 16), 'float32')]
+    args = [sd((2, 3, 8, 8, 12), 'float32'), sd((2,), 'int32'), sd((2, 8, 16), 'float32')]
+    refs = dict(ref_latents=sd((2, 3 * n, 8, 8, 12), 'float32'),
+                ref_text=sd((2, 8 * n, 16), 'float32')) if n else {}
     flops = cogvideox_flops(cfg, batch=2, frames=3, height=8, width=12, text_len=8, num_refs=n)
-    _check_against_trace(model, flops, *args)
+    _check_against_trace(model, flops, *args, **refs)
 
 
 def test_wan_counts_equal_traced_dots():
@@ -66,13 +68,13 @@ def test_wan_counts_equal_traced_dots():
   model = WanTransformer(cfg, rngs=nnx.Rngs(0))
   sd = jax.ShapeDtypeStruct
   for n in (0, 2):
-    args = [sd((2, 12, 3, 8, 8), 'float32'), sd((2,), 'int32'), sd((2, 6, 16), 'float32'),
-            sd((2, 5, 20), 'float32')]
+    args = [sd((2, 12, 3, 8, 8), 'float32'), sd((2,), 'int32'), sd((2, 6, 16), 'float32')]
+    kw = dict(image=sd((2, 5, 20), 'float32'))
     if n:
-      args += [sd((2, 12, 3 * n, 8, 8), 'float32'), sd((2, 6 * n, 16), 'float32'),
-               sd((2, 5 * n, 20), 'float32')]
+      kw.update(ref_latents=sd((2, 12, 3 * n, 8, 8), 'float32'),
+                ref_text=sd((2, 6 * n, 16), 'float32'), ref_image=sd((2, 5 * n, 20), 'float32'))
     flops = wan_flops(cfg, batch=2, frames=3, height=8, width=8, text_len=6, image_len=5, num_refs=n)
-    _check_against_trace(model, flops, *args)
+    _check_against_trace(model, flops, *args, **kw)
   t2v = dataclasses.replace(cfg, image_dim=None, added_kv_proj_dim=None, block_idx_with_mot_ref=())
   _check_against_trace(WanTransformer(t2v, rngs=nnx.Rngs(0)),
                        wan_flops(t2v, batch=1, frames=3, height=8, width=8, text_len=6),

@@ -3,7 +3,6 @@ the official initial noise injected. The official cond/uncond passes are one bat
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -88,8 +87,8 @@ def test_batched_cfg_equals_two_passes(pipe, golden):
   for text, ref_text, key in ((args['prompt_embeds'], args['prompt_embeds_mot_ref'], 'cond'),
                               (args['negative_prompt_embeds'], args['negative_prompt_embeds_mot_ref'],
                                'uncond')):
-    out = model(x, t, text, common[0], common[1], ref_text,
-                lat['transformer_encoder_hidden_states_image_mot_ref'])
+    out = model(x, t, text, image=common[0], ref_latents=common[1], ref_text=ref_text,
+                ref_image=lat['transformer_encoder_hidden_states_image_mot_ref'])
     assert_close(out, d[f'step0.noise_pred_{key}'], what=f'noise_pred_{key}')
 
 

@@ -6,8 +6,8 @@ from flax import nnx
 
 from conftest import config_file
 from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
-from vap_jax.models.common import trainable_filter
-from vap_jax.models import wan
+from vap_jax.models.common import TRAINABLE
+from vap_jax.models import stack, wan
 from vap_jax.nn.layers import Buffer
 from vap_jax.weights.loading import abstract_model, count_params
 
@@ -16,12 +16,14 @@ def test_cogvideox_5b_vap_parameter_counts():
   config = CogVideoXConfig(**config_file('cogvideox_5b_vap.py').model)
   model = abstract_model(lambda: CogVideoXTransformer(config, rngs=nnx.Rngs(0)))
   total = count_params(model)
-  expert = count_params(model, trainable=trainable_filter)
+  expert = count_params(model, TRAINABLE)
   assert expert == 5_434_921_216
   assert total - expert == 5_570_479_680
   buffers = [v for _, v in nnx.to_flat_state(nnx.state(model, Buffer))]
   assert [tuple(b.shape) for b in buffers] == [(1, 226 + 17550, 3072)] * 2
-  assert len(model.blocks) == 42 and model.blocks[41].expert is None
+  assert model.blocks.attn1.to_q.kernel.shape == (42, 3072, 3072)
+  assert model.expert.blocks.attn1.to_q.kernel.shape == (41, 3072, 3072)
+  assert model.layers(41)[1] is None and model.layers(40)[1] is not None
   assert all(isinstance(v.get_value(), jax.ShapeDtypeStruct)
              for _, v in nnx.to_flat_state(nnx.state(model)))
 
@@ -42,13 +44,14 @@ def test_abstract_build_matches_nnx_eval_shape():
 def test_wan_i2v_14b_vap_parameter_counts():
   config = wan.WanConfig(**config_file('wan_i2v_14b_vap.py').model)
   model = abstract_model(lambda: wan.WanTransformer(config, rngs=nnx.Rngs(0)))
-  expert = count_params(model, trainable=trainable_filter)
+  expert = count_params(model, TRAINABLE)
   assert expert == 4_279_386_880
   assert count_params(model) - expert == 16_394_878_784
-  assert [i for i, b in enumerate(model.blocks) if b.expert is not None] == list(range(0, 40, 4))
+  assert [i for i in range(40) if model.layers(i)[1] is not None] == list(range(0, 40, 4))
+  assert model.runs == (stack.Run(0, 0, 10, 3),)  # 10 groups of [base+expert, 3 base blocks]
   d20 = wan.WanConfig(**config_file('wan_i2v_14b_vap.py:d20').model)
   assert count_params(abstract_model(lambda: wan.WanTransformer(d20, rngs=nnx.Rngs(0))),
-                      trainable=trainable_filter) == 8_317_771_520
+                      TRAINABLE) == 8_317_771_520
 
 
 def test_every_variable_has_logical_axes_and_real_sizes_shard():

@@ -9,8 +9,8 @@ from jax.sharding import PartitionSpec as P
 from conftest import assert_close, config_file
 from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
 from vap_jax.models.wan import WanConfig, WanTransformer
-from vap_jax.parallel import (DEFAULT_RULES, logical_to_spec, make_mesh, param_shardings,
-                              sharding_context)
+from vap_jax.parallel import (DEFAULT_RULES, FSDP_CONTEXT_RULES, logical_to_spec, make_mesh,
+                              param_shardings, sharding_context)
 from vap_jax.weights.loading import shard_model
 
 
@@ -18,15 +18,17 @@ def _cog_inputs(rng, batch, n_refs=2):
   cfg = config_file('cogvideox_tiny.py').model
   lat = lambda f: rng.standard_normal((batch, f, cfg.in_channels, 8, 12)).astype(np.float32)
   txt = lambda n: rng.standard_normal((batch, n, cfg.text_embed_dim)).astype(np.float32)
-  return lat(3), txt(8), np.arange(batch) * 97 + 5, lat(3 * n_refs), txt(8 * n_refs)
+  return (lat(3), np.arange(batch) * 97 + 5, txt(8)), dict(ref_latents=lat(3 * n_refs),
+                                                           ref_text=txt(8 * n_refs))
 
 
 def _wan_inputs(rng, batch, n_refs=2):
   cfg = config_file('wan_tiny.py').model
   lat = lambda f: rng.standard_normal((batch, cfg.in_channels, f, 8, 8)).astype(np.float32)
   seq = lambda n, d: rng.standard_normal((batch, n, d)).astype(np.float32)
-  return (lat(3), np.arange(batch) * 97 + 5, seq(6, cfg.text_dim), seq(5, cfg.image_dim),
-          lat(3 * n_refs), seq(6 * n_refs, cfg.text_dim), seq(5 * n_refs, cfg.image_dim))
+  return (lat(3), np.arange(batch) * 97 + 5, seq(6, cfg.text_dim)), dict(
+      image=seq(5, cfg.image_dim), ref_latents=lat(3 * n_refs),
+      ref_text=seq(6 * n_refs, cfg.text_dim), ref_image=seq(5 * n_refs, cfg.image_dim))
 
 
 MODELS = {
@@ -45,7 +47,7 @@ def reference(request):
   keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
   nnx.update(model, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state))
   inputs = make_inputs(np.random.default_rng(0), batch=8)
-  expected = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, *inputs))
+  expected = np.asarray(nnx.jit(lambda m, *a, **k: m(*a, **k))(model, *inputs[0], **inputs[1]))
   return config, model, inputs, expected
 
 
@@ -59,10 +61,10 @@ def test_sharded_forward_equals_single_device(reference, mesh_shape):
   config, model, inputs, expected = reference
   mesh = make_mesh(mesh_shape)
   sharded = shard_model(nnx.clone(model), mesh, config.rules)
-  kernel = sharded.blocks[0].base.attn1.to_q.kernel[...]
+  kernel = sharded.blocks.attn1.to_q.kernel[...]
   assert len(kernel.sharding.device_set) == 8
   with sharding_context(mesh, config.rules):
-    actual = nnx.jit(lambda m, *a: m(*a))(sharded, *inputs)
+    actual = nnx.jit(lambda m, *a, **k: m(*a, **k))(sharded, *inputs[0], **inputs[1])
   assert_close(actual, expected, atol=1e-5, rtol=1e-5, what=f'sharded {mesh_shape}')
 
 
@@ -88,3 +90,38 @@ def test_mesh_and_sharding_errors_are_clear():
       self.w = nnx.Param(np.zeros((4, 6), np.float32), logical_axes=('embed', 'heads'))
   with pytest.raises(ValueError, match=r'parameter w of shape \(4, 6\).*6 is not divisible by 4'):
     param_shardings(nnx.state(Odd()), make_mesh(dict(fsdp=2, tensor=4)), DEFAULT_RULES)
+
+  class WrongRank(nnx.Module):  # 3 dimensions, 2 names: must not zip names onto wrong dims
+    def __init__(self):
+      self.w = nnx.Param(np.zeros((2, 4, 6), np.float32), logical_axes=('embed', 'heads'))
+  with pytest.raises(ValueError, match=r"parameter w: logical axes \('embed', 'heads'\) name 2 "
+                                       r'dimensions but its shape has 3'):
+    param_shardings(nnx.state(WrongRank()), make_mesh(dict(fsdp=2, tensor=4)), DEFAULT_RULES)
+
+
+@pytest.mark.parametrize('mesh_shape,rules,q_kernel,ff_out', [
+    (dict(fsdp=8), DEFAULT_RULES, P(None, 'fsdp', None), P(None, None, 'fsdp')),
+    (dict(tensor=4, data=2), DEFAULT_RULES, P(None, None, 'tensor'), P(None, 'tensor', None)),
+    # FSDP over fsdp x context: a context-parallel mesh does not replicate the weights
+    (dict(fsdp=2, context=4), FSDP_CONTEXT_RULES, P(None, ('fsdp', 'context'), None),
+     P(None, None, ('fsdp', 'context'))),
+])
+def test_stacked_parameters_shard_as_the_rules_say(mesh_shape, rules, q_kernel, ff_out):
+  """Every variable of both stacked trees gets the PartitionSpec its logical axes give under the
+  rules (layer axis unsharded), on fsdp, tensor and fsdp+context meshes."""
+  mesh = make_mesh(mesh_shape)
+  for name, build, _ in MODELS.values():
+    model = shard_model(build(config_file(name).model), mesh, rules)
+    stacks = 0
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+      axes = var.get_metadata()['logical_axes']
+      spec = var[...].sharding.spec
+      assert spec == logical_to_spec(axes, rules, mesh), path
+      if axes[0] == 'layers':
+        stacks += 1
+        assert spec[0] is None, path
+    assert stacks > 10
+    assert model.blocks.attn1.to_q.kernel[...].sharding.spec == q_kernel
+    assert model.expert.blocks.attn1.to_q.kernel[...].sharding.spec == q_kernel
+    ffn = model.blocks.ff if name.startswith('cog') else model.blocks.ffn
+    assert ffn.proj_out.kernel[...].sharding.spec == ff_out

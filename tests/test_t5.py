@@ -12,7 +12,8 @@ from flax import nnx
 
 from conftest import assert_close, config_file
 from vap_jax.models.t5 import T5Config, T5Encoder, relative_position_buckets
-from vap_jax.weights.encoders import T5, load_text_encoder, model_factory, read_hf_config
+from vap_jax.weights.component import source_config
+from vap_jax.weights.encoders import T5, T5_SPEC, load_text_encoder, model_factory
 from vap_jax.weights.keymap import plan
 from vap_jax.parallel import make_mesh, sharding_context
 from vap_jax.weights.loading import abstract_model, count_params, shard_model
@@ -89,7 +90,7 @@ def test_key_map_covers_checkpoint_and_model_both_ways(encoder):
   flavour, _, folder = encoder
   checkpoint = SafetensorsCheckpoint(folder)
   assert len(list(folder.glob('*.safetensors'))) > 2
-  config = T5Config.from_hf(read_hf_config(folder, 't5'))
+  config = T5Config.from_source(source_config(T5_SPEC, folder))
   _, state = nnx.split(abstract_model(model_factory(config)))
   the_plan = plan(checkpoint, T5, state)
   used = sorted(k for k, _ in the_plan.entries.values())
@@ -154,7 +155,7 @@ def test_real_size_parameter_count(flavour):
     hf_config, hf_cls, ours = UMT5Config(vocab_size=256384, **real), UMT5EncoderModel, T5Config.umt5_xxl()
   with torch.device('meta'):
     expected = sum(p.numel() for p in hf_cls(hf_config).parameters())  # tied embedding counted once
-  assert T5Config.from_hf(hf_config.to_dict()) == ours
+  assert T5Config.from_source(hf_config.to_dict()) == ours
   named = T5Config(**config_file(f'encoders.py:{flavour}_xxl').model)
   assert dataclasses.replace(named, dtype='float32', param_dtype='float32') == ours
   model = abstract_model(model_factory(named))

@@ -113,7 +113,7 @@ def test_posterior_sample(jax_cog):
 
 def test_key_map_covers_checkpoint_and_model_both_ways(cog):
   checkpoint = SafetensorsCheckpoint(cog[1])
-  config = CogVideoXVAEConfig.from_diffusers(json.loads((cog[1] / 'config.json').read_text()))
+  config = CogVideoXVAEConfig.from_source(json.loads((cog[1] / 'config.json').read_text()))
   _, state = nnx.split(abstract_model(lambda: AutoencoderKLCogVideoX(config, rngs=nnx.Rngs(0))))
   the_plan = plan(checkpoint, COGVIDEOX, state)
   assert sorted(k for k, _ in the_plan.entries.values()) == sorted(checkpoint.keys())

@@ -112,7 +112,7 @@ def test_latent_normalisation_round_trip(jax_wan):
 
 def test_key_map_covers_checkpoint_and_model_both_ways(wan):
   checkpoint = SafetensorsCheckpoint(wan[1])
-  config = WanVAEConfig.from_diffusers(json.loads((wan[1] / 'config.json').read_text()))
+  config = WanVAEConfig.from_source(json.loads((wan[1] / 'config.json').read_text()))
   _, state = nnx.split(abstract_model(lambda: AutoencoderKLWan(config, rngs=nnx.Rngs(0))))
   the_plan = plan(checkpoint, WAN, state)
   assert sorted(k for k, _ in the_plan.entries.values()) == sorted(checkpoint.keys())

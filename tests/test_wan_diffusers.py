@@ -12,7 +12,8 @@ from flax import nnx
 
 from conftest import assert_close
 from vap_jax.models.wan import WanConfig, WanTransformer
-from vap_jax.weights.keymap import plan
+from vap_jax.models.stack import checkpoint_slots
+from vap_jax.weights.keymap import plan, slots
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from vap_jax.weights.wan import WAN, convert, load_wan
 
@@ -75,8 +76,8 @@ def test_base_forward_equals_diffusers(reference):
   assert len(list(folder.glob('*.safetensors'))) > 3
   model = load_wan(folder, dtype='float32')
   inputs = _inputs()
-  assert_close(nnx.jit(lambda m, *a: m(*a))(model, *inputs), _torch_forward(torch_model, *inputs),
-               atol=1e-5, rtol=1e-5)
+  assert_close(nnx.jit(lambda m, *a: m(*a[:3], image=a[3]))(model, *inputs),
+               _torch_forward(torch_model, *inputs), atol=1e-5, rtol=1e-5)
 
 
 def test_original_wan_naming_loads_the_same_model(reference, tmp_path):
@@ -94,27 +95,33 @@ def test_original_wan_naming_loads_the_same_model(reference, tmp_path):
   save_file(tensors, tmp_path / 'diffusion_pytorch_model.safetensors')
   model = load_wan(tmp_path, dtype='float32')
   inputs = _inputs()
-  assert_close(model(*inputs), _torch_forward(torch_model, *inputs), atol=1e-5, rtol=1e-5)
+  assert_close(model(*inputs[:3], image=inputs[3]), _torch_forward(torch_model, *inputs),
+               atol=1e-5, rtol=1e-5)
 
 
 def test_key_map_covers_checkpoint_and_model_both_ways(reference):
   _, folder = reference
   checkpoint = SafetensorsCheckpoint(folder)
-  config = WanConfig.from_diffusers(json.loads((folder / 'config.json').read_text()))
+  config = WanConfig.from_source(json.loads((folder / 'config.json').read_text()))
   _, state = nnx.split(nnx.eval_shape(lambda: WanTransformer(config, rngs=nnx.Rngs(0))))
-  the_plan = plan(checkpoint, WAN, state)
+  the_plan = plan(checkpoint, WAN, state, checkpoint_slots(config.block_idx_with_mot_ref))
   assert sorted(k for k, _ in the_plan.entries.values()) == sorted(checkpoint.keys())
-  assert len(the_plan.entries) == len(nnx.to_flat_state(state))
+  assert set(the_plan.entries) == set(slots(state))  # every layer of every stack
 
 
 def test_expert_key_map_covers_the_vap_checkpoint(golden_wan_folder=None):
   from conftest import DATA
   folder = DATA / 'wan_mot' / 'transformer'
-  config = WanConfig.from_diffusers(json.loads((folder / 'config.json').read_text()))
+  config = WanConfig.from_source(json.loads((folder / 'config.json').read_text()))
   _, state = nnx.split(nnx.eval_shape(lambda: WanTransformer(config, rngs=nnx.Rngs(0))))
-  the_plan = plan(SafetensorsCheckpoint(folder), WAN, state)
-  assert ('blocks', 2, 'expert', 'attn2', 'norm_added_k', 'scale') in the_plan.entries
-  assert ('expert_condition_embedder', 'image_ff', 'proj_out', 'kernel') in the_plan.entries
+  the_plan = plan(SafetensorsCheckpoint(folder), WAN, state,
+                  checkpoint_slots(config.block_idx_with_mot_ref))
+  assert set(the_plan.entries) == set(slots(state))
+  # Expert block 2 is the second expert layer: slot 1 of the expert stack.
+  assert the_plan.entries[('expert', 'blocks', 'attn2', 'norm_added_k', 'scale'), 1][0] == \
+      'blocks.2.attn2_mot_ref.norm_added_k.weight'
+  assert (('expert', 'condition_embedder', 'image_ff', 'proj_out', 'kernel'), None) in \
+      the_plan.entries
 
 
 def test_round_trip_and_clear_errors(reference, tmp_path):
@@ -123,7 +130,7 @@ def test_round_trip_and_clear_errors(reference, tmp_path):
   convert(folder.parent, tmp_path / 'orbax', param_dtype='float32', progress=False,
           group_bytes=20_000)
   inputs = _inputs()
-  assert_close(load_wan(tmp_path / 'orbax', dtype='float32')(*inputs),
+  assert_close(load_wan(tmp_path / 'orbax', dtype='float32')(*inputs[:3], image=inputs[3]),
                _torch_forward(torch_model, *inputs), atol=1e-5, rtol=1e-5)
   tensors = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   bad = tmp_path / 'bad'
@@ -135,6 +142,6 @@ def test_round_trip_and_clear_errors(reference, tmp_path):
   with pytest.raises(CheckpointError) as err:
     load_wan(bad, dtype='float32')
   assert 'blocks.0.ffn.net.2.weight: checkpoint (3, 3)' in str(err.value)
-  assert 'blocks.1.base.attn2.norm_added_k.scale' in str(err.value)
+  assert 'blocks.attn2.norm_added_k.scale[1]' in str(err.value)
   with pytest.raises(ValueError, match='image tokens are required'):
     load_wan(folder, dtype='float32')(*inputs[:3])

@@ -16,21 +16,24 @@ GOLDEN = DATA / 'wan_mot'
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope='module')
-def model():
-  return load_wan(GOLDEN, dtype='float32')
+@pytest.fixture(scope='module', params=[True, False], ids=['scan', 'loop'])
+def model(request):
+  return load_wan(GOLDEN, dtype='float32', scan_layers=request.param)
 
 
 def _args(inputs):
-  return (inputs['hidden_states'], inputs['timestep'], inputs['encoder_hidden_states'],
-          inputs['encoder_hidden_states_image'], inputs['hidden_states_mot_ref'],
-          inputs['encoder_hidden_states_mot_ref'], inputs['encoder_hidden_states_image_mot_ref'],
-          inputs['timestep_list_mot_ref'][:, 0])
+  """Positional (latents, timestep, text) and keyword inputs of the model."""
+  return ((inputs['hidden_states'], inputs['timestep'], inputs['encoder_hidden_states']),
+          dict(image=inputs['encoder_hidden_states_image'],
+               ref_latents=inputs['hidden_states_mot_ref'],
+               ref_text=inputs['encoder_hidden_states_mot_ref'],
+               ref_image=inputs['encoder_hidden_states_image_mot_ref'],
+               ref_timestep=inputs['timestep_list_mot_ref'][:, 0]))
 
 
 def test_experts_on_configured_blocks(model):
-  assert model.cfg.block_idx_with_mot_ref == (0, 2)
-  assert [b.expert is not None for b in model.blocks] == [True, False, True, False]
+  assert model.config.block_idx_with_mot_ref == (0, 2)
+  assert [model.layers(i)[1] is not None for i in range(4)] == [True, False, True, False]
 
 
 @pytest.mark.parametrize('num_refs,key', [(0, 'target'), (1, 'ref')])
@@ -46,8 +49,8 @@ def test_mot_forward_equals_official(model, case):
   inputs = load_file(GOLDEN / case / 'inputs.safetensors')
   expected = load_file(GOLDEN / case / 'intermediates.safetensors')
   output = load_file(GOLDEN / case / 'output.safetensors')['output']
-  args = _args(inputs)
-  target, ref, temb = model.embed(*args)
+  args, kw = _args(inputs)
+  target, ref = model.embed(*args, **kw)
   b = args[0].shape[0]
 
   def tokens(name):  # (B, dim, F, H', W') conv output -> (B, tokens, dim)
@@ -55,7 +58,7 @@ def test_mot_forward_equals_official(model, case):
     return x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)
   assert_close(target.video, tokens('patch_embedding_out'), what='patch_embedding', **TOL)
   assert_close(ref.video, tokens('patch_embedding_mot_ref_out'), what='ref patch_embedding', **TOL)
-  assert_close(temb, expected['condition_embedder.temb'], what='temb', **TOL)
+  assert_close(target.temb, expected['condition_embedder.temb'], what='temb', **TOL)
   assert_close(target.modulation[:, 0].reshape(b, -1), expected['condition_embedder.timestep_proj'],
                what='timestep_proj', **TOL)
   assert_close(target.text, expected['condition_embedder.text'], what='text', **TOL)
@@ -66,19 +69,19 @@ def test_mot_forward_equals_official(model, case):
                what='ref timestep_proj', **TOL)
   assert_close(ref.text, expected['condition_embedder_mot_ref.text'], what='ref text', **TOL)
   assert_close(ref.image, expected['condition_embedder_mot_ref.image'], what='ref image', **TOL)
-  for k, block in enumerate(model.blocks):
-    target, ref = block(target, ref)
+  for k in range(model.config.num_layers):
+    target, ref = model.block(*model.layers(k), target, ref)
     assert_close(target.video, expected[f'block{k}.hidden_states'], what=f'block{k}', **TOL)
     assert_close(ref.video, expected[f'block{k}.hidden_states_mot_ref'], what=f'block{k} ref', **TOL)
-  out = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, *args))
+  out = np.asarray(nnx.jit(lambda m, *a, **k: m(*a, **k))(model, *args, **kw))
   assert_close(out, output, what='output', **TOL)
 
 
 def test_reference_timestep_matters(model):
   """Sanity (golden checks.json: t=0 instead of 1 moves the output by ~3e-3)."""
-  args = _args(load_file(GOLDEN / 'case_1ref' / 'inputs.safetensors'))
-  out_1 = model(*args[:-1], ref_timestep=1)
-  out_0 = model(*args[:-1], ref_timestep=0)
+  args, kw = _args(load_file(GOLDEN / 'case_1ref' / 'inputs.safetensors'))
+  out_1 = model(*args, **{**kw, 'ref_timestep': 1})
+  out_0 = model(*args, **{**kw, 'ref_timestep': 0})
   assert 1e-4 < float(jnp.abs(out_1 - out_0).max()) < 1e-1
 
 
@@ -95,20 +98,21 @@ def test_multi_reference_layout(model):
   ref_lat = np.concatenate([inputs['hidden_states_mot_ref'], rng.standard_normal(lat.shape)], 2)
   ref_text = np.concatenate([inputs['encoder_hidden_states_mot_ref']] * 2, 1)
   ref_image = np.concatenate([inputs['encoder_hidden_states_image_mot_ref']] * 2, 1)
-  args = (lat, t, text, image, ref_lat.astype(np.float32))
-  target, ref, _ = model.embed(*args, ref_text, ref_image)
+  args = (lat, t, text)
+  kw = dict(image=image, ref_latents=ref_lat.astype(np.float32), ref_image=ref_image)
+  target, ref = model.embed(*args, ref_text=ref_text, **kw)
   assert ref.chunks == 2 and ref.video.shape[1] == 2 * target.video.shape[1]
   np.testing.assert_allclose(np.asarray(ref.rope[0]), model.rope(3, 6, 8, num_refs=2)[0])
-  _, after = model.blocks[0](target, ref)
+  _, after = model.block(*model.layers(0), target, ref)
   changed = ref_text.copy()
   changed[:, :5] += 1.0  # reference 0's caption tokens
-  target2, ref2, _ = model.embed(*args, changed, ref_image)
-  _, after2 = model.blocks[0](target2, ref2)
+  target2, ref2 = model.embed(*args, ref_text=changed, **kw)
+  _, after2 = model.block(*model.layers(0), target2, ref2)
   per_ref = lambda x: np.asarray(x.video).reshape(1, 2, -1, x.video.shape[-1])
   assert np.abs(per_ref(after)[:, 0] - per_ref(after2)[:, 0]).max() > 1e-3
   np.testing.assert_array_equal(per_ref(after)[:, 1], per_ref(after2)[:, 1])
-  two = np.asarray(model(*args, ref_text, ref_image))
-  one = np.asarray(model(*args[:4], inputs['hidden_states_mot_ref'],
-                         inputs['encoder_hidden_states_mot_ref'],
-                         inputs['encoder_hidden_states_image_mot_ref']))
+  two = np.asarray(model(*args, ref_text=ref_text, **kw))
+  one = np.asarray(model(*args, image=image, ref_latents=inputs['hidden_states_mot_ref'],
+                         ref_text=inputs['encoder_hidden_states_mot_ref'],
+                         ref_image=inputs['encoder_hidden_states_image_mot_ref']))
   assert np.isfinite(two).all() and np.abs(two - one).max() > 1e-4

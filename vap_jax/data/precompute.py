@@ -155,7 +155,7 @@ class Encoders:
     from vap_jax.weights.vae import load_cogvideox_vae, load_wan_vae
     from vap_jax.parallel import DEFAULT_RULES, logical_to_spec
 
-    self.cfg, self.mesh, self.family = cfg, mesh, cfg.family
+    self.config, self.mesh, self.family = cfg, mesh, cfg.family
     self.max_length = cfg.max_length
     model = Path(cfg.model)
     start = time.time()
@@ -197,7 +197,7 @@ class Encoders:
 
   @property
   def vae_info(self) -> dict:
-    c = self.vae.cfg
+    c = self.vae.config
     if self.family == 'cogvideox':
       return {'scaling_factor': float(c.scaling_factor)}
     return {'latents_mean': list(map(float, c.latents_mean)),
@@ -218,7 +218,7 @@ class Encoders:
         emb = encode_wan(self.tokenizer, self.text_encoder, captions, self.max_length)
         _, mask = self.tokenizer([prompt_clean(c) for c in captions], self.max_length)
         lengths = mask.sum(1).astype(np.int32)
-      return np.asarray(emb.astype(_dtype(self.cfg.store_dtype))), lengths
+      return np.asarray(emb.astype(_dtype(self.config.store_dtype))), lengths
 
   def videos(self, clips: np.ndarray) -> dict[str, np.ndarray]:
     """Per clip (N, F, H, W, 3) in [-1, 1] (N a multiple of `batch_multiple`): every latent."""

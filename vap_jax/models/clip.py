@@ -69,7 +69,7 @@ class CLIPVisionConfig:
                        f'{self.num_attention_heads} heads')
 
   @classmethod
-  def from_hf(cls, config: dict, **runtime) -> 'CLIPVisionConfig':
+  def from_source(cls, config: dict, **runtime) -> 'CLIPVisionConfig':
     """From a ``CLIPVisionModel`` config.json dict (or a full CLIP config's ``vision_config``)."""
     if config.get('model_type') == 'clip':
       config = config['vision_config']

@@ -9,6 +9,10 @@ target is decoded. Without a reference the model *is* the base CogVideoX-I2V tra
 
 Latents are (B, F, C, H, W) as in diffusers. n references arrive concatenated along frames,
 (B, n*F, C, H, W), with their captions concatenated along the sequence, (B, n*L, text_dim).
+
+The tree: the base model's embedders, ``blocks`` (the L base layers stacked, see
+`vap_jax.models.stack`) and head; ``expert`` holds everything VAP trains -- its own patch/text
+embedding, time MLP and ``blocks`` (the E expert layers stacked).
 """
 from __future__ import annotations
 
@@ -20,9 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from vap_jax.models.common import check_expert_blocks, from_diffusers_config
-from vap_jax.models.mot import MoTBlock, StreamAttention
+from vap_jax.models.mot import MoTTransformer, StreamAttention
+from vap_jax.models.stack import REMAT_POLICIES, stacked
+from vap_jax.nn.dtypes import DTypePolicy
 from vap_jax.nn.embeddings import sincos_3d_table, timestep_features
 from vap_jax.nn.layers import (AdaLayerNorm, FeedForward, LayerNorm, LayerNormZero, Linear,
                                TimestepEmbedding, buffer)
@@ -30,8 +37,6 @@ from vap_jax.nn.rope import RopeTable, cogvideox_rope
 from vap_jax.parallel import TOKEN_AXES, constrain
 
 log = logging.getLogger(__name__)
-
-
 
 @dataclasses.dataclass(frozen=True)
 class CogVideoXConfig:
@@ -60,24 +65,32 @@ class CogVideoXConfig:
   attention_bias: bool = True
   patch_bias: bool = True
   block_idx_with_mot_ref: tuple[int, ...] = ()
-  # Runtime: compute dtype, parameter dtype, attention implementation (vap_jax.nn.attention).
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
+  # Runtime: dtypes, attention implementation (vap_jax.nn.attention), scanned or looped layers,
+  # remat policy (vap_jax.models.stack.REMAT_POLICIES).
+  dtypes: DTypePolicy = DTypePolicy()
   attention: str = 'xla'
+  scan_layers: bool = True
+  remat: str = 'none'
 
   @property
   def inner_dim(self) -> int:
     return self.num_attention_heads * self.attention_head_dim
 
   def __post_init__(self):
+    object.__setattr__(self, 'dtypes', DTypePolicy.of(self.dtypes))
+    object.__setattr__(self, 'block_idx_with_mot_ref', tuple(self.block_idx_with_mot_ref))
     check_expert_blocks(self.block_idx_with_mot_ref, self.num_layers)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat {self.remat!r} is not one of {REMAT_POLICIES}')
     if self.use_rotary_positional_embeddings and self.attention_head_dim % 16:
       raise ValueError(f'3D RoPE splits attention_head_dim into [d/4, 3d/8, 3d/8] channel pairs: '
                        f'it must be a multiple of 16, got {self.attention_head_dim}')
 
   @classmethod
-  def from_diffusers(cls, config: dict[str, Any], **runtime) -> 'CogVideoXConfig':
-    """Build from a diffusers ``transformer/config.json`` dict; rejects features we do not run."""
+  def from_source(cls, config: dict[str, Any], **runtime) -> 'CogVideoXConfig':
+    """Build from a diffusers ``transformer/config.json`` dict; rejects features we do not run.
+    ``runtime``: dtype / param_dtype / trainable_dtype (or dtypes), attention, scan_layers,
+    remat."""
     return from_diffusers_config(cls, config, {
         'patch_size_t': None, 'ofs_embed_dim': None, 'attention_head_dim_mot_ref': None,
         'supported_effect_types': None, 'num_ref_embeddings': None, 'reference_train_mode': None,
@@ -87,11 +100,13 @@ class CogVideoXConfig:
 
 
 class Stream(NamedTuple):
-  """One token stream flowing through the blocks: video and text tokens, its temb and RoPE."""
+  """One token stream flowing through the blocks: video and text tokens (``carried`` from block
+  to block), its temb and RoPE (the same for every block)."""
   video: jax.Array
   text: jax.Array
   temb: jax.Array
   rope: RopeTable | None
+  carried = ('video', 'text')
 
 
 class Conditioning(NamedTuple):
@@ -101,29 +116,25 @@ class Conditioning(NamedTuple):
   ref: Stream | None
 
 
-def _dtypes(cfg: CogVideoXConfig):
-  return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-
-
 class PatchEmbed(nnx.Module):
   """Text projection + 2x2 patchify-and-project of every frame, plus the absolute position table."""
 
-  def __init__(self, cfg: CogVideoXConfig, *, rngs: nnx.Rngs):
-    self.cfg, p, d = cfg, cfg.patch_size, cfg.inner_dim
+  def __init__(self, cfg: CogVideoXConfig, dtypes: DTypePolicy, *, rngs: nnx.Rngs):
+    self.config, p, d = cfg, cfg.patch_size, cfg.inner_dim
     self.proj = Linear(cfg.in_channels * p * p, d, axes=('patch', 'embed'), use_bias=cfg.patch_bias,
-                       rngs=rngs, **_dtypes(cfg))
+                       rngs=rngs, **dtypes.kw())
     self.text_proj = Linear(cfg.text_embed_dim, d, axes=('text_embed', 'embed'), rngs=rngs,
-                            **_dtypes(cfg))
+                            **dtypes.kw())
     # Learned tables are checkpoint buffers, initialised (as in diffusers) to the sin-cos table.
     frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
     length = cfg.max_text_seq_length + frames * (cfg.sample_height // p) * (cfg.sample_width // p)
     self.pos_embedding = buffer(
         lambda: self._sincos(cfg.sample_height, cfg.sample_width, cfg.sample_frames),
-        (1, length, d), cfg.param_dtype, (None, 'length', 'embed'),
+        (1, length, d), dtypes.params, (None, 'length', 'embed'),
     ) if cfg.use_learned_positional_embeddings else None
 
   def _sincos(self, height: int, width: int, frames: int) -> np.ndarray:
-    cfg, p = self.cfg, self.cfg.patch_size
+    cfg, p = self.config, self.config.patch_size
     latent_frames = (frames - 1) // cfg.temporal_compression_ratio + 1
     table = sincos_3d_table(cfg.inner_dim, height // p, width // p, latent_frames,
                             spatial_scale=cfg.spatial_interpolation_scale,
@@ -133,7 +144,7 @@ class PatchEmbed(nnx.Module):
   def positions(self, frames: int, height: int, width: int, n_text: int):
     """Absolute positions added to [text ; video] tokens for latents (frames, height, width), split
     into (text rows, video rows); None for a RoPE-only model (CogVideoX-5B)."""
-    cfg = self.cfg
+    cfg = self.config
     if cfg.use_rotary_positional_embeddings and not cfg.use_learned_positional_embeddings:
       return None
     if cfg.use_learned_positional_embeddings and (height, width) != (cfg.sample_height,
@@ -158,7 +169,7 @@ class PatchEmbed(nnx.Module):
     return x if positions is None else x + positions[0].astype(x.dtype)
 
   def embed_video(self, latents: jax.Array, positions) -> jax.Array:
-    p = self.cfg.patch_size
+    p = self.config.patch_size
     b, f, c, h, w = latents.shape
     patches = latents.reshape(b, f, c, h // p, p, w // p, p).transpose(0, 1, 3, 5, 2, 4, 6)
     x = self.proj(patches.reshape(b, f * (h // p) * (w // p), c * p * p))
@@ -168,8 +179,8 @@ class PatchEmbed(nnx.Module):
 class CogVideoXLayer(nnx.Module):
   """One stream's block weights: norm1, attn1, norm2, ff (the base or the expert copy)."""
 
-  def __init__(self, cfg: CogVideoXConfig, *, rngs: nnx.Rngs):
-    d, kw = cfg.inner_dim, dict(rngs=rngs, **_dtypes(cfg))
+  def __init__(self, cfg: CogVideoXConfig, dtypes: DTypePolicy, *, rngs: nnx.Rngs):
+    d, kw = cfg.inner_dim, dict(rngs=rngs, **dtypes.kw())
     norm_kw = dict(eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, **kw)
     self.norm1 = LayerNormZero(cfg.time_embed_dim, d, **norm_kw)
     self.attn1 = StreamAttention(d, cfg.num_attention_heads, cfg.attention_head_dim,
@@ -188,14 +199,9 @@ class CogVideoXLayer(nnx.Module):
     video = s.video + gate * attn[:, n_text:]
     text = s.text + text_gate * attn[:, :n_text]
     norm_video, norm_text, gate, text_gate = self.norm2(video, text, s.temb)
-    ff = self.ff(jnp.concatenate([norm_text, norm_video], axis=1))
+    ff = checkpoint_name(self.ff(jnp.concatenate([norm_text, norm_video], axis=1)), 'ffn')
     video = constrain(video + gate * ff[:, n_text:], TOKEN_AXES)
     return s._replace(video=video, text=text + text_gate * ff[:, :n_text])
-
-
-def cogvideox_block(cfg: CogVideoXConfig, with_expert: bool, *, rngs: nnx.Rngs) -> MoTBlock:
-  return MoTBlock(CogVideoXLayer(cfg, rngs=rngs),
-                  CogVideoXLayer(cfg, rngs=rngs) if with_expert else None, cfg.attention)
 
 
 def rope_table(cfg: CogVideoXConfig, frames: int, height: int, width: int,
@@ -210,44 +216,62 @@ def rope_table(cfg: CogVideoXConfig, frames: int, height: int, width: int,
   return jnp.asarray(cos), jnp.asarray(sin)
 
 
-class CogVideoXTransformer(nnx.Module):
+class CogVideoXExpert(nnx.Module):
+  """Everything the VAP expert adds (and trains): own patch/text embedding, time MLP, and the
+  expert layers of the blocks in ``block_idx_with_mot_ref``, stacked (E, ...)."""
+
+  def __init__(self, cfg: CogVideoXConfig, *, rngs: nnx.Rngs):
+    dtypes = cfg.dtypes.trainable_policy()
+    self.patch_embed = PatchEmbed(cfg, dtypes, rngs=rngs)
+    self.time_embedding = TimestepEmbedding(cfg.inner_dim, cfg.time_embed_dim, rngs=rngs,
+                                            **dtypes.kw())
+    self.blocks = stacked(lambda: CogVideoXLayer(cfg, dtypes, rngs=rngs),
+                          len(cfg.block_idx_with_mot_ref))
+
+
+class CogVideoXTransformer(MoTTransformer):
   """CogVideoX-I2V DiT + VAP expert. ``__call__`` returns the target's prediction (B,F,C_out,H,W)."""
 
   def __init__(self, cfg: CogVideoXConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    d, kw = cfg.inner_dim, dict(rngs=rngs, **_dtypes(cfg))
-    expert_blocks = set(cfg.block_idx_with_mot_ref)
-    self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+    self.config = cfg
+    d, dtypes = cfg.inner_dim, cfg.dtypes
+    kw = dict(rngs=rngs, **dtypes.kw())
+    self.patch_embed = PatchEmbed(cfg, dtypes, rngs=rngs)
     self.time_embedding = TimestepEmbedding(d, cfg.time_embed_dim, **kw)
-    if expert_blocks:
-      self.expert_patch_embed = PatchEmbed(cfg, rngs=rngs)
-      self.expert_time_embedding = TimestepEmbedding(d, cfg.time_embed_dim, **kw)
-    else:
-      self.expert_patch_embed = self.expert_time_embedding = None
-    self.blocks = nnx.List([cogvideox_block(cfg, i in expert_blocks, rngs=rngs)
-                            for i in range(cfg.num_layers)])
-    self.norm_final = LayerNorm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine,
-                                param_dtype=kw['param_dtype'], rngs=rngs)
+    self.blocks = stacked(lambda: CogVideoXLayer(cfg, dtypes, rngs=rngs), cfg.num_layers)
+    self.norm_final = LayerNorm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, **kw)
     self.norm_out = AdaLayerNorm(cfg.time_embed_dim, d, eps=cfg.norm_eps,
                                  affine=cfg.norm_elementwise_affine, **kw)
     self.proj_out = Linear(d, cfg.patch_size ** 2 * cfg.out_channels, axes=('embed', None), **kw)
+    self.expert = CogVideoXExpert(cfg, rngs=rngs) if cfg.block_idx_with_mot_ref else None
 
   def rope(self, frames: int, height: int, width: int, num_refs: int = 0) -> RopeTable | None:
-    return rope_table(self.cfg, frames, height, width, num_refs)
+    return rope_table(self.config, frames, height, width, num_refs)
 
-  def __call__(self, latents: jax.Array, text: jax.Array, timestep: jax.Array,
-               ref_latents: jax.Array | None = None, ref_text: jax.Array | None = None) -> jax.Array:
-    """latents (B,F,C,H,W), text (B,L,text_dim), timestep (B,) or scalar.
+  # ------------------------------------------------------------------------------ the one API
+
+  def __call__(self, latents: jax.Array, timestep: jax.Array, text: jax.Array, *,
+               image: None = None, ref_latents: jax.Array | None = None,
+               ref_text: jax.Array | None = None, ref_image: None = None) -> jax.Array:
+    """latents (B,F,C,H,W) (noisy latents ; image latents along C), timestep (B,) or scalar,
+    text (B,L,text_dim).
 
     ref_latents (B, n*F, C, H, W) and ref_text (B, n*L, text_dim) feed the expert; leave both
-    None to run the base model.
+    None to run the base model. (``image``/``ref_image`` are Wan's CLIP tokens: CogVideoX takes
+    none.)
     """
-    return self.predict(latents, timestep, self.condition(latents, text, ref_latents, ref_text))
+    cond = self.condition(latents, text, image=image, ref_latents=ref_latents,
+                          ref_text=ref_text, ref_image=ref_image)
+    return self.predict(latents, timestep, cond)
 
-  def condition(self, latents, text, ref_latents=None, ref_text=None) -> Conditioning:
+  def condition(self, latents, text, *, image=None, ref_latents=None, ref_text=None,
+                ref_image=None) -> Conditioning:
     """The step-independent part of the inputs, embedded once per sampling run (``latents`` is
     read for its shape only)."""
-    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    if image is not None or ref_image is not None:
+      raise ValueError('CogVideoX takes no CLIP image tokens (image / ref_image): its image '
+                       'condition is the image latents concatenated to the noisy latents')
+    cfg, dtype = self.config, self.config.dtypes.compute_dtype
     b, f, c, h, w = self._check_inputs(latents, text, ref_latents, ref_text)
     n_text = text.shape[1]
     text_tokens = self.patch_embed.embed_text(text.astype(dtype),
@@ -255,7 +279,7 @@ class CogVideoXTransformer(nnx.Module):
     if ref_latents is None:
       return Conditioning(text_tokens, None)
     # Each reference is embedded on its own (own text chunk, own frames, same position table).
-    n, embed = ref_latents.shape[1] // f, self.expert_patch_embed
+    n, embed = ref_latents.shape[1] // f, self.expert.patch_embed
     pos = embed.positions(f, h, w, n_text)
     ref_text = embed.embed_text(ref_text.astype(dtype).reshape(b * n, n_text, -1), pos)
     ref_video = embed.embed_video(ref_latents.astype(dtype).reshape(b * n, f, c, h, w), pos)
@@ -266,16 +290,15 @@ class CogVideoXTransformer(nnx.Module):
   def predict(self, latents: jax.Array, timestep: jax.Array, cond: Conditioning) -> jax.Array:
     """The prediction for noisy ``latents`` at ``timestep`` given a precomputed `condition`."""
     target, ref = self.streams(latents, timestep, cond)
-    for block in self.blocks:
-      target, ref = block(target, ref)
+    target, _ = self.run_blocks(target, ref)
     return self.head(target, latents.shape)
 
-  def embed(self, latents, text, timestep, ref_latents=None, ref_text=None):
+  def embed(self, latents, timestep, text, **refs):
     """Inputs -> (target stream, reference stream or None) ready for the blocks."""
-    return self.streams(latents, timestep, self.condition(latents, text, ref_latents, ref_text))
+    return self.streams(latents, timestep, self.condition(latents, text, **refs))
 
   def streams(self, latents, timestep, cond: Conditioning):
-    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    cfg, dtype = self.config, self.config.dtypes.compute_dtype
     b, f, _, h, w = latents.shape
     t_feat = timestep_features(jnp.broadcast_to(timestep, (b,)), cfg.inner_dim,
                                flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
@@ -285,18 +308,18 @@ class CogVideoXTransformer(nnx.Module):
     target = Stream(video, cond.text, self.time_embedding(t_feat), self.rope(f, h, w))
     if cond.ref is None:
       return target, None
-    return target, cond.ref._replace(temb=self.expert_time_embedding(t_feat))
+    return target, cond.ref._replace(temb=self.expert.time_embedding(t_feat))
 
   def head(self, target: Stream, latent_shape) -> jax.Array:
     """Final norms and projection of the target stream, unpatchified to (B, F, C_out, H, W)."""
     b, f, _, h, w = latent_shape
-    p = self.cfg.patch_size
+    p = self.config.patch_size
     video = self.proj_out(self.norm_out(self.norm_final(target.video), target.temb))
     out = video.reshape(b, f, h // p, w // p, -1, p, p).transpose(0, 1, 4, 2, 5, 3, 6)
     return out.reshape(b, f, -1, h, w)
 
   def _check_inputs(self, latents, text, ref_latents, ref_text):
-    cfg = self.cfg
+    cfg = self.config
     if latents.ndim != 5 or latents.shape[2] != cfg.in_channels:
       raise ValueError(f'latents must be (B, F, {cfg.in_channels}, H, W), got {latents.shape}')
     b, f, c, h, w = latents.shape
@@ -308,7 +331,7 @@ class CogVideoXTransformer(nnx.Module):
       raise ValueError('ref_latents and ref_text must be given together')
     if ref_latents is None:
       return latents.shape
-    if self.expert_patch_embed is None:
+    if self.expert is None:
       raise ValueError('references were given but this model has no expert '
                        '(block_idx_with_mot_ref is empty)')
     if (ref_latents.ndim != 5 or ref_latents.shape[0] != b or ref_latents.shape[2:] != (c, h, w)

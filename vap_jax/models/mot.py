@@ -14,7 +14,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from vap_jax.models import stack
 from vap_jax.nn.attention import attention
 from vap_jax.nn.layers import LayerNorm, Linear, RMSNorm
 from vap_jax.nn.rope import RopeTable, apply_rope
@@ -32,8 +34,7 @@ class StreamAttention(nnx.Module):
   """
 
   def __init__(self, dim: int, heads: int, head_dim: int, *, qk_norm: str | None, eps: float,
-               bias: bool = True, out_bias: bool = True, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               bias: bool = True, out_bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs):
     if qk_norm not in QK_NORMS:
       raise ValueError(f'qk_norm {qk_norm!r} is not one of {QK_NORMS}')
     self.heads, self.head_dim, self.qk_norm = heads, head_dim, qk_norm
@@ -81,8 +82,9 @@ def joint_attention(streams: Sequence[StreamAttention], tokens: Sequence[jax.Arr
   ``rope_starts[i]`` on (CogVideoX leaves its text prefix unrotated).
   """
   qkvs = [s.qkv(x, rope, start) for s, x, rope, start in zip(streams, tokens, ropes, rope_starts)]
-  q, k, v = (jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0] for parts in zip(*qkvs))
-  o = attention(q, k, v, implementation=implementation)
+  q, k, v = (checkpoint_name(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0], name)
+             for parts, name in zip(zip(*qkvs), ('query', 'key', 'value')))
+  o = checkpoint_name(attention(q, k, v, implementation=implementation), 'attention')
   bounds, offset = [], 0
   for x in tokens[:-1]:
     offset += x.shape[1]
@@ -90,26 +92,50 @@ def joint_attention(streams: Sequence[StreamAttention], tokens: Sequence[jax.Arr
   return [s.out(part) for s, part in zip(streams, jnp.split(o, bounds, axis=1))]
 
 
-class MoTBlock(nnx.Module):
-  """One transformer block of either backbone: a base layer for the target stream and, on expert
-  blocks, an expert layer for the reference stream; without an expert (or without references)
-  the reference stream passes through unchanged.
+def mot_block(base: nnx.Module, expert: nnx.Module | None, target, ref, *,
+              implementation: str = 'xla'):
+  """One transformer block of either backbone: the base layer on the target stream and, on
+  expert blocks, the expert layer on the reference stream, meeting in `joint_attention`. Without
+  an expert layer (or without references) the reference stream passes through unchanged.
 
   Layers provide ``attn1`` (a `StreamAttention`), ``attention_input(stream) -> (tokens,
   rope_start, carry)`` and ``finish(stream, attention_output, carry) -> stream``; streams carry
   their RoPE table as ``.rope``.
   """
+  pairs = [(base, target)]
+  if expert is not None and ref is not None:
+    pairs.append((expert, ref))
+  inputs = [layer.attention_input(s) for layer, s in pairs]
+  attn = joint_attention([layer.attn1 for layer, _ in pairs], [x for x, _, _ in inputs],
+                         [s.rope for _, s in pairs], [start for _, start, _ in inputs],
+                         implementation=implementation)
+  out = [layer.finish(s, a, carry) for (layer, s), a, (_, _, carry) in zip(pairs, attn, inputs)]
+  return out[0], (out[1] if len(out) > 1 else ref)
 
-  def __init__(self, base: nnx.Module, expert: nnx.Module | None, implementation: str):
-    self.base, self.expert, self.attention = base, expert, implementation
 
-  def __call__(self, target, ref):
-    pairs = [(self.base, target)]
-    if self.expert is not None and ref is not None:
-      pairs.append((self.expert, ref))
-    inputs = [layer.attention_input(s) for layer, s in pairs]
-    attn = joint_attention([layer.attn1 for layer, _ in pairs], [x for x, _, _ in inputs],
-                           [s.rope for _, s in pairs], [start for _, start, _ in inputs],
-                           implementation=self.attention)
-    out = [layer.finish(s, a, carry) for (layer, s), a, (_, _, carry) in zip(pairs, attn, inputs)]
-    return out[0], (out[1] if len(out) > 1 else ref)
+class MoTTransformer(nnx.Module):
+  """What both VAP transformers share: the base layers stacked in ``blocks`` (L, ...), the expert
+  layers in ``expert.blocks`` (E, ...), and how they run (`vap_jax.models.stack`). Subclasses set
+  ``config`` (num_layers, block_idx_with_mot_ref, attention, scan_layers, remat), ``blocks`` and
+  ``expert`` (None without expert blocks)."""
+
+  @property
+  def runs(self) -> tuple[stack.Run, ...]:
+    return stack.plan_runs(self.config.num_layers, self.config.block_idx_with_mot_ref)
+
+  def run_blocks(self, target, ref):
+    """Every block on (target, ref), scanned (``scan_layers``) or looped, under the remat policy."""
+    experts = self.expert.blocks if self.expert is not None else None
+    return stack.run_blocks(self.runs, self.blocks, experts, self.block, target, ref,
+                            scan=self.config.scan_layers, remat=self.config.remat)
+
+  def block(self, base: nnx.Module, expert: nnx.Module | None, target, ref):
+    """One block: `mot_block` with this model's attention implementation."""
+    return mot_block(base, expert, target, ref, implementation=self.config.attention)
+
+  def layers(self, index: int) -> tuple[nnx.Module, nnx.Module | None]:
+    """Block ``index``'s base layer and expert layer (None off the expert blocks), unstacked."""
+    experts = self.config.block_idx_with_mot_ref
+    expert = (stack.unstack(self.expert.blocks, experts.index(index)) if index in experts
+              else None)
+    return stack.unstack(self.blocks, index), expert

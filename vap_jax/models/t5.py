@@ -71,7 +71,7 @@ class T5Config:
                        f'of {sorted(_ACTIVATIONS)} optionally prefixed with "gated-"')
 
   @classmethod
-  def from_hf(cls, config: dict, **runtime) -> 'T5Config':
+  def from_source(cls, config: dict, **runtime) -> 'T5Config':
     """From a transformers ``config.json`` dict (model_type "t5" or "umt5")."""
     model_type = config.get('model_type', 't5')
     if model_type not in ('t5', 'umt5'):

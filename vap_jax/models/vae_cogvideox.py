@@ -56,7 +56,7 @@ class CogVideoXVAEConfig:
   param_dtype: str = 'float32'
 
   @classmethod
-  def from_diffusers(cls, config: dict[str, Any], **runtime) -> 'CogVideoXVAEConfig':
+  def from_source(cls, config: dict[str, Any], **runtime) -> 'CogVideoXVAEConfig':
     """From a diffusers ``vae/config.json``; rejects options we do not implement."""
     unsupported = {'use_quant_conv': False, 'use_post_quant_conv': False, 'act_fn': 'silu',
                    'shift_factor': None, 'invert_scale_latents': False}
@@ -250,18 +250,18 @@ class AutoencoderKLCogVideoX(nnx.Module):
   decode: latents -> (B, 3, F, H, W). Latents for the DiT are ``mode() * scaling_factor``."""
 
   def __init__(self, cfg: CogVideoXVAEConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
+    self.config = cfg
     self.encoder = Encoder(cfg, rngs=rngs)
     self.decoder = Decoder(cfg, rngs=rngs)
 
   @property
   def spatial_ratio(self) -> int:
-    return 2 ** (len(self.cfg.block_out_channels) - 1)
+    return 2 ** (len(self.config.block_out_channels) - 1)
 
   @property
   def temporal_ratio(self) -> int:
     """Frames per latent frame after the first."""
-    return self.cfg.temporal_compression_ratio
+    return self.config.temporal_compression_ratio
 
   def _run(self, module, x, batch, chunked):
     x = constrain(x, ACT)
@@ -270,7 +270,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
     return run_chunked(module, x, first=_first_batch(x.shape[1], batch), size=batch)
 
   def _tiles(self):
-    cfg = self.cfg
+    cfg = self.config
     h = cfg.tile_sample_min_height or cfg.sample_height // 2
     w = cfg.tile_sample_min_width or cfg.sample_width // 2
     r = self.spatial_ratio
@@ -280,7 +280,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
   def encode(self, video: jax.Array, *, chunked: bool = True, tiled: bool = False
              ) -> DiagonalGaussian:
     x = to_channels_last(video)
-    batch = self.cfg.sample_frames_batch
+    batch = self.config.sample_frames_batch
     sh, sw, lh, lw, oh, ow = self._tiles()
     if tiled and (x.shape[3] > sw or x.shape[2] > sh):
       step_h, step_w = int(sh * (1 - oh)), int(sw * (1 - ow))
@@ -294,7 +294,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
 
   def decode(self, latents: jax.Array, *, chunked: bool = True, tiled: bool = False) -> jax.Array:
     z = to_channels_last(latents)
-    batch = self.cfg.latent_frames_batch
+    batch = self.config.latent_frames_batch
     sh, sw, lh, lw, oh, ow = self._tiles()
     if tiled and (z.shape[3] > lw or z.shape[2] > lh):
       step_h, step_w = int(lh * (1 - oh)), int(lw * (1 - ow))

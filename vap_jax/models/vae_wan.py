@@ -57,7 +57,7 @@ class WanVAEConfig:
   attention: str = 'xla'
 
   @classmethod
-  def from_diffusers(cls, config: dict[str, Any], **runtime) -> 'WanVAEConfig':
+  def from_source(cls, config: dict[str, Any], **runtime) -> 'WanVAEConfig':
     """From a diffusers ``vae/config.json``; rejects Wan2.2 features we do not implement."""
     unsupported = {'is_residual': False, 'patch_size': None, 'attn_scales': (), 'dropout': 0.0}
     for key, expected in unsupported.items():
@@ -264,7 +264,7 @@ class AutoencoderKLWan(nnx.Module):
 
   def __init__(self, cfg: WanVAEConfig, *, rngs: nnx.Rngs):
     kw = _kw(cfg, rngs)
-    self.cfg = cfg
+    self.config = cfg
     self.encoder = Encoder(cfg, rngs=rngs)
     self.quant_conv = Linear(2 * cfg.z_dim, 2 * cfg.z_dim, axes=('conv_in', 'conv_out'), **kw)
     self.post_quant_conv = Linear(cfg.z_dim, cfg.z_dim, axes=('conv_in', 'conv_out'), **kw)
@@ -272,12 +272,12 @@ class AutoencoderKLWan(nnx.Module):
 
   @property
   def spatial_ratio(self) -> int:
-    return 2 ** (len(self.cfg.dim_mult) - 1)
+    return 2 ** (len(self.config.dim_mult) - 1)
 
   @property
   def temporal_ratio(self) -> int:
     """Frames per latent frame after the first."""
-    return 2 ** sum(self.cfg.temperal_downsample)
+    return 2 ** sum(self.config.temperal_downsample)
 
   def _encode_video(self, x, chunked: bool):
     """(B, T, H, W, C) -> moments (B, T', h, w, 2z)."""
@@ -298,7 +298,7 @@ class AutoencoderKLWan(nnx.Module):
   def encode(self, video: jax.Array, *, chunked: bool = True, tiled: bool = False
              ) -> DiagonalGaussian:
     x = to_channels_last(video)
-    size, stride = self.cfg.tile_sample_min_size, self.cfg.tile_sample_stride
+    size, stride = self.config.tile_sample_min_size, self.config.tile_sample_stride
     if tiled and (x.shape[2] > size or x.shape[3] > size):
       r = self.spatial_ratio
       rows = [[self._encode_video(x[:, :, i:i + size, j:j + size], chunked)
@@ -313,7 +313,7 @@ class AutoencoderKLWan(nnx.Module):
   def decode(self, latents: jax.Array, *, chunked: bool = True, tiled: bool = False) -> jax.Array:
     z = to_channels_last(latents)
     r = self.spatial_ratio
-    size, stride = self.cfg.tile_sample_min_size, self.cfg.tile_sample_stride
+    size, stride = self.config.tile_sample_min_size, self.config.tile_sample_stride
     if tiled and (z.shape[2] > size // r or z.shape[3] > size // r):
       tile, step = size // r, stride // r
       rows = [[self._decode_latents(z[:, :, i:i + tile, j:j + tile], chunked)
@@ -342,7 +342,7 @@ class AutoencoderKLWan(nnx.Module):
     return self.decode(self.denormalize_latents(z), tiled=tiled)
 
   def _stats(self, z):
-    shape = (1, self.cfg.z_dim, 1, 1, 1)
-    inv_std = 1 / np.asarray(self.cfg.latents_std, np.float32)
-    return (jnp.asarray(self.cfg.latents_mean, z.dtype).reshape(shape),
+    shape = (1, self.config.z_dim, 1, 1, 1)
+    inv_std = 1 / np.asarray(self.config.latents_std, np.float32)
+    return (jnp.asarray(self.config.latents_mean, z.dtype).reshape(shape),
             jnp.asarray(inv_std, z.dtype).reshape(shape))

@@ -10,7 +10,11 @@ The expert has its own patch embedding and condition embedder and sees a fixed "
 
 Dtypes follow the official ``_keep_in_fp32_modules``: time embedder, modulation tables and the
 norm1/norm2/norm3 LayerNorms (including the image embedder's) keep float32 parameters and
-compute; everything else runs in ``dtype``.
+compute (the policy's ``keep_fp32`` roles); everything else follows the `DTypePolicy`.
+
+The tree: the base model's embedders, ``blocks`` (the L base layers stacked, see
+`vap_jax.models.stack`) and head; ``expert`` holds everything VAP trains -- its own patch
+embedding, condition embedder and ``blocks`` (the E expert layers stacked).
 
 Latents are (B, C, F, H, W) as in diffusers, C = 16 noisy + 4 mask + 16 image-condition.
 n references: ref_latents (B, C, n*F, H, W), ref_text (B, n*L, text_dim), ref_image
@@ -25,16 +29,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from vap_jax.models.common import check_expert_blocks, from_diffusers_config
-from vap_jax.models.mot import MoTBlock, StreamAttention
+from vap_jax.models.mot import MoTTransformer, StreamAttention
+from vap_jax.models.stack import REMAT_POLICIES, stacked
 from vap_jax.nn.attention import attention
+from vap_jax.nn.dtypes import DTypePolicy
 from vap_jax.nn.embeddings import timestep_features
 from vap_jax.nn.layers import FeedForward, LayerNorm, Linear, RMSNorm, TimestepEmbedding, param
 from vap_jax.nn.rope import RopeTable, wan_rope
 from vap_jax.parallel import TOKEN_AXES, constrain
 
 F32 = jnp.float32
+# The official ``_keep_in_fp32_modules``, as policy roles.
+KEEP_FP32 = ('time_embedder', 'modulation', 'norm')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,22 +65,31 @@ class WanConfig:
   added_kv_proj_dim: int | None = 5120
   rope_max_seq_len: int = 1024
   block_idx_with_mot_ref: tuple[int, ...] = ()
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
+  # Runtime: dtypes, attention implementation, scanned or looped layers, remat policy.
+  dtypes: DTypePolicy = DTypePolicy(keep_fp32=KEEP_FP32)
   attention: str = 'xla'
+  scan_layers: bool = True
+  remat: str = 'none'
 
   @property
   def inner_dim(self) -> int:
     return self.num_attention_heads * self.attention_head_dim
 
   def __post_init__(self):
+    object.__setattr__(self, 'dtypes', DTypePolicy.of(self.dtypes, keep_fp32=KEEP_FP32))
+    object.__setattr__(self, 'block_idx_with_mot_ref', tuple(self.block_idx_with_mot_ref))
+    object.__setattr__(self, 'patch_size', tuple(self.patch_size))
     check_expert_blocks(self.block_idx_with_mot_ref, self.num_layers)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat {self.remat!r} is not one of {REMAT_POLICIES}')
     if (self.image_dim is None) != (self.added_kv_proj_dim is None):
       raise ValueError('image_dim and added_kv_proj_dim must both be set (I2V) or both be None')
 
   @classmethod
-  def from_diffusers(cls, config: dict[str, Any], **runtime) -> 'WanConfig':
-    """Build from a diffusers ``transformer/config.json`` dict; rejects features we do not run."""
+  def from_source(cls, config: dict[str, Any], **runtime) -> 'WanConfig':
+    """Build from a diffusers ``transformer/config.json`` dict; rejects features we do not run.
+    ``runtime``: dtype / param_dtype / trainable_dtype (or dtypes), attention, scan_layers,
+    remat."""
     return from_diffusers_config(cls, config, {
         'pos_embed_seq_len': None, 'attention_head_dim_mot_ref': None,
         'supported_effect_types': None, 'num_ref_embeddings': None, 'reference_train_mode': None,
@@ -79,7 +97,8 @@ class WanConfig:
 
 
 class Stream(NamedTuple):
-  """One token stream: video tokens, its cross-attention context, modulation and RoPE.
+  """One token stream: video tokens (``carried`` from block to block); its cross-attention
+  context, modulation, RoPE and (target) time embedding are the same for every block.
 
   ``chunks`` is the number of references packed in the stream (1 for the target); modulation is
   (B, chunks, 6, dim) float32 and each chunk cross-attends to its own text/image tokens.
@@ -89,6 +108,8 @@ class Stream(NamedTuple):
   image: jax.Array | None
   modulation: jax.Array
   rope: RopeTable
+  temb: jax.Array | None = None
+  carried = ('video',)
 
   @property
   def chunks(self) -> int:  # static: read off a shape, so a stream can cross a jit boundary
@@ -103,39 +124,36 @@ class Conditioning(NamedTuple):
   ref: Stream | None
 
 
-def _kw(cfg: WanConfig, rngs, fp32: bool = False):
-  dtype = F32 if fp32 else jnp.dtype(cfg.dtype)
-  return dict(dtype=dtype, param_dtype=F32 if fp32 else jnp.dtype(cfg.param_dtype), rngs=rngs)
-
-
 class ConditionEmbedder(nnx.Module):
   """Timestep -> (temb, 6-way modulation); umT5 text and CLIP image tokens -> model width."""
 
-  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
-    d, self.cfg = cfg.inner_dim, cfg
-    self.time_embedder = TimestepEmbedding(cfg.freq_dim, d, **_kw(cfg, rngs, fp32=True))
-    self.time_proj = Linear(d, 6 * d, axes=(None, 'embed'), **_kw(cfg, rngs))
+  def __init__(self, cfg: WanConfig, dtypes: DTypePolicy, *, rngs: nnx.Rngs):
+    d, self.config, self.dtype = cfg.inner_dim, cfg, dtypes.compute_dtype
+    self.time_embedder = TimestepEmbedding(cfg.freq_dim, d, rngs=rngs,
+                                           **dtypes.kw('time_embedder'))
+    self.time_proj = Linear(d, 6 * d, axes=(None, 'embed'), rngs=rngs, **dtypes.kw())
     self.text_embedder = FeedForward(cfg.text_dim, d, d, axes=('text_embed', 'embed', None),
-                                     **_kw(cfg, rngs))
+                                     rngs=rngs, **dtypes.kw())
     if cfg.image_dim is not None:
-      self.image_norm1 = LayerNorm(cfg.image_dim, eps=1e-5, param_dtype=F32, rngs=rngs)
+      norm = dict(eps=1e-5, rngs=rngs, **dtypes.kw('norm'))
+      self.image_norm1 = LayerNorm(cfg.image_dim, **norm)
       self.image_ff = FeedForward(cfg.image_dim, cfg.image_dim, d, approximate=False,
-                                  axes=(None, None, 'embed'), **_kw(cfg, rngs))
-      self.image_norm2 = LayerNorm(d, eps=1e-5, param_dtype=F32, rngs=rngs)
+                                  axes=(None, None, 'embed'), rngs=rngs, **dtypes.kw())
+      self.image_norm2 = LayerNorm(d, **norm)
     else:
       self.image_norm1 = self.image_ff = self.image_norm2 = None
 
   def time(self, t: jax.Array):
     """(...,) timesteps -> temb (..., dim) in dtype and modulation (..., 6, dim) float32."""
-    dtype = jnp.dtype(self.cfg.dtype)
+    dtype = self.dtype
     shape = t.shape
-    feats = timestep_features(t.reshape(-1), self.cfg.freq_dim)
+    feats = timestep_features(t.reshape(-1), self.config.freq_dim)
     temb = self.time_embedder(feats).astype(dtype)
     modulation = self.time_proj(jax.nn.silu(temb)).reshape(*shape, 6, -1).astype(F32)
     return temb.reshape(*shape, -1), modulation
 
   def context(self, text: jax.Array, image: jax.Array | None):
-    dtype = jnp.dtype(self.cfg.dtype)
+    dtype = self.dtype
     text = self.text_embedder(text.astype(dtype))
     if image is None:
       return text, None
@@ -148,15 +166,15 @@ class ConditionEmbedder(nnx.Module):
 class CrossAttention(StreamAttention):
   """Wan I2V cross-attention: text attention plus an image branch with its own K/V (to_out shared)."""
 
-  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
-    d = cfg.inner_dim
+  def __init__(self, cfg: WanConfig, dtypes: DTypePolicy, *, rngs: nnx.Rngs):
+    d, kw = cfg.inner_dim, dict(rngs=rngs, **dtypes.kw())
     super().__init__(d, cfg.num_attention_heads, cfg.attention_head_dim, qk_norm=cfg.qk_norm,
-                     eps=cfg.eps, **_kw(cfg, rngs))
+                     eps=cfg.eps, **kw)
     self.attention = cfg.attention
     if cfg.added_kv_proj_dim is not None:
-      self.add_k_proj = Linear(cfg.added_kv_proj_dim, d, axes=('embed', 'heads'), **_kw(cfg, rngs))
-      self.add_v_proj = Linear(cfg.added_kv_proj_dim, d, axes=('embed', 'heads'), **_kw(cfg, rngs))
-      self.norm_added_k = RMSNorm(d, eps=cfg.eps, rngs=rngs)
+      self.add_k_proj = Linear(cfg.added_kv_proj_dim, d, axes=('embed', 'heads'), **kw)
+      self.add_v_proj = Linear(cfg.added_kv_proj_dim, d, axes=('embed', 'heads'), **kw)
+      self.norm_added_k = RMSNorm(d, eps=cfg.eps, **kw)
     else:
       self.add_k_proj = self.add_v_proj = self.norm_added_k = None
 
@@ -177,18 +195,19 @@ class CrossAttention(StreamAttention):
 class WanLayer(nnx.Module):
   """One stream's block weights (the base or the expert copy)."""
 
-  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: WanConfig, dtypes: DTypePolicy, *, rngs: nnx.Rngs):
     d = cfg.inner_dim
-    self.norm1 = LayerNorm(d, eps=cfg.eps, affine=False, rngs=rngs)
+    norm = dict(eps=cfg.eps, rngs=rngs, **dtypes.kw('norm'))
+    self.norm1 = LayerNorm(d, affine=False, **norm)
     self.attn1 = StreamAttention(d, cfg.num_attention_heads, cfg.attention_head_dim,
-                                 qk_norm=cfg.qk_norm, eps=cfg.eps, **_kw(cfg, rngs))
-    self.attn2 = CrossAttention(cfg, rngs=rngs)
-    self.norm2 = (LayerNorm(d, eps=cfg.eps, param_dtype=F32, rngs=rngs)
-                  if cfg.cross_attn_norm else None)
-    self.ffn = FeedForward(d, cfg.ffn_dim, **_kw(cfg, rngs))
-    self.norm3 = LayerNorm(d, eps=cfg.eps, affine=False, rngs=rngs)
+                                 qk_norm=cfg.qk_norm, eps=cfg.eps, rngs=rngs, **dtypes.kw())
+    self.attn2 = CrossAttention(cfg, dtypes, rngs=rngs)
+    self.norm2 = LayerNorm(d, **norm) if cfg.cross_attn_norm else None
+    self.ffn = FeedForward(d, cfg.ffn_dim, rngs=rngs, **dtypes.kw())
+    self.norm3 = LayerNorm(d, affine=False, **norm)
     self.scale_shift_table = param(rngs, lambda k, s, t: jax.random.normal(k, s, t) / d ** 0.5,
-                                   (1, 6, d), F32, (None, None, 'embed'))
+                                   (1, 6, d), dtypes.kw('modulation')['param_dtype'],
+                                   (None, None, 'embed'))
 
   @staticmethod
   def _chunked(s: Stream, x: jax.Array) -> jax.Array:
@@ -212,52 +231,59 @@ class WanLayer(nnx.Module):
     per_chunk = lambda t: None if t is None else t.reshape(b * n, -1, t.shape[-1])
     cross = self.attn2(per_chunk(normed), per_chunk(s.text), per_chunk(s.image))
     x = x + cross.reshape(x.shape)
-    ff = self.ffn(self._modulated(s, self.norm3, x, c_shift, c_scale))
+    ff = checkpoint_name(self.ffn(self._modulated(s, self.norm3, x, c_shift, c_scale)), 'ffn')
     x = (x.astype(F32) + (self._chunked(s, ff.astype(F32)) * c_gate).reshape(x.shape)).astype(x.dtype)
     return s._replace(video=constrain(x, TOKEN_AXES))
 
 
-def wan_block(cfg: WanConfig, with_expert: bool, *, rngs: nnx.Rngs) -> MoTBlock:
-  return MoTBlock(WanLayer(cfg, rngs=rngs), WanLayer(cfg, rngs=rngs) if with_expert else None,
-                  cfg.attention)
+class WanExpert(nnx.Module):
+  """Everything the VAP expert adds (and trains): own patch embedding, condition embedder, and
+  the expert layers of the blocks in ``block_idx_with_mot_ref``, stacked (E, ...)."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    dtypes = cfg.dtypes.trainable_policy()
+    patch = cfg.in_channels * math.prod(cfg.patch_size)
+    self.patch_embedding = Linear(patch, cfg.inner_dim, axes=('patch', 'embed'), rngs=rngs,
+                                  **dtypes.kw())
+    self.condition_embedder = ConditionEmbedder(cfg, dtypes, rngs=rngs)
+    self.blocks = stacked(lambda: WanLayer(cfg, dtypes, rngs=rngs), len(cfg.block_idx_with_mot_ref))
 
 
-class WanTransformer(nnx.Module):
+class WanTransformer(MoTTransformer):
   """Wan2.1 I2V DiT + VAP expert. ``__call__`` returns the target's flow prediction (B,C,F,H,W)."""
 
   def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    d, patch = cfg.inner_dim, cfg.in_channels * math.prod(cfg.patch_size)
-    expert_blocks = set(cfg.block_idx_with_mot_ref)
-    self.patch_embedding = Linear(patch, d, axes=('patch', 'embed'), **_kw(cfg, rngs))
-    self.condition_embedder = ConditionEmbedder(cfg, rngs=rngs)
-    if expert_blocks:
-      self.expert_patch_embedding = Linear(patch, d, axes=('patch', 'embed'), **_kw(cfg, rngs))
-      self.expert_condition_embedder = ConditionEmbedder(cfg, rngs=rngs)
-    else:
-      self.expert_patch_embedding = self.expert_condition_embedder = None
-    self.blocks = nnx.List([wan_block(cfg, i in expert_blocks, rngs=rngs)
-                            for i in range(cfg.num_layers)])
-    self.norm_out = LayerNorm(d, eps=cfg.eps, affine=False, rngs=rngs)
+    self.config = cfg
+    d, dtypes = cfg.inner_dim, cfg.dtypes
+    kw = dict(rngs=rngs, **dtypes.kw())
+    patch = cfg.in_channels * math.prod(cfg.patch_size)
+    self.patch_embedding = Linear(patch, d, axes=('patch', 'embed'), **kw)
+    self.condition_embedder = ConditionEmbedder(cfg, dtypes, rngs=rngs)
+    self.blocks = stacked(lambda: WanLayer(cfg, dtypes, rngs=rngs), cfg.num_layers)
+    self.norm_out = LayerNorm(d, eps=cfg.eps, affine=False, rngs=rngs, **dtypes.kw('norm'))
     self.proj_out = Linear(d, cfg.out_channels * math.prod(cfg.patch_size), axes=('embed', None),
-                           **_kw(cfg, rngs))
+                           **kw)
     self.scale_shift_table = param(rngs, lambda k, s, t: jax.random.normal(k, s, t) / d ** 0.5,
-                                   (1, 2, d), F32, (None, None, 'embed'))
+                                   (1, 2, d), dtypes.kw('modulation')['param_dtype'],
+                                   (None, None, 'embed'))
+    self.expert = WanExpert(cfg, rngs=rngs) if cfg.block_idx_with_mot_ref else None
 
   def rope(self, frames: int, height: int, width: int, num_refs: int = 0) -> RopeTable:
-    pt, ph, pw = self.cfg.patch_size
-    cos, sin = wan_rope(self.cfg.attention_head_dim, frames // pt, height // ph, width // pw,
+    pt, ph, pw = self.config.patch_size
+    cos, sin = wan_rope(self.config.attention_head_dim, frames // pt, height // ph, width // pw,
                         num_refs=num_refs)
     return jnp.asarray(cos), jnp.asarray(sin)
 
   def _patchify(self, proj: Linear, latents: jax.Array) -> jax.Array:
     b, c, f, h, w = latents.shape
-    pt, ph, pw = self.cfg.patch_size
+    pt, ph, pw = self.config.patch_size
     x = latents.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
     x = x.transpose(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, -1, c * pt * ph * pw)
-    return constrain(proj(x.astype(jnp.dtype(self.cfg.dtype))), TOKEN_AXES)
+    return constrain(proj(x.astype(self.config.dtypes.compute_dtype)), TOKEN_AXES)
 
-  def __call__(self, latents: jax.Array, timestep: jax.Array, text: jax.Array,
+  # ------------------------------------------------------------------------------ the one API
+
+  def __call__(self, latents: jax.Array, timestep: jax.Array, text: jax.Array, *,
                image: jax.Array | None = None, ref_latents: jax.Array | None = None,
                ref_text: jax.Array | None = None, ref_image: jax.Array | None = None,
                ref_timestep: jax.Array | int = 1) -> jax.Array:
@@ -266,58 +292,55 @@ class WanTransformer(nnx.Module):
     References (optional; all or none): ref_latents (B, C, n*F, H, W), ref_text (B, n*L, text_dim),
     ref_image (B, n*257, image_dim); ref_timestep broadcasts to (B, n), default 1 (clean).
     """
-    cond = self.condition(latents, text, image, ref_latents, ref_text, ref_image, ref_timestep)
+    cond = self.condition(latents, text, image=image, ref_latents=ref_latents, ref_text=ref_text,
+                          ref_image=ref_image, ref_timestep=ref_timestep)
     return self.predict(latents, timestep, cond)
 
-  def condition(self, latents, text, image=None, ref_latents=None, ref_text=None, ref_image=None,
-                ref_timestep=1) -> Conditioning:
+  def condition(self, latents, text, *, image=None, ref_latents=None, ref_text=None,
+                ref_image=None, ref_timestep=1) -> Conditioning:
     """The step-independent part of the inputs (the reference stream runs at a fixed t), embedded
     once per sampling run; ``latents`` is read for its shape only."""
     b, _, f, h, w = self._check_inputs(latents, text, image, ref_latents, ref_text, ref_image)
     text_ctx, image_ctx = self.condition_embedder.context(text, image)
     if ref_latents is None:
       return Conditioning(text_ctx, image_ctx, None)
-    n = ref_latents.shape[2] // f
-    _, ref_modulation = self.expert_condition_embedder.time(jnp.broadcast_to(ref_timestep, (b, n)))
-    ref_text_ctx, ref_image_ctx = self.expert_condition_embedder.context(ref_text, ref_image)
-    ref = Stream(self._patchify(self.expert_patch_embedding, ref_latents), ref_text_ctx,
+    n, expert = ref_latents.shape[2] // f, self.expert
+    _, ref_modulation = expert.condition_embedder.time(jnp.broadcast_to(ref_timestep, (b, n)))
+    ref_text_ctx, ref_image_ctx = expert.condition_embedder.context(ref_text, ref_image)
+    ref = Stream(self._patchify(expert.patch_embedding, ref_latents), ref_text_ctx,
                  ref_image_ctx, ref_modulation, self.rope(f, h, w, num_refs=n))
     return Conditioning(text_ctx, image_ctx, ref)
 
   def predict(self, latents: jax.Array, timestep: jax.Array, cond: Conditioning) -> jax.Array:
     """The flow prediction for ``latents`` at ``timestep`` given a precomputed `condition`."""
-    target, temb = self.target_stream(latents, timestep, cond)
-    ref = cond.ref
-    for block in self.blocks:
-      target, ref = block(target, ref)
-    return self.head(target, temb, latents.shape)
+    target, ref = self.streams(latents, timestep, cond)
+    target, _ = self.run_blocks(target, ref)
+    return self.head(target, latents.shape)
 
-  def embed(self, latents, timestep, text, image=None, ref_latents=None, ref_text=None,
-            ref_image=None, ref_timestep=1):
-    """Inputs -> (target stream, reference stream or None, target temb)."""
-    cond = self.condition(latents, text, image, ref_latents, ref_text, ref_image, ref_timestep)
-    target, temb = self.target_stream(latents, timestep, cond)
-    return target, cond.ref, temb
+  def embed(self, latents, timestep, text, **refs):
+    """Inputs -> (target stream, reference stream or None) ready for the blocks."""
+    return self.streams(latents, timestep, self.condition(latents, text, **refs))
 
-  def target_stream(self, latents, timestep, cond: Conditioning):
+  def streams(self, latents, timestep, cond: Conditioning):
     b, _, f, h, w = latents.shape
     temb, modulation = self.condition_embedder.time(jnp.broadcast_to(timestep, (b,)))
     target = Stream(self._patchify(self.patch_embedding, latents), cond.text, cond.image,
-                    modulation[:, None], self.rope(f, h, w))
-    return target, temb
+                    modulation[:, None], self.rope(f, h, w), temb)
+    return target, cond.ref
 
-  def head(self, target: Stream, temb: jax.Array, latent_shape) -> jax.Array:
+  def head(self, target: Stream, latent_shape) -> jax.Array:
     """Final modulated norm and projection of the target, unpatchified to (B, C_out, F, H, W)."""
     b, _, f, h, w = latent_shape
-    pt, ph, pw = self.cfg.patch_size
-    shift, scale = jnp.unstack(self.scale_shift_table[...] + temb.astype(F32)[:, None], axis=1)
+    pt, ph, pw = self.config.patch_size
+    shift, scale = jnp.unstack(self.scale_shift_table[...] + target.temb.astype(F32)[:, None],
+                               axis=1)
     x = self.norm_out(target.video.astype(F32)) * (1 + scale[:, None]) + shift[:, None]
     x = self.proj_out(x.astype(target.video.dtype))
     x = x.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, -1).transpose(0, 7, 1, 4, 2, 5, 3, 6)
     return x.reshape(b, -1, f, h, w)
 
   def _check_inputs(self, latents, text, image, ref_latents, ref_text, ref_image):
-    cfg = self.cfg
+    cfg = self.config
     if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
       raise ValueError(f'latents must be (B, {cfg.in_channels}, F, H, W), got {latents.shape}')
     b, c, f, h, w = latents.shape
@@ -335,7 +358,7 @@ class WanTransformer(nnx.Module):
     if any(r is None for r in refs):
       raise ValueError('ref_latents, ref_text' + (', ref_image' if cfg.image_dim else '') +
                        ' must be given together')
-    if self.expert_patch_embedding is None:
+    if self.expert is None:
       raise ValueError('references were given but this model has no expert '
                        '(block_idx_with_mot_ref is empty)')
     if (ref_latents.ndim != 5 or ref_latents.shape[:2] != (b, c) or ref_latents.shape[3:] != (h, w)

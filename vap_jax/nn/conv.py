@@ -45,7 +45,7 @@ class Conv3d(nnx.Module):
   """A 3D convolution over (B, T, H, W, C) with explicit temporal and spatial padding."""
 
   def __init__(self, in_ch: int, out_ch: int, kernel, *, stride=1, use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype, param_dtype, rngs: nnx.Rngs):
     kernel = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
     self.kernel_size = kernel
     self.stride = (stride, 1, 1) if isinstance(stride, int) else tuple(stride)
@@ -103,7 +103,7 @@ class Conv2d(nnx.Module):
   """A 2D convolution applied frame by frame to (B, T, H, W, C), or to (N, H, W, C)."""
 
   def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, *, stride: int = 1,
-               padding=None, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               padding=None, dtype, param_dtype, rngs: nnx.Rngs):
     self.stride, self.dtype = (stride, stride), dtype
     p = kernel // 2 if padding is None else padding
     self.padding = ((p, p), (p, p)) if isinstance(p, int) else p
@@ -123,7 +123,7 @@ class Conv2d(nnx.Module):
 class GroupNorm(nnx.Module):
   """torch.nn.GroupNorm on channels-last input: statistics per (batch, group) in float32."""
 
-  def __init__(self, channels: int, groups: int, *, eps: float = 1e-6, param_dtype=jnp.float32,
+  def __init__(self, channels: int, groups: int, *, eps: float = 1e-6, param_dtype,
                rngs: nnx.Rngs):
     self.groups, self.eps = groups, eps
     self.scale = param(rngs, nnx.initializers.ones, (channels,), param_dtype, ('norm',))

@@ -43,6 +43,11 @@ def abstract_variables():
     _mode.abstract = previous
 
 
+def is_abstract() -> bool:
+  """True while `abstract_variables` is active."""
+  return _mode.abstract
+
+
 def param(rngs: nnx.Rngs, init, shape, dtype, axes: Axes) -> nnx.Param:
   """A Param with logical axes, ``init(key, shape, dtype)``d (or abstract, see above)."""
   if _mode.abstract:
@@ -61,7 +66,7 @@ class Linear(nnx.Module):
   """y = x @ kernel + bias, computed in ``dtype``; kernel is (in, out)."""
 
   def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype, param_dtype, rngs: nnx.Rngs):
     self.dtype = dtype
     self.kernel = param(rngs, nnx.initializers.lecun_normal(), (in_features, out_features),
                          param_dtype, axes)
@@ -79,7 +84,7 @@ class LayerNorm(nnx.Module):
   """LayerNorm over the last axis, statistics in float32 (two-pass variance, like PyTorch)."""
 
   def __init__(self, dim: int, *, eps: float, affine: bool = True, axis_name: str | None = 'norm',
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype, rngs: nnx.Rngs, dtype=None):
     self.eps = eps
     self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, (axis_name,)) if affine else None
     self.bias = param(rngs, nnx.initializers.zeros, (dim,), param_dtype, (axis_name,)) if affine else None
@@ -98,7 +103,7 @@ class RMSNorm(nnx.Module):
   """RMSNorm over the last axis in float32 with a learned scale."""
 
   def __init__(self, dim: int, *, eps: float, axis_name: str | None = 'norm',
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype, rngs: nnx.Rngs, dtype=None):
     self.eps = eps
     self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, (axis_name,))
 
@@ -112,8 +117,8 @@ class FeedForward(nnx.Module):
   """Linear -> GELU -> Linear (diffusers ``FeedForward``; tanh GELU unless ``approximate=False``)."""
 
   def __init__(self, dim: int, inner_dim: int, out_dim: int | None = None, *,
-               approximate: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs, axes: tuple[str, str, str] = ('embed', 'mlp', 'embed')):
+               approximate: bool = True, dtype, param_dtype, rngs: nnx.Rngs,
+               axes: tuple[str, str, str] = ('embed', 'mlp', 'embed')):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.approximate = approximate
     self.proj_in = Linear(dim, inner_dim, axes=axes[:2], **kw)
@@ -126,8 +131,7 @@ class FeedForward(nnx.Module):
 class TimestepEmbedding(nnx.Module):
   """Linear -> SiLU -> Linear applied to sinusoidal timestep features."""
 
-  def __init__(self, in_dim: int, out_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, in_dim: int, out_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.linear_1 = Linear(in_dim, out_dim, axes=('embed', 'time_embed'), **kw)
     self.linear_2 = Linear(out_dim, out_dim, axes=('time_embed', None), **kw)
@@ -143,7 +147,7 @@ class LayerNormZero(nnx.Module):
   """
 
   def __init__(self, temb_dim: int, dim: int, *, eps: float, affine: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype, param_dtype, rngs: nnx.Rngs):
     self.linear = Linear(temb_dim, 6 * dim, axes=('time_embed', 'embed'), dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
     self.norm = LayerNorm(dim, eps=eps, affine=affine, param_dtype=param_dtype, rngs=rngs)
@@ -159,7 +163,7 @@ class AdaLayerNorm(nnx.Module):
   """Final CogVideoX norm: LayerNorm(x) * (1 + scale) + shift with (shift, scale) from temb."""
 
   def __init__(self, temb_dim: int, dim: int, *, eps: float, affine: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype, param_dtype, rngs: nnx.Rngs):
     self.linear = Linear(temb_dim, 2 * dim, axes=('time_embed', 'embed'), dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
     self.norm = LayerNorm(dim, eps=eps, affine=affine, param_dtype=param_dtype, rngs=rngs)

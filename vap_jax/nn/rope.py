@@ -34,19 +34,37 @@ def _axis_angles(dim: int, positions: np.ndarray, theta: float, dtype) -> np.nda
 
 def _angles(pos_t, pos_h, pos_w, dims: tuple[int, int, int], theta: float, dtype) -> np.ndarray:
   """Per-token angles (tokens, sum(dims)), tokens t-major then h then w; pairs [t | h | w], each
-  angle repeated for its channel pair."""
-  t, h, w = len(pos_t), len(pos_h), len(pos_w)
-  parts = [_axis_angles(d, p, theta, dtype) for d, p in zip(dims, (pos_t, pos_h, pos_w))]
-  angles = np.concatenate([
-      np.broadcast_to(parts[0][:, None, None], (t, h, w, parts[0].shape[-1])),
-      np.broadcast_to(parts[1][None, :, None], (t, h, w, parts[1].shape[-1])),
-      np.broadcast_to(parts[2][None, None, :], (t, h, w, parts[2].shape[-1])),
-  ], axis=-1).reshape(t * h * w, -1)
-  return np.repeat(angles, 2, axis=-1)
+  angle repeated for its channel pair (the full table, for tests)."""
+  parts = [np.repeat(_axis_angles(d, p, theta, dtype), 2, axis=-1)
+           for d, p in zip(dims, (pos_t, pos_h, pos_w))]
+  return np.asarray(_assemble([(a, a) for a in parts])[0])
 
 
-def _table(angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+def _table(pos_t, pos_h, pos_w, dims: tuple[int, int, int], theta: float, dtype) -> RopeTable:
+  """The (tokens, head_dim) cos/sin table, built on device from per-axis tables.
+
+  Every angle depends on one axis only, so cos/sin are taken of the few per-axis angles on the
+  host (in ``dtype``, as the reference computes them) and broadcast into the token table on
+  device: the same numbers as a host-built table, without a (tokens, head_dim) constant.
+  """
+  tables = []
+  for d, p in zip(dims, (pos_t, pos_h, pos_w)):
+    angles = np.repeat(_axis_angles(d, p, theta, dtype), 2, axis=-1)
+    tables.append((np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)))
+  return _assemble(tables)
+
+
+def _assemble(tables) -> RopeTable:
+  """Per-axis (cos, sin) tables [(T, d_t), (H, d_h), (W, d_w)] -> (T*H*W, d) each."""
+  (t, _), (h, _), (w, _) = (c.shape for c, _ in tables)
+  def full(parts):
+    parts = [jnp.asarray(p) for p in parts]
+    return jnp.concatenate([
+        jnp.broadcast_to(parts[0][:, None, None], (t, h, w, parts[0].shape[-1])),
+        jnp.broadcast_to(parts[1][None, :, None], (t, h, w, parts[1].shape[-1])),
+        jnp.broadcast_to(parts[2][None, None, :], (t, h, w, parts[2].shape[-1])),
+    ], axis=-1).reshape(t * h * w, -1)
+  return full([c for c, _ in tables]), full([s for _, s in tables])
 
 
 def _time_positions(frames: int, num_refs: int) -> np.ndarray:
@@ -66,9 +84,7 @@ def crop_region(grid_h: int, grid_w: int, base_h: int, base_w: int):
   return (top, left), (top + resize_h, left + resize_w)
 
 
-def cogvideox_rope_angles(head_dim: int, frames: int, grid_h: int, grid_w: int, *, base_h: int,
-                          base_w: int, num_refs: int = 0, theta: float = 10000.0) -> np.ndarray:
-  """The float32 angles (tokens, head_dim) of `cogvideox_rope`'s table."""
+def _cogvideox_positions(frames, grid_h, grid_w, base_h, base_w, num_refs):
   (top, left), (bottom, right) = crop_region(grid_h, grid_w, base_h, base_w)
   pos_h = np.linspace(top, bottom * (grid_h - 1) / grid_h, grid_h, dtype=np.float32)
   pos_w = np.linspace(left, right * (grid_w - 1) / grid_w, grid_w, dtype=np.float32)
@@ -76,23 +92,33 @@ def cogvideox_rope_angles(head_dim: int, frames: int, grid_h: int, grid_w: int, 
     pos_t = _time_positions(frames, num_refs).astype(np.float32)
   else:
     pos_t = np.linspace(0, frames * (frames - 1) / frames, frames, dtype=np.float32)
-  dims = (head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3)
-  return _angles(pos_t, pos_h, pos_w, dims, theta, np.float32)
+  return pos_t, pos_h, pos_w
+
+
+def _cogvideox_dims(head_dim: int) -> tuple[int, int, int]:
+  return head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3
+
+
+def cogvideox_rope_angles(head_dim: int, frames: int, grid_h: int, grid_w: int, *, base_h: int,
+                          base_w: int, num_refs: int = 0, theta: float = 10000.0) -> np.ndarray:
+  """The float32 angles (tokens, head_dim) behind `cogvideox_rope`'s table."""
+  positions = _cogvideox_positions(frames, grid_h, grid_w, base_h, base_w, num_refs)
+  return _angles(*positions, _cogvideox_dims(head_dim), theta, np.float32)
 
 
 def cogvideox_rope(head_dim: int, frames: int, grid_h: int, grid_w: int, *, base_h: int,
-                   base_w: int, num_refs: int = 0, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+                   base_w: int, num_refs: int = 0, theta: float = 10000.0) -> RopeTable:
   """CogVideoX 3D RoPE table ("linspace" grid), for the target or for ``num_refs`` references.
 
   The head dim splits [t | h | w] = [d/4 | 3d/8 | 3d/8]; angles in float32 as diffusers.
   Spatial positions span the crop region of the training grid.
   """
-  return _table(cogvideox_rope_angles(head_dim, frames, grid_h, grid_w, base_h=base_h,
-                                      base_w=base_w, num_refs=num_refs, theta=theta))
+  positions = _cogvideox_positions(frames, grid_h, grid_w, base_h, base_w, num_refs)
+  return _table(*positions, _cogvideox_dims(head_dim), theta, np.float32)
 
 
 def wan_rope(head_dim: int, frames: int, grid_h: int, grid_w: int, *, num_refs: int = 0,
-             theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+             theta: float = 10000.0) -> RopeTable:
   """Wan 3D RoPE table: integer positions, angles in float64 (as the official complex128).
 
   Channel split [t | h | w] = [d - 4(d//6) | 2(d//6) | 2(d//6)], each axis with its own
@@ -100,6 +126,6 @@ def wan_rope(head_dim: int, frames: int, grid_h: int, grid_w: int, *, num_refs: 
   """
   hw = 2 * (head_dim // 6)
   dims = (head_dim - 2 * hw, hw, hw)
-  return _table(_angles(_time_positions(frames, num_refs).astype(np.float64),
-                        np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
-                        dims, theta, np.float64))
+  return _table(_time_positions(frames, num_refs).astype(np.float64),
+                np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
+                dims, theta, np.float64)

@@ -42,11 +42,25 @@ DEFAULT_RULES: Rules = (
     ('length', None),
     ('norm', None),
     ('relpos', None),
+    ('layers', None),  # the layer axis of stacked blocks: every device holds its part of each
     # Video VAEs: conv channels replicated (small), activations sharded over batch or width.
     ('activation_width', 'context'),
     ('conv_in', None),
     ('conv_out', None),
 )
+
+
+def with_rules(rules: Rules, **overrides) -> Rules:
+  """``rules`` with the mesh axes of some logical names replaced (first match wins, so the
+  override takes the place of the original rule)."""
+  out = [(name, overrides.pop(name)) if name in overrides else (name, axes) for name, axes in rules]
+  return tuple(out) + tuple(overrides.items())
+
+
+# FSDP over the context axis too: on a context-parallel mesh the weights are not replicated
+# across the sequence shards.
+FSDP_CONTEXT_RULES = with_rules(DEFAULT_RULES, embed=('fsdp', 'context'),
+                                text_embed=('fsdp', 'context'))
 
 
 def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
@@ -103,25 +117,30 @@ def logical_to_spec(names: Iterable[str | None], rules: Rules, mesh: Mesh | None
   return PartitionSpec(*spec)
 
 
-def _logical_axes(variable: nnx.Variable, ndim: int) -> tuple[str | None, ...]:
+def _logical_axes(name: str, variable: nnx.Variable, ndim: int) -> tuple[str | None, ...]:
   axes = variable.get_metadata().get('logical_axes')
-  return tuple(axes) if axes is not None else (None,) * ndim
+  if axes is None:
+    return (None,) * ndim
+  if len(axes) != ndim:
+    raise ValueError(f'parameter {name}: logical axes {tuple(axes)} name {len(axes)} dimensions '
+                     f'but its shape has {ndim}')
+  return tuple(axes)
 
 
 def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
   """NamedSharding for every variable of ``state`` (abstract or concrete), validated for the mesh.
 
-  Raises a ValueError naming the parameter when a sharded dimension does not divide evenly.
+  Raises a ValueError naming the parameter when its logical axes do not name each dimension, or
+  when a sharded dimension does not divide evenly.
   """
   def one(path, variable):
-    shape = variable.shape
-    spec = logical_to_spec(_logical_axes(variable, len(shape)), rules, mesh)
+    shape, name = variable.shape, '.'.join(map(str, path))
+    spec = logical_to_spec(_logical_axes(name, variable, len(shape)), rules, mesh)
     for dim, axes in zip(shape, spec):
       if axes is None:
         continue
       size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
       if dim % size:
-        name = '.'.join(map(str, path))
         raise ValueError(f'parameter {name} of shape {tuple(shape)} cannot be sharded as {spec} '
                          f'on mesh {dict(mesh.shape)}: {dim} is not divisible by {size}')
     return NamedSharding(mesh, spec)

@@ -55,7 +55,7 @@ class CogVideoXVAPPipeline:
 
   @property
   def latent_channels(self) -> int:
-    return self.transformer.cfg.in_channels // 2
+    return self.transformer.config.in_channels // 2
 
   # ------------------------------------------------------------------------------------ stages
 
@@ -81,7 +81,7 @@ class CogVideoXVAPPipeline:
     the references). ``noise`` may hold the draws to use: ``latents``, ``image``, ``ref_video``
     (one per reference) and ``ref_image`` (one per reference), in the VAE's posterior layout."""
     noise = noise or {}
-    scale = self.vae.cfg.scaling_factor
+    scale = self.vae.config.scaling_factor
     keys = jax.random.split(key, 2 + 2 * len(ref_frames))
     frames = (num_frames - 1) // self.vae.temporal_ratio + 1
 
@@ -126,7 +126,7 @@ class CogVideoXVAPPipeline:
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """(1, F', C, h, w) latents -> (1, 3, F, H, W) video in about [-1, 1]."""
-    z = latents.transpose(0, 2, 1, 3, 4) * np.float32(1 / self.vae.cfg.scaling_factor)
+    z = latents.transpose(0, 2, 1, 3, 4) * np.float32(1 / self.vae.config.scaling_factor)
     return self._decode(z)
 
   # -------------------------------------------------------------------------------------- call
@@ -146,7 +146,7 @@ class CogVideoXVAPPipeline:
     if isinstance(ref_prompts, str):
       ref_prompts = [ref_prompts]
     common.check_size(height, width, num_frames, self.vae.temporal_ratio,
-                      self.vae.spatial_ratio * self.transformer.cfg.patch_size)
+                      self.vae.spatial_ratio * self.transformer.config.patch_size)
     key = jax.random.key(seed)
     refs = common.check_references(ref_videos, ref_prompts, num_frames, frames_selection,
                                    np.random.default_rng(seed))
@@ -154,7 +154,7 @@ class CogVideoXVAPPipeline:
     image = common.resize_frames(image[None], height, width)[0]
     text, ref_text = self.encode_prompts(
         prompt, ref_prompts, negative_prompt, negative_ref_prompt,
-        max_sequence_length or self.transformer.cfg.max_text_seq_length)
+        max_sequence_length or self.transformer.config.max_text_seq_length)
     sample_key, latent_key = jax.random.split(key)
     lat = self.encode_latents(image, refs, num_frames, latent_key, noise)
     latents = self.sample(lat, text, ref_text, num_inference_steps=num_inference_steps,
@@ -169,7 +169,7 @@ def _nth(items, i):
 
 
 def _condition(model: CogVideoXTransformer, latents, text, ref, ref_text):
-  return model.condition(latents, text, ref, ref_text)
+  return model.condition(latents, text, ref_latents=ref, ref_text=ref_text)
 
 
 def _step(model: CogVideoXTransformer, latents, state, plan, i, guidance, key, image_latents,

@@ -93,7 +93,7 @@ class WanVAPPipeline:
     mask = jnp.zeros((1, self.vae.temporal_ratio, frames, h, w), jnp.float32).at[:, :, 0].set(1)
     refs = [self._encode(jnp.asarray(common.to_model_range(v))) for v in ref_frames]
     ref_conditions = [self._first_frame_condition(v[0], num_frames, mask) for v in ref_frames]
-    shape = (1, self.vae.cfg.z_dim, frames, h, w)
+    shape = (1, self.vae.config.z_dim, frames, h, w)
     initial = (noise or {}).get('latents')
     initial = (jax.random.normal(key, shape, jnp.float32) if initial is None
                else jnp.asarray(initial, jnp.float32))
@@ -139,7 +139,7 @@ class WanVAPPipeline:
       ref_prompts = [ref_prompts]
     r = self.vae.spatial_ratio
     common.check_size(height, width, num_frames, self.vae.temporal_ratio,
-                      r * self.transformer.cfg.patch_size[1])
+                      r * self.transformer.config.patch_size[1])
     refs = common.check_references(ref_videos, ref_prompts, num_frames, frames_selection,
                                    np.random.default_rng(seed))
     text, ref_text = self.encode_prompts(prompt, ref_prompts, negative_prompt,
@@ -162,7 +162,8 @@ def _clip_tokens(model: CLIPVisionTransformer, pixels):
 
 
 def _condition(model: WanTransformer, latents, text, image, ref, ref_text, ref_image):
-  return model.condition(latents, text, image, ref, ref_text, ref_image, 1)
+  return model.condition(latents, text, image=image, ref_latents=ref, ref_text=ref_text,
+                         ref_image=ref_image, ref_timestep=1)
 
 
 def _step(model: WanTransformer, latents, state, plan, i, guidance, key, condition, cond):

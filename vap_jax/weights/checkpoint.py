@@ -31,7 +31,7 @@ from vap_jax.weights.safetensors_io import CheckpointError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stacked layers (see weights/orbax_io.py); 1 read per-block paths
 FAMILIES = ('cogvideox', 'wan')
 COMPONENTS = {
     'cogvideox': ('transformer', 'vae', 'text_encoder', 'tokenizer', 'scheduler'),
@@ -80,7 +80,8 @@ def read_manifest(path: str | Path) -> dict:
   manifest = _read_json(Path(path) / MANIFEST)
   if manifest.get('format_version') != FORMAT_VERSION:
     raise CheckpointError(f'{Path(path) / MANIFEST}: format_version '
-                          f'{manifest.get("format_version")!r}, this vap_jax reads {FORMAT_VERSION}')
+                          f'{manifest.get("format_version")!r}, this vap_jax reads {FORMAT_VERSION}: '
+                          f'convert the checkpoint again with vap-convert ... --overwrite')
   return manifest
 
 
@@ -187,6 +188,8 @@ def _component_done(folder: Path, spec: ModelSpec, param_dtype: str) -> bool:
   if not ((folder / orbax_io.CONFIG_FILE).is_file() and component.has_orbax_state(folder)):
     return False
   meta = orbax_io.read_config(folder)
+  if meta.get('format_version', 1) != orbax_io.FORMAT_VERSION:
+    return False  # an older layout: convert it again
   if meta.get('model') == spec.name and meta.get('param_dtype') == param_dtype:
     return True
   raise FileExistsError(f'{folder} holds a converted {meta.get("model")!r} model in '

@@ -1,8 +1,8 @@
 """Key map for diffusers ``CogVideoXTransformer3DModel`` / VAP ``CogVideoXTransformer3DMOTModel``.
 
 Expert tensors carry ``_mot_ref``; removing it gives the base key with the same shape. Here the
-base lives under top-level names and ``blocks.i.base``; the expert under ``expert_*`` and
-``blocks.i.expert``.
+base lives under top-level names and in slot i of the stacked ``blocks``; the expert under
+``expert`` (its j-th block in slot j of ``expert.blocks``).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule, exper
 from vap_jax.weights.safetensors_io import CheckpointError
 
 _BLOCK = r'transformer_blocks\.(\d+)\.'
-_LAYER = r'blocks.\1.base.'
+_LAYER = r'blocks.#\1.'
 
 
 COGVIDEOX = KeyMap('cogvideox', [
@@ -62,13 +62,8 @@ def _read_source(folder: Path) -> tuple[dict, KeyMap]:
   return config, COGVIDEOX
 
 
-SPEC = ModelSpec('cogvideox', 'transformer', _read_source, CogVideoXConfig.from_diffusers,
+SPEC = ModelSpec('cogvideox', 'transformer', _read_source, CogVideoXConfig.from_source,
                  CogVideoXTransformer)
-
-
-def read_diffusers_config(path: str | Path) -> dict:
-  """The checked diffusers config.json of a CogVideoX(-VAP) transformer (pipeline or component)."""
-  return _read_source(SPEC.folder(path))[0]
 
 
 def model_factory(config: CogVideoXConfig, seed: int = 0):
@@ -77,14 +72,15 @@ def model_factory(config: CogVideoXConfig, seed: int = 0):
 
 def load_cogvideox(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                    dtype: str = 'bfloat16', param_dtype: str | None = None,
-                   attention: str = 'xla', progress: bool = False) -> CogVideoXTransformer:
+                   progress: bool = False, **runtime) -> CogVideoXTransformer:
   """Load a CogVideoX(-VAP) transformer from a diffusers or converted folder (pipeline root or
   component, see `vap_jax.weights.component`).
 
   ``dtype`` is the compute dtype; parameters are stored as ``param_dtype`` (default: ``dtype``).
+  ``runtime``: trainable_dtype, attention, scan_layers, remat (`CogVideoXConfig`).
   """
   return component.load(SPEC, path, mesh=mesh, rules=rules, progress=progress, dtype=dtype,
-                        param_dtype=param_dtype or dtype, attention=attention)
+                        param_dtype=param_dtype or dtype, **runtime)
 
 
 def convert(src: str | Path, dst: str | Path, *, param_dtype: str = 'bfloat16',

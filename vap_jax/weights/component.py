@@ -24,6 +24,7 @@ from typing import Any, Callable
 from flax import nnx
 from jax.sharding import Mesh
 
+from vap_jax.models.stack import checkpoint_slots
 from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
 from vap_jax.weights import orbax_io
@@ -93,12 +94,20 @@ def load(spec: ModelSpec, path: str | Path, *, mesh: Mesh | None = None,
   """
   folder = spec.folder(path)
   if has_orbax_state(folder):
+    orbax_io.check_format(folder)
     config = spec.make_config(converted_config(spec, folder), **runtime)
     return orbax_io.restore_model(spec.factory(config), folder, mesh=mesh, rules=rules)
   raw, keymap = spec.read_source(folder)
   config = spec.make_config(raw, **runtime)
   return load_model(spec.factory(config), SafetensorsCheckpoint(folder), keymap, mesh=mesh,
-                    rules=rules, progress=progress)
+                    rules=rules, progress=progress, slot_of=_slot_of(config))
+
+
+def _slot_of(config):
+  """How a checkpoint's block numbers map to the stack slots of a VAP transformer (None for
+  models without stacked layers)."""
+  experts = getattr(config, 'block_idx_with_mot_ref', None)
+  return None if experts is None else checkpoint_slots(experts)
 
 
 def convert_checkpoint(spec: ModelSpec, checkpoint: SafetensorsCheckpoint, raw: dict,
@@ -112,7 +121,7 @@ def convert_checkpoint(spec: ModelSpec, checkpoint: SafetensorsCheckpoint, raw: 
     (Path(dst) / orbax_io.CONFIG_FILE).unlink(missing_ok=True)
   count = orbax_io.convert_safetensors(checkpoint, keymap, spec.factory(config), dst,
                                        group_bytes=group_bytes, overwrite=overwrite,
-                                       progress=progress)
+                                       progress=progress, slot_of=_slot_of(config))
   orbax_io.write_config(dst, {'model': spec.name, 'param_dtype': param_dtype,
                               'source': str(Path(checkpoint.path).resolve()), 'source_config': raw})
   return count

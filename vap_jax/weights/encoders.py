@@ -69,10 +69,10 @@ def _source_reader(folder_kind: str, model_types: tuple[str, ...], keymap: KeyMa
 
 
 T5_SPEC = ModelSpec('t5', 'text_encoder', _source_reader('text_encoder', ('t5', 'umt5'), T5),
-                    T5Config.from_hf, T5Encoder)
+                    T5Config.from_source, T5Encoder)
 CLIP_SPEC = ModelSpec('clip', 'image_encoder',
                       _source_reader('image_encoder', ('clip_vision_model', 'clip'), CLIP_VISION),
-                      CLIPVisionConfig.from_hf, CLIPVisionTransformer)
+                      CLIPVisionConfig.from_source, CLIPVisionTransformer)
 SPECS = {'t5': T5_SPEC, 'clip': CLIP_SPEC}
 
 
@@ -80,12 +80,6 @@ def _spec(kind: str) -> ModelSpec:
   if kind not in SPECS:
     raise ValueError(f'kind {kind!r} is not one of {sorted(SPECS)}')
   return SPECS[kind]
-
-
-def read_hf_config(path: str | Path, kind: str) -> dict:
-  """The transformers config.json of a ``kind`` ('t5' or 'clip') folder, checked."""
-  spec = _spec(kind)
-  return spec.read_source(spec.folder(path))[0]
 
 
 def make_config(kind: str, raw: dict, **runtime):

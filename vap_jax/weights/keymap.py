@@ -1,9 +1,12 @@
 """Key maps: PyTorch state-dict names -> NNX variable paths, with a per-tensor transform.
 
-A `KeyMap` is an ordered table of regex rules (first full match wins). `plan` checks a checkpoint
-against a model *before reading any data*: every checkpoint tensor must map to a model variable,
-every model variable must be covered, shapes must agree after the transform; all problems are
-reported together, by name. `stream` then yields one converted tensor at a time.
+A `KeyMap` is an ordered table of regex rules (first full match wins). A rule's target may name
+a layer with a ``#N`` segment: the tensor fills slot N of a stacked variable (leading 'layers'
+axis, `vap_jax.models.stack`). A checkpoint tensor thus fills a *slot* ``(path, layer)``, with
+layer None for a variable that is not stacked. `plan` checks a checkpoint against a model *before
+reading any data*: every checkpoint tensor must map to a model slot, every slot must be covered,
+shapes must agree after the transform; all problems are reported together, by name. `stream`
+then yields one converted tensor at a time; `read` reads one, or only part of one.
 """
 from __future__ import annotations
 
@@ -15,22 +18,30 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from flax import nnx
 
+from vap_jax.models.stack import LAYER_AXIS
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
+
 Path = tuple[str | int, ...]
+Slot = tuple[Path, int | None]  # a variable, and its layer if it is stacked
 
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-  """A tensor transform and the shape it produces (so shapes are checked without reading data)."""
+  """A tensor transform and the shape it produces (so shapes are checked without reading data).
+
+  ``source_index`` maps an index into the result to the index of the source it comes from, for
+  transforms that commute with slicing: then a device's shard is read without the rest.
+  """
   name: str
   array: Callable[[np.ndarray], np.ndarray]
   shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+  source_index: Callable[[tuple], tuple] | None = None
 
 
-IDENTITY = Transform('identity', lambda a: a, lambda s: s)
+IDENTITY = Transform('identity', lambda a: a, lambda s: s, lambda index: index)
 # nn.Linear (out, in) -> kernel (in, out).
-TRANSPOSE = Transform('transpose', lambda a: a.T, lambda s: s[::-1])
+TRANSPOSE = Transform('transpose', lambda a: a.T, lambda s: s[::-1], lambda index: index[::-1])
 # Conv with kernel == stride (patchify): (out, in, *k) -> (in * prod(k), out), rows ordered (in, *k).
 CONV_TO_DENSE = Transform('conv_to_dense', lambda a: a.reshape(a.shape[0], -1).T,
                           lambda s: (int(np.prod(s[1:])), s[0]))
@@ -44,11 +55,8 @@ class Rule:
 
 
 def expert_path(path: Path) -> Path:
-  """A base variable's expert twin in both VAP backbones: blocks.i.base.* -> blocks.i.expert.*,
-  any other top-level module x -> expert_x."""
-  if path[0] == 'blocks':
-    return path[:2] + ('expert',) + path[3:]
-  return (f'expert_{path[0]}',) + path[1:]
+  """A base variable's expert twin in both VAP backbones: the same path under ``expert``."""
+  return ('expert',) + path
 
 
 class KeyMap:
@@ -80,22 +88,28 @@ class KeyMap:
   def ignored(self, key: str) -> bool:
     return any(regex.fullmatch(key) for regex in self.ignore)
 
-  def __call__(self, key: str) -> tuple[Path, Transform] | None:
+  def __call__(self, key: str) -> tuple[Path, int | None, Transform] | None:
+    """(variable path, checkpoint layer or None, transform) of a checkpoint key, or None."""
     if self.rename is not None:
       key = self.rename(key)
       if key is None:
         return None
     return self._lookup(key)
 
-  def _lookup(self, key: str) -> tuple[Path, Transform] | None:
+  def _lookup(self, key: str) -> tuple[Path, int | None, Transform] | None:
     if self.marker and self.marker in key:
       hit = self._lookup(key.replace(self.marker, ''))
-      return None if hit is None else (self.marked_path(hit[0]), hit[1])
+      return None if hit is None else (self.marked_path(hit[0]),) + hit[1:]
     for regex, rule in self.rules:
       m = regex.fullmatch(key)
       if m:
-        path = tuple(int(p) if p.isdigit() else p for p in m.expand(rule.target).split('.'))
-        return path, rule.transform
+        path, layer = [], None
+        for part in m.expand(rule.target).split('.'):
+          if part.startswith('#'):
+            layer = int(part[1:])
+          else:
+            path.append(int(part) if part.isdigit() else part)
+        return tuple(path), layer, rule.transform
     return None
 
 
@@ -103,16 +117,45 @@ def flat_variables(state: nnx.State) -> dict[Path, nnx.Variable]:
   return {tuple(path): var for path, var in nnx.to_flat_state(state)}
 
 
+def is_stacked(variable) -> bool:
+  """A variable with a leading layer axis (`vap_jax.models.stack`)."""
+  axes = variable.get_metadata().get('logical_axes') or ()
+  return bool(axes) and axes[0] == LAYER_AXIS
+
+
+def slots(state: nnx.State) -> dict[Slot, tuple[tuple[int, ...], np.dtype]]:
+  """Every slot of the model: (path, layer) of stacked variables, (path, None) of the rest, with
+  the shape and dtype one checkpoint tensor must give it."""
+  out = {}
+  for path, var in flat_variables(state).items():
+    if is_stacked(var):
+      for layer in range(var.shape[0]):
+        out[path, layer] = (tuple(var.shape[1:]), np.dtype(var.dtype))
+    else:
+      out[path, None] = (tuple(var.shape), np.dtype(var.dtype))
+  return out
+
+
+def slot_name(slot: Slot) -> str:
+  path, layer = slot
+  return '.'.join(map(str, path)) + ('' if layer is None else f'[{layer}]')
+
+
 @dataclasses.dataclass
 class Plan:
-  """Which checkpoint tensor fills which model variable, and how."""
-  entries: dict[Path, tuple[str, Transform]]
+  """Which checkpoint tensor fills which model slot, and how."""
+  entries: dict[Slot, tuple[str, Transform]]
 
 
-def plan(checkpoint: SafetensorsCheckpoint, keymap: KeyMap, state: nnx.State) -> Plan:
-  """Match checkpoint tensors to model variables in both directions; raise on any mismatch."""
-  variables = flat_variables(state)
-  entries: dict[Path, tuple[str, Transform]] = {}
+def plan(checkpoint: SafetensorsCheckpoint, keymap: KeyMap, state: nnx.State,
+         slot_of: Callable[[Path, int], int | None] | None = None) -> Plan:
+  """Match checkpoint tensors to model slots in both directions; raise on any mismatch.
+
+  ``slot_of(path, layer)`` turns a checkpoint layer number into the stack slot of ``path``
+  (e.g. expert blocks 0, 4, 8 are expert slots 0, 1, 2), None if the model has no such layer.
+  """
+  wanted = slots(state)
+  entries: dict[Slot, tuple[str, Transform]] = {}
   unmapped, unknown, duplicated, misshaped = [], [], [], []
   for key in checkpoint.keys():
     if keymap.ignored(key):
@@ -121,20 +164,23 @@ def plan(checkpoint: SafetensorsCheckpoint, keymap: KeyMap, state: nnx.State) ->
     if hit is None:
       unmapped.append(key)
       continue
-    path, transform = hit
-    if path not in variables:
-      unknown.append(f'{key} -> {".".join(map(str, path))}')
+    path, layer, transform = hit
+    if layer is not None and slot_of is not None:
+      layer = slot_of(path, layer)
+    slot = (path, layer)
+    if slot not in wanted or (layer is None and hit[1] is not None):
+      unknown.append(f'{key} -> {slot_name((path, hit[1]))}')
       continue
-    if path in entries:
-      duplicated.append(f'{key} and {entries[path][0]} -> {".".join(map(str, path))}')
+    if slot in entries:
+      duplicated.append(f'{key} and {entries[slot][0]} -> {slot_name(slot)}')
       continue
-    want, got = tuple(variables[path].shape), transform.shape(checkpoint.shape(key))
+    want, got = wanted[slot][0], transform.shape(checkpoint.shape(key))
     if want != got:
       misshaped.append(f'{key}: checkpoint {checkpoint.shape(key)} -> {got} after {transform.name}, '
-                       f'model {".".join(map(str, path))} expects {want}')
+                       f'model {slot_name(slot)} expects {want}')
       continue
-    entries[path] = (key, transform)
-  missing = [".".join(map(str, p)) for p in variables if p not in entries]
+    entries[slot] = (key, transform)
+  missing = [slot_name(s) for s in wanted if s not in entries]
   problems = [(f'{len(unmapped)} checkpoint tensors match no {keymap.name} key-map rule', unmapped),
               (f'{len(unknown)} checkpoint tensors map to variables the model does not have '
                '(does the config match the checkpoint?)', unknown),
@@ -149,10 +195,21 @@ def plan(checkpoint: SafetensorsCheckpoint, keymap: KeyMap, state: nnx.State) ->
   return Plan(entries)
 
 
-def stream(checkpoint: SafetensorsCheckpoint, the_plan: Plan, state: nnx.State,
-           order: Sequence[Path] | None = None) -> Iterator[tuple[Path, np.ndarray]]:
-  """Yield (path, array) one tensor at a time, transformed and cast to the variable's dtype."""
-  variables = flat_variables(state)
-  for path in (order or the_plan.entries):
-    key, transform = the_plan.entries[path]
-    yield path, np.ascontiguousarray(transform.array(checkpoint.read(key)).astype(variables[path].dtype))
+def read(checkpoint: SafetensorsCheckpoint, entry: tuple[str, Transform], dtype,
+         index: tuple | None = None) -> np.ndarray:
+  """One planned tensor, transformed and cast to ``dtype``; with ``index``, only that part of
+  the result (read as such when the transform allows, else cut from the whole)."""
+  key, transform = entry
+  if index is not None and transform.source_index is not None:
+    part = checkpoint.read_slice(key, transform.source_index(tuple(index)))
+    return np.ascontiguousarray(transform.array(part).astype(dtype))
+  whole = transform.array(checkpoint.read(key))
+  return np.ascontiguousarray((whole if index is None else whole[tuple(index)]).astype(dtype))
+
+
+def stream(checkpoint: SafetensorsCheckpoint, the_plan: Plan, state: nnx.State
+           ) -> Iterator[tuple[Slot, np.ndarray]]:
+  """Yield (slot, array) one tensor at a time, transformed and cast to the variable's dtype."""
+  dtypes = {slot: dtype for slot, (_, dtype) in slots(state).items()}
+  for slot, entry in the_plan.entries.items():
+    yield slot, read(checkpoint, entry, dtypes[slot])

@@ -1,19 +1,23 @@
 """Build NNX models from checkpoints with bounded host memory.
 
-The model is never materialised on the host: an abstract model (`nnx.eval_shape`) gives shapes,
+The model is never materialised on the host: an abstract model (`abstract_model`) gives shapes,
 dtypes and logical axes; each checkpoint tensor is read, transformed, cast and placed directly on
-its sharding, then dropped from host memory.
+its sharding (a stacked layer straight into its slot of the preallocated stack), then dropped
+from host memory.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vap_jax.nn.layers import abstract_variables
 from vap_jax.parallel import DEFAULT_RULES, param_shardings
@@ -64,25 +68,107 @@ def fill(graphdef, state: nnx.State, values: dict) -> nnx.Module:
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stack: jax.Array, value: jax.Array, layer: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), layer, 0)
+
+
+def _zeros(shape, dtype, where) -> jax.Array:
+  """Zeros made where they live (no host copy of a whole stack)."""
+  if not isinstance(where, jax.sharding.Sharding):
+    where = jax.sharding.SingleDeviceSharding(where)
+  return _zeros_fn(shape, dtype, where)()
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape, dtype, sharding):
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+class SlotWriter:
+  """Builds a model's arrays slot by slot (see `keymap.slots`): each tensor goes straight onto its
+  sharding; a stacked variable is preallocated on device and each layer written into it in place.
+  Host memory holds one tensor (or one device's part of it) at a time."""
+
+  def __init__(self, state: nnx.State, mesh: Mesh | None, rules: Rules):
+    self.variables = km.flat_variables(state)
+    self.where = placement(state, mesh, rules)
+    self.values: dict[km.Path, jax.Array] = {}
+
+  def sharding(self, slot: km.Slot):
+    """Where slot's tensor lives: the variable's sharding, less the layer axis when stacked."""
+    path, layer = slot
+    where = self.where[path]
+    if layer is None or not isinstance(where, NamedSharding):
+      return where
+    return NamedSharding(where.mesh, PartitionSpec(*where.spec[1:]))
+
+  def shape(self, slot: km.Slot) -> tuple[int, ...]:
+    path, layer = slot
+    shape = tuple(self.variables[path].shape)
+    return shape if layer is None else shape[1:]
+
+  def place(self, slot: km.Slot, read: Callable) -> jax.Array:
+    """``read(index=None)`` -> numpy, as a device array on the slot's sharding; on a mesh each
+    device's part is read on its own (`jax.make_array_from_callback`), so a process reads only
+    what its devices hold."""
+    where, dtype = self.sharding(slot), self.variables[slot[0]].dtype
+    if not isinstance(where, jax.sharding.Sharding):
+      return jax.device_put(read(), where)
+    parts = {}
+
+    def part(index):
+      key = tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)
+      if key not in parts:
+        parts[key] = read(index)
+      return parts[key]
+    return jax.make_array_from_callback(self.shape(slot), where, part, dtype=dtype)
+
+  def put(self, slot: km.Slot, value: jax.Array) -> None:
+    path, layer = slot
+    if layer is None:
+      self.values[path] = value
+      return
+    if path not in self.values:
+      var = self.variables[path]
+      self.values[path] = _zeros(tuple(var.shape), jnp.dtype(var.dtype), self.where[path])
+    self.values[path] = _write_layer(self.values[path], value, jnp.int32(layer))
+
+
+def tensor_reader(checkpoint: SafetensorsCheckpoint, entry, dtype) -> Callable:
+  """``read(index=None)``: one planned tensor, or part of it (read on its own when the transform
+  commutes with slicing; else cut from the whole tensor, read once)."""
+  whole = None
+
+  def read(index=None):
+    nonlocal whole
+    if index is not None and entry[1].source_index is not None:
+      return km.read(checkpoint, entry, dtype, index)
+    if whole is None:
+      whole = km.read(checkpoint, entry, dtype)
+    return whole if index is None else np.ascontiguousarray(whole[tuple(index)])
+  return read
+
+
 def load_model(factory: Callable[[], nnx.Module], checkpoint: str | SafetensorsCheckpoint,
                keymap: km.KeyMap, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-               progress: bool = False) -> nnx.Module:
-  """Stream a safetensors checkpoint into the model that ``factory`` builds, sharded on ``mesh``."""
+               progress: bool = False, slot_of: Callable | None = None) -> nnx.Module:
+  """Stream a safetensors checkpoint into the model that ``factory`` builds, sharded on ``mesh``.
+  ``slot_of`` maps checkpoint layers to stack slots (`keymap.plan`)."""
   if not isinstance(checkpoint, SafetensorsCheckpoint):
     checkpoint = SafetensorsCheckpoint(checkpoint)
   graphdef, state = nnx.split(abstract_model(factory))
-  the_plan = km.plan(checkpoint, keymap, state)
-  where = placement(state, mesh, rules)
-  values = {}
-  items = km.stream(checkpoint, the_plan, state)
+  the_plan = km.plan(checkpoint, keymap, state, slot_of)
+  writer = SlotWriter(state, mesh, rules)
+  items = the_plan.entries.items()
   if progress:
     from tqdm import tqdm
     items = tqdm(items, total=len(the_plan.entries), desc=f'loading {checkpoint.path}', unit='tensor')
-  for path, array in items:
-    values[path] = jax.device_put(array, where[path])
-    del array
-  log.info('loaded %d tensors from %s', len(values), checkpoint.path)
-  return fill(graphdef, state, values)
+  for slot, entry in items:
+    dtype = writer.variables[slot[0]].dtype
+    writer.put(slot, writer.place(slot, tensor_reader(checkpoint, entry, dtype)))
+  log.info('loaded %d tensors from %s', len(the_plan.entries), checkpoint.path)
+  return fill(graphdef, state, writer.values)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
@@ -92,11 +178,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> 
   return nnx.merge(graphdef, jax.device_put(state, shardings))
 
 
-def count_params(model_or_state, *, trainable: Callable | None = None) -> int:
-  """Number of nnx.Param scalars (buffers excluded), optionally only where ``trainable(path)``."""
-  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
-  total = 0
-  for path, var in nnx.to_flat_state(state):
-    if isinstance(var, nnx.Param) and (trainable is None or trainable(path)):
-      total += math.prod(var.shape)
-  return total
+def count_params(model: nnx.Module, what=nnx.Param) -> int:
+  """Number of scalars in the variables the nnx filter ``what`` selects (default: every
+  ``nnx.Param``, buffers excluded; `vap_jax.models.common.TRAINABLE` for what VAP trains)."""
+  return sum(math.prod(var.shape) for _, var in nnx.to_flat_state(nnx.state(model, what)))

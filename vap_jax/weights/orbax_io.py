@@ -1,13 +1,17 @@
 """Orbax checkpoints of model state, written tensor-group by tensor-group and restored sharded.
 
-Layout of a converted folder::
+Layout of a converted folder (format 2)::
 
-    dst/config.json   the model config (diffusers field names + what produced it)
-    dst/state/        an Orbax PyTree checkpoint: nested dict of the NNX state, string keys
+    dst/config.json   the model config (diffusers field names + what produced it), format_version
+    dst/state/        an Orbax PyTree checkpoint: nested dict of the NNX state, string keys; a
+                      stacked variable (leading layer axis) is stored one layer per leaf, under
+                      its path plus the layer number ('blocks/attn1/to_q/kernel/7')
 
 Conversion never holds the model in host memory: tensors stream from safetensors into Orbax
 partial saves of at most ``group_bytes`` each. Restoring reads every array straight onto its
-sharding on the mesh.
+sharding on the mesh, a stacked variable one layer at a time into its preallocated stack, so
+neither host nor device ever holds a second copy of the model. Format 1 (before stacked layers)
+stored per-block paths ('blocks/7/base/...'); such folders must be converted again.
 """
 from __future__ import annotations
 
@@ -28,13 +32,14 @@ from jax.sharding import Mesh
 from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
 from vap_jax.weights import keymap as km
-from vap_jax.weights.loading import abstract_model, fill, placement
+from vap_jax.weights.loading import SlotWriter, abstract_model, fill
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = 'state'
 CONFIG_FILE = 'config.json'
+FORMAT_VERSION = 2
 
 
 def _ocp():
@@ -52,28 +57,35 @@ def _release_freed_memory() -> None:
     pass
 
 
-def _nest(flat: dict[km.Path, object]) -> dict:
+def _key(slot: km.Slot) -> tuple[str, ...]:
+  path, layer = slot
+  return tuple(str(p) for p in path) + (() if layer is None else (str(layer),))
+
+
+def _nest(flat: dict[km.Slot, object]) -> dict:
   tree: dict = {}
-  for path, value in flat.items():
+  for slot, value in flat.items():
+    key = _key(slot)
     node = tree
-    for part in path[:-1]:
-      node = node.setdefault(str(part), {})
-    node[str(path[-1])] = value
+    for part in key[:-1]:
+      node = node.setdefault(part, {})
+    node[key[-1]] = value
   return tree
 
 
-def _unnest(tree: dict, paths) -> dict[km.Path, object]:
+def _unnest(tree: dict, slots) -> dict[km.Slot, object]:
   out = {}
-  for path in paths:
+  for slot in slots:
     node = tree
-    for part in path:
-      node = node[str(part)]
-    out[path] = node
+    for part in _key(slot):
+      node = node[part]
+    out[slot] = node
   return out
 
 
 def write_config(dst: str | Path, config: dict) -> None:
   Path(dst).mkdir(parents=True, exist_ok=True)
+  config = {**config, 'format_version': FORMAT_VERSION}
   (Path(dst) / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
 
 
@@ -87,7 +99,7 @@ def read_config(src: str | Path) -> dict:
 def convert_safetensors(checkpoint: SafetensorsCheckpoint, keymap: km.KeyMap,
                         factory: Callable[[], nnx.Module], dst: str | Path, *,
                         group_bytes: int | None = None, overwrite: bool = False,
-                        progress: bool = True) -> int:
+                        progress: bool = True, slot_of: Callable | None = None) -> int:
   """Stream a safetensors checkpoint into ``dst/state`` (Orbax), group by group.
 
   Every tensor is checked against the model first (`keymap.plan`), so a bad checkpoint fails
@@ -101,10 +113,9 @@ def convert_safetensors(checkpoint: SafetensorsCheckpoint, keymap: km.KeyMap,
       raise FileExistsError(f'{target} exists; pass overwrite=True (--overwrite) to replace it')
     shutil.rmtree(target)
   _, state = nnx.split(abstract_model(factory))
-  the_plan = km.plan(checkpoint, keymap, state)
-  variables = km.flat_variables(state)
-  sizes = {p: int(np.prod(variables[p].shape)) * np.dtype(variables[p].dtype).itemsize
-           for p in the_plan.entries}
+  the_plan = km.plan(checkpoint, keymap, state, slot_of)
+  sizes = {slot: int(np.prod(shape)) * dtype.itemsize
+           for slot, (shape, dtype) in km.slots(state).items()}
   if group_bytes is None:
     group_bytes = 2 * max(sizes.values())
   ocp = _ocp()
@@ -124,14 +135,14 @@ def convert_safetensors(checkpoint: SafetensorsCheckpoint, keymap: km.KeyMap,
       gc.collect()
       _release_freed_memory()
 
-  for path, array in km.stream(checkpoint, the_plan, state):
-    if group and group_size + sizes[path] > group_bytes:
+  for slot, array in km.stream(checkpoint, the_plan, state):
+    if group and group_size + sizes[slot] > group_bytes:
       flush()
-    group[path] = array
-    group_size += sizes[path]
+    group[slot] = array
+    group_size += sizes[slot]
     written += 1
     if bar is not None:
-      bar.update(sizes[path])
+      bar.update(sizes[slot])
   flush()
   ocp.partial.finalize(target)
   if bar is not None:
@@ -141,50 +152,87 @@ def convert_safetensors(checkpoint: SafetensorsCheckpoint, keymap: km.KeyMap,
 
 
 def save_model(model: nnx.Module, dst: str | Path, *, overwrite: bool = False) -> None:
-  """Save a live model's state in the same layout `restore_model` reads."""
+  """Save a live model's state in the layout `restore_model` reads (its config.json is the
+  caller's: `write_config`)."""
   target = Path(dst).absolute() / STATE_DIR
   if target.exists() and overwrite:
     shutil.rmtree(target)
-  flat = km.flat_variables(nnx.state(model))
+  flat = {}
+  for path, var in km.flat_variables(nnx.state(model)).items():
+    if km.is_stacked(var):
+      flat.update({(path, layer): var[layer] for layer in range(var.shape[0])})
+    else:
+      flat[path, None] = var[...]
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
-    _ocp().save_pytree(target, _nest({p: v[...] for p, v in flat.items()}))
+    _ocp().save_pytree(target, _nest(flat))
+
+
+def check_format(src: str | Path) -> None:
+  """A converted folder must be of this version's layout (format 2: stacked layers)."""
+  config_file = Path(src) / CONFIG_FILE
+  found = json.loads(config_file.read_text()).get('format_version', 1) if config_file.is_file() else None
+  if found is not None and found != FORMAT_VERSION:
+    raise CheckpointError(
+        f'{src} was converted by an older vap_jax (folder format {found}; this version reads '
+        f'format {FORMAT_VERSION}, which stores each block\'s layers stacked): convert it again '
+        f'with vap-convert ... --overwrite')
 
 
 def restore_model(factory: Callable[[], nnx.Module], src: str | Path, *, mesh: Mesh | None = None,
                   rules: Rules = DEFAULT_RULES) -> nnx.Module:
-  """Restore ``src/state`` into the model ``factory`` builds, each array on its mesh sharding."""
+  """Restore ``src/state`` into the model ``factory`` builds, each array on its mesh sharding;
+  stacked variables layer by layer into their preallocated stacks."""
+  check_format(src)
   target = Path(src).absolute() / STATE_DIR
   if not target.is_dir():
     raise CheckpointError(f'{src} has no Orbax state folder {STATE_DIR}/')
   graphdef, state = nnx.split(abstract_model(factory))
-  where = placement(state, mesh, rules)
-  variables = km.flat_variables(state)
-
-  def spec(path):
-    sharding = where[path]
-    if not isinstance(sharding, jax.sharding.Sharding):
-      sharding = jax.sharding.SingleDeviceSharding(sharding)
-    return jax.ShapeDtypeStruct(variables[path].shape, variables[path].dtype, sharding=sharding)
-
+  writer = SlotWriter(state, mesh, rules)
+  slots = km.slots(state)
   ocp = _ocp()
-  stored = ocp.metadata(target).metadata
-  stored_paths = set()
+  stored = set()
 
   def walk(node, prefix=()):
     if isinstance(node, dict):
       for k, v in node.items():
         walk(v, prefix + (k,))
     else:
-      stored_paths.add(prefix)
-  walk(stored)
-  wanted = {tuple(str(p) for p in path) for path in variables}
-  if stored_paths != wanted:
-    missing = sorted('.'.join(p) for p in wanted - stored_paths)
-    extra = sorted('.'.join(p) for p in stored_paths - wanted)
+      stored.add(prefix)
+  walk(ocp.metadata(target).metadata)
+  wanted = {_key(slot) for slot in slots}
+  if stored != wanted:
+    missing = sorted('/'.join(p) for p in wanted - stored)
+    extra = sorted('/'.join(p) for p in stored - wanted)
     raise CheckpointError(f'Orbax checkpoint {target} does not match the model: '
                           f'missing {missing[:20]}, unexpected {extra[:20]}')
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore')
-    tree = ocp.load_pytree(target, _nest({p: spec(p) for p in variables}))
-  return fill(graphdef, state, _unnest(tree, variables))
+
+  def spec(slot):
+    sharding = writer.sharding(slot)
+    if not isinstance(sharding, jax.sharding.Sharding):
+      sharding = jax.sharding.SingleDeviceSharding(sharding)
+    shape, dtype = slots[slot]
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+  # One load for the unstacked variables, then one per layer number: at most one layer of every
+  # stack is in flight beside the stacks themselves.
+  groups: dict = {}
+  for slot in slots:
+    groups.setdefault(slot[1], []).append(slot)
+  for layer, group in sorted(groups.items(), key=lambda item: -1 if item[0] is None else item[0]):
+    abstract = jax.tree.map(lambda _: ocp.PLACEHOLDER, _nest({s: 0 for s in slots}))
+    wanted_here = _nest({s: spec(s) for s in group})
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      tree = ocp.load_pytree(target, _merge(abstract, wanted_here))
+    for slot, value in _unnest(tree, group).items():
+      writer.put(slot, value)
+  return fill(graphdef, state, writer.values)
+
+
+def _merge(base: dict, update: dict) -> dict:
+  """``base`` with the leaves of ``update`` written over it (nested dicts)."""
+  out = dict(base)
+  for key, value in update.items():
+    out[key] = _merge(base[key], value) if isinstance(value, dict) else value
+  return out

@@ -90,6 +90,13 @@ class SafetensorsCheckpoint:
     with safe_open(self._file_of[key], 'numpy') as f:
       return f.get_tensor(key)
 
+  def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+    """Only the part ``index`` of one tensor (what one device's shard needs)."""
+    if key not in self._file_of:
+      raise CheckpointError(f'tensor {key} is not in checkpoint {self.path}')
+    with safe_open(self._file_of[key], 'numpy') as f:
+      return f.get_slice(key)[index]
+
   def __contains__(self, key: str) -> bool:
     return key in self._file_of
 

@@ -21,7 +21,7 @@ from vap_jax.parallel.sharding import Rules
 from vap_jax.weights import component
 from vap_jax.weights.component import ModelSpec, read_json_config
 from vap_jax.weights.keymap import CONV_TO_DENSE, KeyMap, Rule, Transform
-from vap_jax.weights.loading import component_dir, load_model
+from vap_jax.weights.loading import load_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 # torch conv weight (out, in, *k) -> (*k, in, out).
@@ -118,14 +118,9 @@ def _source_reader(class_name: str, keymap: KeyMap):
 
 
 WAN_SPEC = ModelSpec('wan_vae', 'vae', _source_reader('AutoencoderKLWan', WAN),
-                     WanVAEConfig.from_diffusers, AutoencoderKLWan)
+                     WanVAEConfig.from_source, AutoencoderKLWan)
 COGVIDEOX_SPEC = ModelSpec('cogvideox_vae', 'vae', _source_reader('AutoencoderKLCogVideoX', COGVIDEOX),
-                           CogVideoXVAEConfig.from_diffusers, AutoencoderKLCogVideoX)
-
-
-def read_vae_config(path: str | Path, class_name: str) -> dict:
-  """The checked diffusers config.json of a ``class_name`` VAE (pipeline or vae folder)."""
-  return _source_reader(class_name, None)(component_dir(Path(path), 'vae'))[0]
+                           CogVideoXVAEConfig.from_source, AutoencoderKLCogVideoX)
 
 
 def load_wan_vae(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,

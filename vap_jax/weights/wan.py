@@ -27,7 +27,7 @@ def _norm(torch_name: str, path: str) -> list[Rule]:
   return [Rule(torch_name + r'\.weight', path + '.scale'), Rule(torch_name + r'\.bias', path + '.bias')]
 
 
-_B, _L = r'blocks\.(\d+)\.', r'blocks.\1.base.'
+_B, _L = r'blocks\.(\d+)\.', r'blocks.#\1.'
 _CE = r'condition_embedder\.'
 
 WAN = KeyMap('wan (diffusers)', [
@@ -108,13 +108,7 @@ def _read_source(folder: Path) -> tuple[dict, KeyMap]:
                         '(_class_name WanTransformer3D*) nor an original Wan config (dim, num_heads)')
 
 
-SPEC = ModelSpec('wan', 'transformer', _read_source, WanConfig.from_diffusers, WanTransformer)
-
-
-def read_config(path: str | Path) -> tuple[dict, KeyMap]:
-  """The diffusers config of a Wan transformer (pipeline or component folder, diffusers or
-  original names) and the key map its tensors need."""
-  return _read_source(SPEC.folder(path))
+SPEC = ModelSpec('wan', 'transformer', _read_source, WanConfig.from_source, WanTransformer)
 
 
 def model_factory(config: WanConfig, seed: int = 0):
@@ -122,12 +116,13 @@ def model_factory(config: WanConfig, seed: int = 0):
 
 
 def load_wan(path: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-             dtype: str = 'bfloat16', param_dtype: str | None = None, attention: str = 'xla',
-             progress: bool = False) -> WanTransformer:
+             dtype: str = 'bfloat16', param_dtype: str | None = None, progress: bool = False,
+             **runtime) -> WanTransformer:
   """Load a Wan(-VAP) transformer from a diffusers/original or converted folder (pipeline root or
-  component, see `vap_jax.weights.component`)."""
+  component, see `vap_jax.weights.component`). ``runtime``: trainable_dtype, attention,
+  scan_layers, remat (`WanConfig`)."""
   return component.load(SPEC, path, mesh=mesh, rules=rules, progress=progress, dtype=dtype,
-                        param_dtype=param_dtype or dtype, attention=attention)
+                        param_dtype=param_dtype or dtype, **runtime)
 
 
 def convert(src: str | Path, dst: str | Path, *, param_dtype: str = 'bfloat16',
