@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       worker_buffer=2,
       max_failure_fraction=0.05,    # of samples seen; stop with the worst offenders above this
       min_samples_before_cap=100,
+      max_bad_row_fraction=0.05,    # of table rows; bad rows are dropped and listed, above this
+      strict_table=False,           # True: refuse a table with any bad row
   )
   if '3ref' in args:
     config.data.update(sample_ref_videos_num=3, mask_ref_ratio=0.3, mask_caption_ratio=0.1,
