@@ -8,6 +8,11 @@ Videos are 4 kinds x 8 clips, 12-40 frames at 8/16/24/30 fps, 24x32 to 40x56 pix
 frame has a distinct flat colour ramp so frame indices are visible in the pixels. Corrupt rows,
 all on kind 'broken': random bytes, an empty file, a missing file, a truncated mp4 and a clip too
 short for `FRAMES` at 16 fps.
+
+`make_issue20_table` adds a second table (`issue20.csv`) over the same tree for the data
+integrity cases: an mp4 cut at 75% of its bytes that still decodes 147 of its 200 frames (index
+at the front, as `+faststart` writes it), and bad rows (blank score, blank `_valid`, a repeated
+path) among good ones.
 """
 import json
 import os
@@ -33,9 +38,9 @@ def frame_content(i: int, h: int, w: int, seed: int) -> np.ndarray:
 
 
 def encode(path: Path, frames: np.ndarray, fps: int, codec='libx264', pix_fmt='yuv420p',
-           crf: int = 10):
+           crf: int = 10, options: dict | None = None):
   path.parent.mkdir(parents=True, exist_ok=True)
-  with av.open(str(path), 'w') as out:
+  with av.open(str(path), 'w', options=options or {}) as out:
     s = out.add_stream(codec, rate=fps)
     s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
     if codec == 'libx264':
@@ -112,3 +117,58 @@ def write_csv(path: Path, rows):
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
+
+
+def write_cut_mp4(path: Path, frames: int = 200, fraction: float = 0.75, seed: int = 0) -> Path:
+  """The file of issue 20: H.264 noise, 64x48 at 24 fps, index first, cut at `fraction` of its
+  bytes (frame-threaded FFmpeg decodes 147 frames of it without an error)."""
+  rng = np.random.default_rng(seed)
+  encode(path, rng.integers(0, 255, (frames, 48, 64, 3), np.uint8), 24,
+         options={'movflags': '+faststart'})
+  data = path.read_bytes()
+  path.write_bytes(data[:int(len(data) * fraction)])
+  return path
+
+
+def write_trimmed_mp4(path: Path, frames: int = 30, skip: int = 5) -> Path:
+  """An intact mp4 whose header over-reports its frames: stream-copied with the first `skip`
+  frames before time zero (what `ffmpeg -ss` with `-c copy` makes), so its edit list hides them.
+  Frame i is a flat grey of level 8 * i; the file decodes frames skip..frames-1."""
+  src = path.with_name(path.stem + '_src.mp4')
+  encode(src, np.stack([np.full((48, 64, 3), 8 * i, np.uint8) for i in range(frames)]), 24)
+  with av.open(str(src)) as inp, av.open(str(path), 'w') as out:
+    stream = out.add_stream_from_template(inp.streams.video[0])
+    for packet in inp.demux(inp.streams.video[0]):
+      if packet.dts is None:
+        continue  # the flush packet
+      packet.pts -= skip * packet.duration
+      packet.dts -= skip * packet.duration
+      packet.stream = stream
+      out.mux(packet)
+  os.remove(src)
+  return path
+
+
+def make_issue20_table(root) -> dict:
+  """`issue20.csv` next to `vap_data.csv` (which `make_vap_data` wrote first): the 8 `zoom`
+  clips as good train rows, the cut mp4 as a ninth, and three bad rows (one spans two lines).
+  Returns {'csv', 'cut', 'good', 'dropped': [(first line, column)]}."""
+  root = Path(root)
+  cut = 'vfx_videos/broken/cut.mp4'
+  write_cut_mp4(root / cut)
+  zoom = [f'vfx_videos/zoom/zoom_{i}.mp4' for i in range(PER_KIND)]
+
+  def row(path, refs=zoom[:1], **kw):
+    return dict(dict(video_paths=path, ref_video_paths=json.dumps(refs), tar_video_caption='a zoom',
+                     kind='zoom', split='train', reference_alignment_score=50, _valid=1), **kw)
+
+  rows = [row(p, [q for q in zoom if q != p][:4]) for p in zoom]
+  rows.insert(3, row(cut))
+  rows.insert(5, row('vfx_videos/zoom/blank_score.mp4', tar_video_caption='two\nlines',
+                     reference_alignment_score=''))
+  rows.insert(7, row('vfx_videos/zoom/blank_valid.mp4', _valid=''))
+  rows.append(dict(rows[0], tar_video_caption='the same path again'))
+  write_csv(root / 'issue20.csv', rows)
+  # header = line 1, rows from line 2; the blank-score row spans lines 7-8
+  return {'csv': 'issue20.csv', 'cut': cut, 'good': zoom,
+          'dropped': [(7, 'reference_alignment_score'), (10, '_valid'), (14, 'video_paths')]}

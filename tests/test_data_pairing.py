@@ -134,20 +134,21 @@ def _write(tmp_path, rows, name='vap_data.csv'):
 def test_schema_errors_name_file_line_column(tmp_path):
   good = dict(video_paths='a.mp4', ref_video_paths='["b.mp4"]', tar_video_caption='c',
               kind='k', split='train', reference_alignment_score='5')
+  strict = dict(strict=True)
   rows = [good, dict(good, video_paths='b.mp4', ref_video_paths='["a.mp4"')]
   with pytest.raises(vap_data.SchemaError, match=r"vap_data.csv: line 3, column "
                      r"'ref_video_paths': not JSON"):
-    vap_data.read_vap_csv(_write(tmp_path, rows))
+    vap_data.read_vap_csv(_write(tmp_path, rows), **strict)
   rows = [good, dict(good, video_paths='b.mp4', ref_video_paths='{"a": 1}')]
   with pytest.raises(vap_data.SchemaError, match='line 3.*JSON list of paths'):
-    vap_data.read_vap_csv(_write(tmp_path, rows))
+    vap_data.read_vap_csv(_write(tmp_path, rows), **strict)
   rows = [good, dict(good, video_paths='b.mp4', reference_alignment_score='high')]
   with pytest.raises(vap_data.SchemaError, match="line 3, column 'reference_alignment_score': "
-                     "not a number: 'high'"):
-    vap_data.read_vap_csv(_write(tmp_path, rows))
+                     "expected a number: 'high'"):
+    vap_data.read_vap_csv(_write(tmp_path, rows), **strict)
   with pytest.raises(vap_data.SchemaError, match="line 3, column 'video_paths': duplicate of "
                      "line 2"):
-    vap_data.read_vap_csv(_write(tmp_path, [good, good]))
+    vap_data.read_vap_csv(_write(tmp_path, [good, good]), **strict)
   with pytest.raises(vap_data.SchemaError, match=r"missing column\(s\) \['kind'\]"):
     vap_data.read_vap_csv(_write(tmp_path, [{k: v for k, v in good.items() if k != 'kind'}]))
   with pytest.raises(vap_data.SchemaError, match='file not found'):
@@ -156,7 +157,69 @@ def test_schema_errors_name_file_line_column(tmp_path):
                 ref_video_caption='r')]
   with pytest.raises(vap_data.SchemaError, match="benchmark.csv: line 2, column "
                      "'ref_video_path': empty"):
-    vap_data.read_benchmark_csv(_write(tmp_path, bench, 'benchmark.csv'))
+    vap_data.read_benchmark_csv(_write(tmp_path, bench, 'benchmark.csv'), **strict)
+  (tmp_path / 'latin1.csv').write_bytes(','.join(vap_data.VAP_COLUMNS).encode() +
+                                        b'\na.mp4,[],caf\xe9,k,train,5\n')
+  with pytest.raises(vap_data.SchemaError, match=r'latin1.csv: line 2: not UTF-8 text'):
+    vap_data.read_vap_csv(tmp_path / 'latin1.csv')
   ok = vap_data.read_vap_csv(_write(tmp_path, [good]))
   assert ok[0]['ref_video_paths'] == ['b.mp4'] and ok[0]['reference_alignment_score'] == 5.0
   assert json.loads(good['ref_video_paths']) == ok[0]['ref_video_paths']
+
+
+def test_excel_csv_utf8_byte_order_mark_is_read(tmp_path):
+  """Excel's "CSV UTF-8" starts with EF BB BF (the table of issue 20)."""
+  (tmp_path / 'b.csv').write_bytes(
+      b'\xef\xbb\xbfvideo_paths,ref_video_paths,tar_video_caption,kind,split,'
+      b'reference_alignment_score\na.mp4,[],x,k,train,50\n')
+  rows = vap_data.read_vap_csv(tmp_path / 'b.csv')
+  assert [(r['video_paths'], r['reference_alignment_score'], r['_line']) for r in rows] == [
+      ('a.mp4', 50.0, 2)]
+  (tmp_path / 'bench.csv').write_bytes(
+      b'\xef\xbb\xbfvideo_paths,ref_video_path,tar_video_caption,ref_video_caption\n'
+      b'a.mp4,b.mp4,t,r\n')
+  assert vap_data.read_benchmark_csv(tmp_path / 'bench.csv')[0]['video_paths'] == 'a.mp4'
+
+
+BAD_TABLE = ','.join(vap_data.VAP_COLUMNS + ('_valid',)) + """
+a.mp4,"[""b.mp4""]",fine,k,train,50,1
+b.mp4,"[""a.mp4""]","a caption
+over two lines",k,train,,1
+c.mp4,"[""a.mp4""]",no valid flag,k,train,40,
+
+a.mp4,"[""c.mp4""]",a again,k,train,60,1
+d.mp4,"[""a.mp4""]",NaN score,k,train,nan,1
+e.mp4,"[""a.mp4""]",fine,k,train,30,1
+f.mp4,[],one cell too many,k,train,3,1,extra
+"""
+
+
+def test_bad_rows_are_dropped_counted_and_listed(tmp_path, caplog):
+  """Blank score or _valid, NaN, a repeated path, a wrong cell count: each row is dropped and
+  listed with its first line (the multi-line row starts on line 3); strict refuses."""
+  path = tmp_path / 'vap_data.csv'
+  path.write_text(BAD_TABLE)
+  with caplog.at_level('WARNING', logger='vap_jax.data.vap_data'):
+    rows, dropped = vap_data.read_vap_table(path, max_bad_row_fraction=1.0)
+  assert [(r['video_paths'], r['_line']) for r in rows] == [('a.mp4', 2), ('e.mp4', 9)]
+  assert rows[0]['tar_video_caption'] == 'fine'  # the first a.mp4 is kept, the repeat dropped
+  assert [(d['line'], d['column'], d['video_paths']) for d in dropped] == [
+      (3, 'reference_alignment_score', 'b.mp4'), (5, '_valid', 'c.mp4'),
+      (7, 'video_paths', 'a.mp4'), (8, 'reference_alignment_score', 'd.mp4'),
+      (10, None, 'f.mp4')]
+  assert dropped[2]['reason'] == "duplicate of line 2: 'a.mp4'"
+  assert dropped[4]['reason'] == '8 cells, the header has 7'
+  log = caplog.text
+  assert 'vap_data.csv: dropped 5 of 7 rows' in log
+  assert "line 3, column 'reference_alignment_score': expected a number: empty" in log
+  assert "line 8, column 'reference_alignment_score': expected a number: NaN" in log
+  with pytest.raises(vap_data.SchemaError, match=r"vap_data.csv: line 3, column "
+                     r"'reference_alignment_score': expected a number: empty \(strict: 5 of 7 "):
+    vap_data.read_vap_csv(path, strict=True)
+  with pytest.raises(vap_data.SchemaError, match=r'vap_data.csv: 5 of 7 rows are bad, above '
+                     r'max_bad_row_fraction 50.0%; the first: line 3'):
+    vap_data.read_vap_csv(path, max_bad_row_fraction=0.5)
+  # Dropped rows are gone for pairing too: refs to them are pruned like low-score rows.
+  table = build_pair_table(rows, PairingConfig(truncate_multiple=1, alignment_score_threshold=0))
+  assert {r['video_paths']: r['ref_video_paths'] for r in table.rows} == {
+      'a.mp4': ['e.mp4'], 'e.mp4': ['a.mp4']}

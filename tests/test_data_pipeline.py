@@ -14,9 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fixtures_vap_data import BUCKETS, make_vap_data
 from conftest import config_file
-from vap_jax.data import DataFailureError, make_loader, video_io
+from fixtures_vap_data import BUCKETS, make_issue20_table, make_vap_data
+from vap_jax.data import DataFailureError, SchemaError, make_loader, video_io
 
 
 @pytest.fixture(scope='module')
@@ -64,6 +64,31 @@ def test_failure_cap_raises_with_worst_offenders(vap):
   msg = str(e.value)
   assert 'samples failed to load' in msg and 'max_failure_fraction 5.0%' in msg
   assert 'Worst offenders' in msg and 'vfx_videos/broken/' in msg
+
+
+def test_cut_video_skipped_and_bad_rows_dropped(vap, caplog):
+  """Issue 20 through the loader: the cut mp4 (which decodes 147 of 200 frames quietly) is a
+  skipped and counted sample; the three bad rows are dropped and listed; strict refuses."""
+  t = make_issue20_table(vap['root'])
+  cfg = config(vap['root'], meta_csv=t['csv'], batch_size=1, sample_ref_videos_num=1,
+               max_bad_row_fraction=0.5)
+  with caplog.at_level('WARNING'):
+    loader = make_loader(cfg, shard=(0, 1))
+    paths = [str(b['path'][0]) for b in loader]
+  assert sorted(paths) == sorted(t['good'])
+  cut = str(vap['root'] / t['cut'])
+  assert loader.failures.seen == 9 and loader.failures.failed == 1
+  assert list(loader.failures.by_path) == [cut]
+  assert loader.failures.reasons[cut].startswith('truncated: ')
+  assert [(d['line'], d['column']) for d in loader.dropped_rows] == t['dropped']
+  assert 'issue20.csv: dropped 3 of 12 rows' in caplog.text
+  assert 'skipping sample' in caplog.text and 'cut.mp4: truncated' in caplog.text
+  with pytest.raises(SchemaError, match=r"issue20.csv: line 7, column "
+                     r"'reference_alignment_score': expected a number: empty \(strict"):
+    make_loader(config(vap['root'], meta_csv=t['csv'], strict_table=True), shard=(0, 1))
+  with pytest.raises(SchemaError, match=r'issue20.csv: 3 of 12 rows are bad, above '
+                     r'max_bad_row_fraction 5.0%'):
+    make_loader(config(vap['root'], meta_csv=t['csv']), shard=(0, 1))
 
 
 def test_config_errors(vap):

@@ -6,12 +6,13 @@ The reference below is the official sequence written with torch: `x.float()/127.
 official code decodes with decord/torchvision, both FFmpeg). Tolerance for pixels: 1e-5 absolute
 on the [-1, 1] scale (1/800 of one uint8 level); measured max 5.4e-6 (float32 summation order).
 """
+import av
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fixtures_vap_data import BUCKETS, make_vap_data
+from fixtures_vap_data import BUCKETS, encode, make_vap_data, write_cut_mp4, write_trimmed_mp4
 from conftest import assert_close
 from vap_jax.data import video_io
 
@@ -178,3 +179,73 @@ def test_single_pass_keeps_only_picked_frames_when_the_count_is_known(vap_root):
     all_frames, _ = video_io.read_video(root / rel)
     np.testing.assert_array_equal(video_io.read_video(root / rel, pick=pick)[0],
                                   all_frames[pick(len(all_frames), fps, 0, 0)])
+
+
+def test_truncated_mp4_is_an_error_not_a_shorter_clip(tmp_path):
+  """Issue 20: 200 frames, index first, cut at 75% of the bytes. Frame-threaded FFmpeg decodes
+  147 frames of it without an error; it must not become a 147-frame clip."""
+  path = write_cut_mp4(tmp_path / 't.mp4')
+  with av.open(str(path)) as c:
+    assert c.streams.video[0].frames == 200
+  expected = r't.mp4: truncated: \d+ bytes, its index needs \d+'
+  with pytest.raises(video_io.VideoError, match=expected) as e:
+    video_io.read_video(path)
+  assert e.value.path == str(path)
+  with pytest.raises(video_io.VideoError, match=expected):
+    video_io.load_clip(path, num_frames=49, size=(48, 64))
+  with pytest.raises(video_io.VideoError, match=expected):
+    video_io.read_video(path, max_frames=1)  # even when only a prefix is wanted
+
+
+CONTAINERS = {  # extension: (codec, pix_fmt, muxer options)
+    'mp4': ('libx264', 'yuv420p', {'movflags': '+faststart'}),
+    'mov': ('libx264', 'yuv420p', {'movflags': '+faststart'}),
+    'mkv': ('libx264', 'yuv420p', {}),
+    'webm': ('libvpx-vp9', 'yuv420p', {}),
+    'avi': ('mpeg4', 'yuv420p', {}),
+    'flv': ('libx264', 'yuv420p', {}),
+    'ts': ('libx264', 'yuv420p', {}),
+}
+
+
+@pytest.mark.parametrize('ext', CONTAINERS)
+def test_cut_files_are_errors_in_every_container(tmp_path, ext):
+  """Cut inside a packet and (where the container states its length) exactly between two.
+
+  mp4/mov/mkv/webm/avi: the file is shorter than its container says. FLV: the demuxer flags the
+  packet it read in part. MPEG-TS: the decoder flags the frame it had to conceal."""
+  codec, pix_fmt, options = CONTAINERS[ext]
+  frames = np.random.default_rng(0).integers(0, 255, (48, 48, 64, 3), np.uint8)
+  path = tmp_path / f'v.{ext}'
+  encode(path, frames, 24, codec, pix_fmt, options=options)
+  assert len(video_io.read_video(path)[0]) == 48
+  data = path.read_bytes()
+  with av.open(str(path)) as c:
+    starts = [p.pos for p in c.demux(c.streams.video[0]) if p.size]
+  cuts = {'75%': len(data) * 3 // 4}
+  if ext not in ('flv', 'ts'):  # these state no length: only a cut inside a packet shows
+    cuts['between packets'] = starts[36]
+  expected = r'corrupt data: frame \d+ decoded with errors' if ext == 'ts' else 'truncated'
+  for name, at in cuts.items():
+    (tmp_path / f'cut.{ext}').write_bytes(data[:at])
+    with pytest.raises(video_io.VideoError, match=expected) as e:
+      video_io.read_video(tmp_path / f'cut.{ext}')
+    assert f'cut.{ext}' in str(e.value), name
+
+
+def test_header_over_reporting_frames_still_decodes(tmp_path):
+  """An intact mp4 whose edit list hides its first 5 of 30 frames: the header says 30, 25
+  decode, and a pick planned on 30 is redone on the 25 (not an error)."""
+  path = write_trimmed_mp4(tmp_path / 'trimmed.mp4', frames=30, skip=5)
+  with av.open(str(path)) as c:
+    assert c.streams.video[0].frames == 30
+  frames, fps = video_io.read_video(path)
+  assert frames.shape == (25, 48, 64, 3) and fps == 24
+  np.testing.assert_allclose(frames.mean(axis=(1, 2, 3)), 8 * np.arange(5, 30), atol=2)
+  pick = lambda n, fps, h, w: video_io.clip_indices(n, fps, 9)  # noqa: E731
+  picked, _, planned = video_io._decode_container(path, pick=pick)
+  assert not planned  # the plan on 30 frames was dropped for the decoded 25
+  np.testing.assert_array_equal(video_io.read_video(path, pick=pick)[0],
+                                frames[pick(25, 24, 0, 0)])
+  clip = video_io.load_clip(path, num_frames=9, size=(48, 64))
+  assert clip.shape == (9, 48, 64, 3)

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from conftest import DATA, assert_close, config_file
-from fixtures_vap_data import BUCKETS, FRAMES, make_vap_data
+from fixtures_vap_data import BUCKETS, FRAMES, make_issue20_table, make_vap_data
 from vap_jax.data import video_io
 from vap_jax.data.latent_source import (LatentSource, cogvideox_latents, make_latent_loader,
                                         wan_latents)
@@ -116,6 +116,27 @@ def test_skipped_videos_counted_and_every_good_row_stored(vap, runs):
     assert indices == [i for i in range(20) if i not in (0, 18)]
     info = json.loads((folder / 'precompute.json').read_text())
     assert info['settings']['family'] == family and info['rows'] == 20
+
+
+def test_cut_video_and_bad_rows_skipped_counted_and_listed(vap, tmp_path):
+  """Issue 20: the cut mp4 is a skipped sample listed in its shard manifest (not a record
+  made from its first 147 frames); the bad table rows are dropped and listed in precompute.json."""
+  t = make_issue20_table(vap['root'])
+  out = tmp_path / 'issue20'
+  summary = precompute(config('cogvideox', out, samples_per_shard=16),
+                       data_config(vap['root'], meta_csv=t['csv'], max_samples=None,
+                                   max_bad_row_fraction=0.5),
+                       encoders=encoders('cogvideox'), progress=False)
+  assert summary['records'] == 8 and summary['failed'] == 1 and summary['dropped_rows'] == 3
+  source = LatentSource(out)
+  assert sorted(str(source[i]['path']) for i in range(len(source))) == sorted(t['good'])
+  [failure] = source.failures
+  assert failure['path'] == str(vap['root'] / t['cut'])
+  assert failure['reason'].startswith('truncated: ')
+  info = json.loads((out / 'precompute.json').read_text())
+  assert info['rows'] == 9
+  assert [(d['line'], d['column']) for d in info['dropped_rows']] == t['dropped']
+  assert info['dropped_rows'][2]['video_paths'] == t['good'][0]  # the repeated path
 
 
 def test_cogvideox_records_equal_direct_encoder_calls(vap, runs):
@@ -288,3 +309,13 @@ def test_cli_help_and_errors(vap, tmp_path, capsys):
   code = main(['wan', '--model', str(COMPONENTS['wan']), '--data', str(vap['root']),
                '--out', str(tmp_path / 'o'), '--set', 'no_such_field=1'])
   assert code == 2 and "--set 'no_such_field=1'" in capsys.readouterr().err
+  t = make_issue20_table(vap['root'])  # 3 bad rows of 12 (the table is read before any model)
+  args = ['cogvideox', '--model', str(COMPONENTS['cogvideox']), '--data', str(vap['root']),
+          '--out', str(tmp_path / 'o'), '--set', f'meta_csv={t["csv"]}', '--no-progress']
+  assert main(args + ['--strict', '--set', 'max_bad_row_fraction=0.5']) == 2
+  assert ("issue20.csv: line 7, column 'reference_alignment_score': expected a number: empty "
+          "(strict: 3 of 12 rows are bad)") in capsys.readouterr().err
+  assert main(args) == 2
+  err = capsys.readouterr().err
+  assert ('issue20.csv: 3 of 12 rows are bad, above max_bad_row_fraction 5.0%; the first: '
+          'line 7') in err

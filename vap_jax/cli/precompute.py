@@ -11,6 +11,10 @@ folders converted by vap-convert-*). Data settings start from the official recip
 (`vap_jax.data.default_data_config`, documented in configs/vap_data.py) or from --config, with
 caption/reference dropout off (apply it at train time); --set changes any of them.
 
+Bad table rows (blank score, repeated video path, ...) are dropped and listed in the log and in
+precompute.json (refused above max_bad_row_fraction, or at the first one with --strict);
+undecodable videos (missing, cut short, corrupt) are skipped and listed in the shard manifests.
+
 Resumable: run the same command again and finished shards are skipped, unfinished ones redone.
 Multi-host: run it on every host with --distributed (jax.distributed.initialize()) or with
 --process-index/--process-count; shard s goes to process s % count, each process computes on its
@@ -62,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='tokens per caption (default 226 CogVideoX, 512 Wan)')
   g.add_argument('--store-dtype', default='bfloat16', choices=['bfloat16', 'float32', 'float16'])
   g.add_argument('--samples-per-shard', type=int, default=256)
+  g.add_argument('--strict', action='store_true',
+                 help='refuse a table with any bad row (default: drop and list them)')
   g = p.add_argument_group('how it runs')
   g.add_argument('--vae-dtype', default='float32', choices=['bfloat16', 'float32'])
   g.add_argument('--text-dtype', default='bfloat16', choices=['bfloat16', 'float32'])
@@ -108,6 +114,8 @@ def main(argv=None) -> int:
     data.update(root=args.data, mask_caption_ratio=0.0, mask_ref_ratio=0.0)
     if args.workers is not None:
       data.workers = args.workers
+    if args.strict:
+      data.strict_table = True
     common.writable_folder(args.out, '--out')
     for item in args.set:
       key, sep, value = item.partition('=')
@@ -130,7 +138,8 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(f'process {summary["process"][0]}: wrote shards {summary["written"]} '
-        f'({summary["records"]} records, {summary["failed"]} samples skipped so far), '
+        f'({summary["records"]} records, {summary["failed"]} samples skipped so far, '
+        f'{summary["dropped_rows"]} bad table rows dropped), '
         f'{len(summary["skipped"])} were already done, {len(summary.get("remaining", []))} '
         f'remain; {time.time() - start:.1f} s')
   return 0

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from vap_jax.data import video_io
-from vap_jax.data.vap_data import PairingConfig, PairTable, build_pair_table, read_vap_csv, \
+from vap_jax.data.vap_data import PairingConfig, PairTable, build_pair_table, read_vap_table, \
   sample_pair
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,7 @@ class VapLoader:
   table: PairTable
   shard: tuple[int, int]
   rows_per_epoch: int  # for this process
+  dropped_rows: list = dataclasses.field(default_factory=list)  # bad table rows (also logged)
 
   def __iter__(self):
     return self
@@ -276,6 +277,8 @@ def default_data_config(recipe: str | None = None) -> ml_collections.ConfigDict:
       worker_buffer=2,
       max_failure_fraction=0.05,    # of samples seen; stop with the worst offenders above this
       min_samples_before_cap=100,
+      max_bad_row_fraction=0.05,    # of table rows; bad rows are dropped and listed, above this
+      strict_table=False,           # True: refuse a table with any bad row
   ))
   if '3ref' in args:
     data.update(sample_ref_videos_num=3, mask_ref_ratio=0.3, mask_caption_ratio=0.1,
@@ -303,7 +306,8 @@ def make_loader(cfg, *, shard: tuple[int, int] | None = None) -> VapLoader:
                      f'different buckets cannot be stacked); got batch_size {cfg.batch_size}')
   root = Path(cfg.root)
   pairing = pairing_config(cfg)
-  table = build_pair_table(read_vap_csv(root / cfg.meta_csv), pairing)
+  vap_rows, dropped = read_table(root / cfg.meta_csv, cfg)
+  table = build_pair_table(vap_rows, pairing)
   index, count = shard if shard is not None else _process_shard()
   rows = list(table.rows)
   rows = rows[:len(rows) - len(rows) % count]  # every process sees the same number per epoch
@@ -322,7 +326,13 @@ def make_loader(cfg, *, shard: tuple[int, int] | None = None) -> VapLoader:
         num_workers=int(cfg.workers), per_worker_buffer_size=int(cfg.worker_buffer)))
   failures = FailureCounter(float(cfg.max_failure_fraction), int(cfg.min_samples_before_cap))
   it = SkipFailures(it, failures).batch(int(cfg.batch_size), drop_remainder=True)
-  return VapLoader(iter(it), failures, table, (index, count), len(rows) // count)
+  return VapLoader(iter(it), failures, table, (index, count), len(rows) // count, dropped)
+
+
+def read_table(path, cfg) -> tuple[list[dict], list[dict]]:
+  """`read_vap_table` with the bad-row settings of a data block (dict or ConfigDict)."""
+  return read_vap_table(path, strict=bool(cfg.get('strict_table', False)),
+                        max_bad_row_fraction=float(cfg.get('max_bad_row_fraction', 0.05)))
 
 
 def _absl_flags_parsed():

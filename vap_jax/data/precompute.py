@@ -31,16 +31,18 @@ latents_mean / latents_std sit in `precompute.json`, and `latent_source.cogvideo
 embedding (caption dropout at train time) is `empty_text.msgpack`.
 
 Layout of the output folder:
-  precompute.json                      settings (checked on rerun), VAE statistics, shapes
+  precompute.json                      settings (checked on rerun), VAE statistics, shapes, the
+                                       table rows dropped as bad (`dropped_rows`)
   empty_text.msgpack                   the '' caption embedding (same record format)
   shard-00000-of-00008.array_record    records in index order (see `records.py` for the bytes)
   shard-00000-of-00008.json            written (atomically) only once its shard is complete
 
 Sample i (i < draws * rows; row i % rows, pairing seeded by i) lives in shard
 i // samples_per_shard; shard s belongs to process s % process_count. A rerun skips shards whose
-manifest exists and matches its file, and redoes the others from scratch. Every process works on
-its own local devices (a mesh over `jax.local_devices()`), with no collectives, so processes
-never wait for each other and may finish at different times.
+manifest exists and matches its file, and redoes the others from scratch. Undecodable videos
+(missing, cut short, corrupt, too short) are skipped, counted and listed in the shard manifests.
+Every process works on its own local devices (a mesh over `jax.local_devices()`), with no
+collectives, so processes never wait for each other and may finish at different times.
 """
 from __future__ import annotations
 
@@ -60,10 +62,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vap_jax.data import video_io
-from vap_jax.data.pipeline import DecodeSample, FailureCounter, _absl_flags_parsed, pairing_config
+from vap_jax.data.pipeline import (DecodeSample, FailureCounter, _absl_flags_parsed,
+                                   pairing_config, read_table)
 from vap_jax.data.records import (EMPTY_TEXT_FILE, FORMAT, INFO_FILE, encode_record,
                                   shard_complete, shard_name)
-from vap_jax.data.vap_data import build_pair_table, read_vap_csv
+from vap_jax.data.vap_data import build_pair_table
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +375,8 @@ def precompute(cfg: PrecomputeConfig, data, *, encoders: Encoders | None = None,
   out.mkdir(parents=True, exist_ok=True)
   root = Path(data['root'])
   pairing = pairing_config(types.SimpleNamespace(**data))
-  table = build_pair_table(read_vap_csv(root / data['meta_csv']), pairing)
+  vap_rows, dropped = read_table(root / data['meta_csv'], data)
+  table = build_pair_table(vap_rows, pairing)
   rows = table.rows
   total = len(rows) * cfg.draws
   sps = cfg.samples_per_shard
@@ -393,7 +397,7 @@ def precompute(cfg: PrecomputeConfig, data, *, encoders: Encoders | None = None,
   _restore_failures(counter, list(finished.values()))
   summary = dict(num_shards=num_shards, num_samples=total, process=(pid, pcount),
                  skipped=skipped, written=[], records=0, failed=counter.failed,
-                 remaining=[s for s in mine if s not in finished])
+                 remaining=[s for s in mine if s not in finished], dropped_rows=len(dropped))
   log.info('process %d/%d: %d of %d shards are mine, %d already done, %d to do now', pid, pcount,
            len(mine), num_shards, len(finished), len(todo))
   if not todo:
@@ -406,7 +410,7 @@ def precompute(cfg: PrecomputeConfig, data, *, encoders: Encoders | None = None,
   if info is None:
     info = dict(format=FORMAT, settings=settings, vae=encoders.vae_info,
                 model=str(Path(cfg.model).resolve()), rows=len(rows),
-                created=time.strftime('%Y-%m-%d %H:%M:%S'))
+                created=time.strftime('%Y-%m-%d %H:%M:%S'), dropped_rows=dropped)
     _atomic_write(out / INFO_FILE, json.dumps(info, indent=1).encode())
   batch = cfg.batch_per_device * encoders.batch_multiple
   if not (out / EMPTY_TEXT_FILE).is_file():

@@ -1,19 +1,27 @@
 """VAP-Data tables and the official (reference, target) pairing rules (VAP_SPEC §5.4, §6).
 
 Tables are read with the csv module and validated up front, so a bad cell is reported with its
-file, line and column instead of failing deep inside a worker. Pairing follows the official
-dataset (`filter_and_update_refs` and `VideoAsPromptDataset.__iter__`), with its randomness drawn
-from generators seeded by (seed, sample index) so that a resumed run draws the same pairs.
+file, line and column instead of failing deep inside a worker. A bad row (blank or non-numeric
+score, broken reference list, repeated video path, ...) is dropped, counted and logged, as one
+bad row of 100K should not stop a run; the table is refused above `max_bad_row_fraction` of its
+rows or, with `strict=True`, at the first bad row. (The official loader drops rows with a blank
+score silently and trains on repeated paths.) Pairing follows the official dataset
+(`filter_and_update_refs` and `VideoAsPromptDataset.__iter__`), with its randomness drawn from
+generators seeded by (seed, sample index) so that a resumed run draws the same pairs.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 VAP_COLUMNS = ('video_paths', 'ref_video_paths', 'tar_video_caption', 'kind', 'split',
                'reference_alignment_score')
@@ -41,71 +49,137 @@ def remove_llm_prefix(caption: str) -> str:
   return caption
 
 
-def _read_table(path, columns) -> list[tuple[int, dict]]:
+class _BadRow(Exception):
+  """One row to drop: its column and what is wrong with it."""
+
+  def __init__(self, column, reason):
+    super().__init__(reason)
+    self.column, self.reason = column, reason
+
+
+def _cell(row, column, what):
+  return _BadRow(column, f'{what}: {row[column]!r}' if row[column] else f'{what}: empty')
+
+
+def _number(row, column) -> float:
+  try:
+    value = float(row[column])
+  except (TypeError, ValueError):
+    raise _cell(row, column, 'expected a number') from None
+  if math.isnan(value):
+    raise _BadRow(column, 'expected a number: NaN')
+  return value
+
+
+def _read_table(path, columns, parse, strict: bool, max_bad_row_fraction: float,
+                unique: str | None = None):
+  """(rows, dropped) of a table whose rows `parse` turns into dicts (or raises `_BadRow`).
+
+  Rows keep their first line as `_line`; a repeat of an earlier good row's `unique` column is
+  bad. `dropped` holds {'line', 'column', 'reason', 'video_paths'} per bad row (JSON-ready).
+  """
   path = Path(path)
   if not path.is_file():
     raise SchemaError(f'{path}: file not found')
-  with open(path, newline='', encoding='utf-8') as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in columns if c not in (reader.fieldnames or ())]
+  data = path.read_bytes()
+  try:  # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark (pandas reads it too)
+    text = data.decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    line = data.count(b'\n', 0, e.start) + 1
+    raise SchemaError(f'{path}: line {line}: not UTF-8 text; save it as "CSV UTF-8"') from None
+  reader = csv.reader(io.StringIO(text, newline=''))
+  rows, dropped, seen = [], [], {}
+  try:
+    header = next(reader, None)
+    missing = [c for c in columns if c not in (header or ())]
     if missing:
-      raise SchemaError(f'{path}: missing column(s) {missing}; header is {reader.fieldnames}')
-    rows = []
-    for row in reader:
-      if None in row:
-        raise SchemaError(f'{path}: line {reader.line_num}: more cells than header columns')
-      rows.append((reader.line_num, row))
-  return rows
-
-
-def _cell_error(path, line, column, what):
-  return SchemaError(f'{path}: line {line}, column {column!r}: {what}')
-
-
-def read_vap_csv(path) -> list[dict]:
-  """Rows of `vap_data.csv`: ref_video_paths parsed (JSON list of str), scores as floats."""
-  out = []
-  for line, row in _read_table(path, VAP_COLUMNS):
-    for col in ('video_paths', 'kind', 'split'):
-      if not (row[col] or '').strip():
-        raise _cell_error(path, line, col, 'empty')
-    try:
-      refs = json.loads(row['ref_video_paths'])
-    except (json.JSONDecodeError, TypeError) as e:
-      raise _cell_error(path, line, 'ref_video_paths', f'not JSON ({e})') from None
-    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-      raise _cell_error(path, line, 'ref_video_paths', f'expected a JSON list of paths, got '
-                        f'{row["ref_video_paths"]!r}')
-    parsed = dict(row, ref_video_paths=refs, tar_video_caption=row['tar_video_caption'] or '')
-    for col in ('reference_alignment_score', '_valid'):
-      if col not in row:
-        continue
+      raise SchemaError(f'{path}: missing column(s) {missing}; header is {header}')
+    end = reader.line_num
+    for cells in reader:
+      line, end = end + 1, reader.line_num  # the first line of a row that spans several
+      if not cells:
+        continue  # a blank line
+      row = dict(zip(header, cells))
       try:
-        parsed[col] = float(row[col])
-      except (TypeError, ValueError):
-        raise _cell_error(path, line, col, f'not a number: {row[col]!r}') from None
-      if math.isnan(parsed[col]):
-        raise _cell_error(path, line, col, 'NaN')
-    parsed['_line'] = line
-    out.append(parsed)
-  seen = {}
-  for r in out:
-    if r['video_paths'] in seen:
-      raise _cell_error(path, r['_line'], 'video_paths',
-                        f'duplicate of line {seen[r["video_paths"]]}: {r["video_paths"]!r}')
-    seen[r['video_paths']] = r['_line']
-  return out
+        if len(cells) != len(header):
+          raise _BadRow(None, f'{len(cells)} cells, the header has {len(header)}')
+        parsed = dict(parse(row), _line=line)
+        key = parsed[unique] if unique else None
+        if key in seen:
+          raise _BadRow(unique, f'duplicate of line {seen[key]}: {key!r}')
+        if unique:
+          seen[key] = line
+        rows.append(parsed)
+      except _BadRow as e:
+        dropped.append(dict(line=line, column=e.column, reason=e.reason,
+                            video_paths=row.get('video_paths')))
+  except csv.Error as e:
+    raise SchemaError(f'{path}: line {reader.line_num}: not readable as CSV ({e})') from None
+  total = len(rows) + len(dropped)
+  if dropped:
+    first = _where(dropped[0])
+    if strict:
+      raise SchemaError(f'{path}: {first} (strict: {len(dropped)} of {total} rows are bad)')
+    if len(dropped) > max_bad_row_fraction * total:
+      raise SchemaError(f'{path}: {len(dropped)} of {total} rows are bad, above '
+                        f'max_bad_row_fraction {max_bad_row_fraction:.1%}; the first: {first}')
+    log.warning('%s: dropped %d of %d rows:\n%s', path, len(dropped), total,
+                '\n'.join('  ' + _where(d) for d in dropped))
+  return rows, dropped
 
 
-def read_benchmark_csv(path) -> list[dict]:
-  """Rows of `benchmark.csv` (one reference per target)."""
-  out = []
-  for line, row in _read_table(path, BENCHMARK_COLUMNS):
-    for col in ('video_paths', 'ref_video_path'):
-      if not (row[col] or '').strip():
-        raise _cell_error(path, line, col, 'empty')
-    out.append(dict(row, _line=line))
-  return out
+def _where(bad: dict) -> str:
+  column = '' if bad['column'] is None else f', column {bad["column"]!r}'
+  return f'line {bad["line"]}{column}: {bad["reason"]}'
+
+
+def _parse_vap_row(row: dict) -> dict:
+  for col in ('video_paths', 'kind', 'split'):
+    if not row[col].strip():
+      raise _BadRow(col, 'empty')
+  try:
+    refs = json.loads(row['ref_video_paths'])
+  except json.JSONDecodeError as e:
+    raise _cell(row, 'ref_video_paths', f'not JSON ({e})') from None
+  if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+    raise _cell(row, 'ref_video_paths', 'expected a JSON list of paths')
+  parsed = dict(row, ref_video_paths=refs)
+  for col in ('reference_alignment_score', '_valid'):
+    if col in row:
+      parsed[col] = _number(row, col)
+  return parsed
+
+
+def read_vap_table(path, *, strict: bool = False,
+                   max_bad_row_fraction: float = 0.05) -> tuple[list[dict], list[dict]]:
+  """`vap_data.csv` as (rows, dropped rows); see `read_vap_csv`."""
+  return _read_table(path, VAP_COLUMNS, _parse_vap_row, strict, max_bad_row_fraction,
+                     unique='video_paths')
+
+
+def read_vap_csv(path, *, strict: bool = False,
+                 max_bad_row_fraction: float = 0.05) -> list[dict]:
+  """Rows of `vap_data.csv`: ref_video_paths parsed (JSON list of str), scores as floats.
+
+  Bad rows are dropped and logged (a later repeat of a video path is the bad one); a
+  `SchemaError` names the file, line and column if there are more than `max_bad_row_fraction` of
+  them, or any with `strict`. Each row keeps its (first) line number as `_line`.
+  """
+  return read_vap_table(path, strict=strict, max_bad_row_fraction=max_bad_row_fraction)[0]
+
+
+def _parse_benchmark_row(row: dict) -> dict:
+  for col in ('video_paths', 'ref_video_path'):
+    if not row[col].strip():
+      raise _BadRow(col, 'empty')
+  return row
+
+
+def read_benchmark_csv(path, *, strict: bool = False,
+                       max_bad_row_fraction: float = 0.05) -> list[dict]:
+  """Rows of `benchmark.csv` (one reference per target); bad rows as in `read_vap_csv`."""
+  return _read_table(path, BENCHMARK_COLUMNS, _parse_benchmark_row, strict,
+                     max_bad_row_fraction)[0]
 
 
 # ---------------------------------------------------------------------------------------- pairing

@@ -6,6 +6,12 @@ int, resample to 16 fps (`get_resample_indices`), pick N frames evenly over the 
 bicubic (`align_corners=False`, A=-0.75). Each step here reproduces one of those so the result
 equals the reference numerically (indices exactly, pixels within float32 rounding). Files are
 decoded once, front to back; `max_frames` stops decoding early when only a prefix is needed.
+
+A damaged file is a `VideoError`, never a silently shorter clip. Decoding uses FFmpeg's frame
+threads, which end quietly at a cut instead of raising, so damage is found another way: the file
+is shorter than its container says (`_cut_short`), the demuxer flags a packet it could only read in
+part, or the decoder flags a frame it had to conceal. A header that merely over-reports its frame
+count (e.g. an mp4 edit list that skips the first frames) passes these checks and still decodes.
 """
 from __future__ import annotations
 
@@ -35,19 +41,71 @@ def _rgb(frame) -> np.ndarray:
   return frame.to_ndarray(format='rgb24')
 
 
+def _vint(data: bytes, i: int) -> tuple[int, int, bool]:
+  """An EBML variable-length integer at `data[i]`: (value, next offset, all bits set)."""
+  length = 1
+  while length <= 8 and not data[i] & (0x80 >> (length - 1)):
+    length += 1
+  value = data[i] & (0xff >> length)
+  for b in data[i + 1:i + length]:
+    value = value << 8 | b
+  return value, i + length, value == (1 << (7 * length)) - 1
+
+
+def _declared_end(path: Path, format_name: str) -> int | None:
+  """The byte length a Matroska/WebM or RIFF (AVI) file states in its first bytes, if any."""
+  with open(path, 'rb') as f:
+    head = f.read(256)
+  try:
+    if 'matroska' in format_name and head[:4] == b'\x1a\x45\xdf\xa3':
+      size, i, _ = _vint(head, 4)  # skip the EBML header element
+      if head[i + size:i + size + 4] == b'\x18\x53\x80\x67':  # Segment
+        size, i, unknown = _vint(head, i + size + 4)
+        return None if unknown else i + size  # live-written files leave the size unknown
+    if format_name == 'avi' and head[:4] == b'RIFF':
+      size = int.from_bytes(head[4:8], 'little')
+      return 8 + size if size else None
+  except IndexError:
+    pass
+  return None
+
+
+def _cut_short(path: Path, container, stream) -> str | None:
+  """Why the file ends before its container says it does, else None.
+
+  mp4/mov (and AVI with its index) list every packet's byte range up front; Matroska/WebM and AVI
+  state their total length. Either tells a cut file, even one cut between two packets, from a
+  header that over-reports frames. Costs one pass over the index, no decoding.
+  """
+  size = os.path.getsize(path)
+  entries = stream.index_entries
+  if len(entries):
+    end = max(e.pos + e.size for e in entries)
+    if end > size:
+      return f'truncated: {size} bytes, its index needs {end}'
+  end = _declared_end(path, container.format.name)
+  if end is not None and end > size:
+    return f'truncated: {size} bytes, its header declares {end}'
+  return None
+
+
 def _decode_container(path: Path, max_frames: int | None = None, pick=None):
   """One pass over the first video stream.
 
   With `pick` and a frame count in the container (mp4/mov), the indices are chosen up front and
   only those frames are converted and kept; returns (rgb arrays, fps, True). Otherwise (or if
   the count in the header turns out wrong) every frame is kept as a YUV `av.VideoFrame` (half
-  the memory of RGB) and (frames, fps, False) is returned for the caller to pick from.
+  the memory of RGB) and (frames, fps, False) is returned for the caller to pick from. A file cut
+  short or damaged raises `VideoError` (see the module docstring).
   """
   with av.open(str(path)) as container:
     if not container.streams.video:
       raise VideoError(path, 'no video stream')
     stream = container.streams.video[0]
-    stream.thread_type = 'AUTO'
+    stream.thread_type = 'AUTO'  # frame threads: fastest, but they end quietly at a cut
+    damage = _cut_short(path, container, stream)
+    if damage:
+      raise VideoError(path, damage)
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else 0.0
     planned = None
@@ -59,18 +117,26 @@ def _decode_container(path: Path, max_frames: int | None = None, pick=None):
         planned = None  # decide on the decoded count instead
     wanted = set(planned or ())
     frames, kept, count = [], {}, 0
-    for frame in container.decode(stream):
-      if planned is None:
-        frames.append(frame)
-      elif count in wanted:
-        kept[count] = _rgb(frame)
-      count += 1
+    for packet in container.demux(stream):
+      if packet.is_corrupt:  # read in part: the file ends (or is damaged) inside it
+        raise VideoError(path, f'truncated or corrupt data after frame {count}')
+      for frame in packet.decode():
+        if frame.is_corrupt:
+          raise VideoError(path, f'corrupt data: frame {count} decoded with errors')
+        if planned is None:
+          frames.append(frame)
+        elif count in wanted:
+          kept[count] = _rgb(frame)
+        count += 1
+        if max_frames is not None and count >= max_frames:
+          break
       if max_frames is not None and count >= max_frames:
         break
   if planned is not None:
     if count == stream.frames:
       return [kept[i] for i in planned], fps, True
-    return _decode_container(path, max_frames)  # header count was wrong: rare second pass
+    # Not damaged (checked above), so the header over-reports: a rare second pass.
+    return _decode_container(path, max_frames)
   if fps <= 0 and frames and stream.duration and stream.time_base:
     fps = len(frames) / float(stream.duration * stream.time_base)
   return frames, fps, False
