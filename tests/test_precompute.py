@@ -16,8 +16,9 @@ from flax import nnx
 from conftest import DATA, assert_close, config_file
 from fixtures_vap_data import BUCKETS, FRAMES, make_issue20_table, make_vap_data
 from vap_jax.data import video_io
-from vap_jax.data.latent_source import (LatentSource, cogvideox_latents, make_latent_loader,
-                                        wan_latents)
+from vap_jax.conditioning import COGVIDEOX_DRAWN, WAN_DRAWN, cogvideox_latents, posterior_draws, \
+  wan_latents
+from vap_jax.data.latent_source import LatentSource, make_latent_loader
 from vap_jax.data.pipeline import pairing_config
 from vap_jax.data.precompute import Encoders, PrecomputeConfig, precompute
 from vap_jax.data.records import decode_record, encode_record
@@ -271,19 +272,21 @@ def test_grain_loader_round_trip_and_training_inputs(runs):
   assert dropped['caption_masked'].all()
 
   info = source.info['vae']
-  dit = wan_latents(b, jax.random.key(0), info['latents_mean'], info['latents_std'])
+  dit = wan_latents(b, posterior_draws(jax.random.key(0), b, WAN_DRAWN), info['latents_mean'],
+                    info['latents_std'])
   assert dit['latents'].shape == (2, 4, 3, 3, 4) and dit['ref_condition'].shape == (2, 2, 8, 3, 3, 4)
   assert (dit['condition'][:, :4, 0] == 1).all() and (dit['condition'][:, :4, 1:] == 0).all()
   np.testing.assert_array_equal(dit['condition'][:, 4:], b['condition'])
 
   cog = LatentSource(runs['cogvideox'][0])
   batch = {k: np.stack([cog[0][k], cog[1][k]]) for k in cog[0] if k.endswith(('mean', 'logvar'))}
-  dit = cogvideox_latents(batch, jax.random.key(0), cog.info['vae']['scaling_factor'])
+  draws = posterior_draws(jax.random.key(0), batch, COGVIDEOX_DRAWN)
+  dit = cogvideox_latents(batch, draws, cog.info['vae']['scaling_factor'])
   assert dit['latents'].shape == (2, 3, 4, 3, 4) and dit['ref_image_latents'].shape == (
       2, 2, 3, 4, 3, 4)
   assert (dit['image_latents'][:, 1:] == 0).all() and (dit['image_latents'][:, 0] != 0).all()
   zero = dict(batch, latents_logvar=np.full_like(batch['latents_logvar'], -30.0))
-  assert_close(cogvideox_latents(zero, jax.random.key(1), 0.7)['latents'],
+  assert_close(cogvideox_latents(zero, draws, 0.7)['latents'],
                0.7 * np.moveaxis(batch['latents_mean'], 1, 2), atol=1e-5, what='mean x 0.7')
 
 

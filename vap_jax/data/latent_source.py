@@ -3,7 +3,7 @@
   source = LatentSource('latents/wan')          # every shard must be finished
   loader = make_latent_loader('latents/wan', batch_size=2, caption_dropout=0.1)
   batch = next(loader)                           # numpy dict, leading batch axis
-  dit = wan_latents(batch, key, **source.info['vae'])
+  # vap_jax.conditioning.wan_latents / cogvideox_latents turn it into model inputs
 
 Records come back as NumPy dicts (strings as str arrays). Wan text embeddings, stored trimmed to
 their token length, are zero-padded back to `text_max_length` (what the pipeline's encoder
@@ -127,71 +127,3 @@ def make_latent_loader(folder, *, batch_size: int, seed: int = 42, num_epochs: i
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                       per_worker_buffer_size=worker_buffer))
   return iter(it.batch(batch_size, drop_remainder=True))
-
-
-# ------------------------------------------------------------------- records -> DiT inputs (jnp)
-# (JAX is imported in the functions: grain workers that only read records do not load it.)
-
-
-def _normal(key, shapes):
-  """Standard normal noise for several shapes from one draw (one compilation, not one each)."""
-  import jax
-  import jax.numpy as jnp
-  sizes = [int(np.prod(s)) for s in shapes]
-  flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
-  splits = jnp.split(flat, np.cumsum(sizes)[:-1])
-  return [x.reshape(s) for x, s in zip(splits, shapes)]
-
-
-def _sample(eps, mean, logvar):
-  """diffusers `DiagonalGaussianDistribution(...).sample()`: logvar clamped to [-30, 20]."""
-  import jax.numpy as jnp
-  logvar = jnp.clip(jnp.asarray(logvar, jnp.float32), -30.0, 20.0)
-  return jnp.asarray(mean, jnp.float32) + jnp.exp(0.5 * logvar) * eps
-
-
-def cogvideox_latents(batch: dict, key, scaling_factor: float) -> dict:
-  """The CogVideoX trainer's latents (VAP_SPEC §5.1): posterior samples x scaling_factor, frames
-  first. latents / image_latents (B, T, C, h, w) (first-frame latents zero-padded to T frames);
-  ref_latents / ref_image_latents (B, R, T, C, h, w)."""
-  import jax.numpy as jnp
-  names = ('latents', 'ref_latents', 'image_latents', 'ref_image_latents')
-  noise = _normal(key, [np.shape(batch[f'{n}_mean']) for n in names])
-  out = {n: _sample(e, batch[f'{n}_mean'], batch[f'{n}_logvar']) * scaling_factor
-         for n, e in zip(names, noise)}
-  frames = out['latents'].shape[-3]
-  for name in ('image_latents', 'ref_image_latents'):
-    z = out[name]
-    pad = [(0, 0)] * z.ndim
-    pad[-3] = (0, frames - z.shape[-3])
-    out[name] = jnp.pad(z, pad)
-  return {name: jnp.moveaxis(z, -4, -3) for name, z in out.items()}  # (.., C, T, ..) -> (.., T, C, ..)
-
-
-def wan_latents(batch: dict, key, latents_mean, latents_std, *,
-                official_logvar: bool = True) -> dict:
-  """The Wan trainer's inputs (VAP_SPEC §5.1): latents / ref_latents sampled from the normalised
-  posterior (B[, R], C, T, h, w); condition / ref_condition = [mask (4); condition (C)] with the
-  mask 1 on latent frame 0.
-
-  `official_logvar` normalises logvar like the mean, `(logvar - mean) / std`, as the official
-  trainer does; False uses the correct variance transform `logvar - 2 log std`.
-  """
-  import jax.numpy as jnp
-  shape = (-1, 1, 1, 1)
-  m = jnp.asarray(latents_mean, jnp.float32).reshape(shape)
-  s = jnp.asarray(latents_std, jnp.float32).reshape(shape)
-  names = ('latents', 'ref_latents')
-  noise = _normal(key, [np.shape(batch[f'{n}_mean']) for n in names])
-  out = {}
-  for name, eps in zip(names, noise):
-    mean = (jnp.asarray(batch[f'{name}_mean'], jnp.float32) - m) / s
-    logvar = jnp.asarray(batch[f'{name}_logvar'], jnp.float32)
-    logvar = (logvar - m) / s if official_logvar else logvar - 2 * jnp.log(s)
-    out[name] = _sample(eps, mean, logvar)
-  for name in ('condition', 'ref_condition'):
-    cond = jnp.asarray(batch[name], jnp.float32)
-    mask_shape = cond.shape[:-4] + (4,) + cond.shape[-3:]
-    mask = jnp.zeros(mask_shape, jnp.float32).at[..., 0, :, :].set(1.0)
-    out[name] = jnp.concatenate([mask, cond], axis=-4)
-  return out

@@ -26,8 +26,8 @@ noise still varies per step:
              shape (frames, height, width).
 
 Raw (unscaled, unnormalised) moments keep one code path for both families; the scaling factor /
-latents_mean / latents_std sit in `precompute.json`, and `latent_source.cogvideox_latents` /
-`wan_latents` turn a batch into DiT inputs as the official trainer does. The empty-caption
+latents_mean / latents_std sit in `precompute.json`, and `vap_jax.conditioning.cogvideox_latents`
+/ `wan_latents` turn a batch into DiT inputs as the official trainer does. The empty-caption
 embedding (caption dropout at train time) is `empty_text.msgpack`.
 
 Layout of the output folder:
@@ -61,6 +61,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from vap_jax import conditioning
 from vap_jax.data import video_io
 from vap_jax.data.pipeline import (DecodeSample, FailureCounter, _absl_flags_parsed,
                                    pairing_config, read_table)
@@ -186,15 +187,15 @@ class Encoders:
 
     @nnx.jit
     def with_condition(vae, video):  # Wan: the videos and [first frame, zeros] in one batch
-      n = video.shape[0]
-      both = jnp.concatenate([video, video.at[:, 1:].set(0)])
-      post = vae.encode(jnp.moveaxis(both, -1, 1), tiled=tiled)
+      n, x = video.shape[0], jnp.moveaxis(video, -1, 1)
+      both = jnp.concatenate([x, conditioning.first_frame_video(x[:, :, 0], x.shape[2])])
+      post = vae.encode(both, tiled=tiled)
       condition = vae.normalize_latents(post.mean[n:].astype(jnp.float32))  # the mode
       return post.mean[:n].astype(store), post.logvar[:n].astype(store), condition.astype(store)
 
     @nnx.jit
     def clip_tokens(encoder, pixels):
-      return encoder.hidden_state(pixels, -2).astype(store)
+      return conditioning.clip_tokens(encoder, pixels).astype(store)
 
     self._posterior, self._with_condition, self._clip = posterior, with_condition, clip_tokens
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vap_jax import conditioning
 from vap_jax.diffusion import cogvideox_dynamic_guidance
 from vap_jax.models.cogvideox import CogVideoXTransformer
 from vap_jax.models.t5 import T5Encoder
@@ -85,8 +86,7 @@ class CogVideoXVAPPipeline:
     keys = jax.random.split(key, 2 + 2 * len(ref_frames))
     frames = (num_frames - 1) // self.vae.temporal_ratio + 1
 
-    def pad(z):  # one latent frame -> `frames`, zeros after the first
-      return jnp.pad(z, ((0, 0), (0, frames - z.shape[1]), (0, 0), (0, 0), (0, 0)))
+    pad = lambda z: conditioning.pad_first_frame(z, frames)
 
     image_latents = pad(scale * self._latent_sample(image[None], keys[0], noise.get('image')))
     refs, ref_images = [], []
@@ -117,8 +117,9 @@ class CogVideoXVAPPipeline:
       guidance = np.full(len(timesteps), guidance_scale, np.float64)
     pair = common.cfg_pair
     image = pair(lat['image'])
-    cond = self._condition(jnp.concatenate([pair(lat['latents']), image], 2), text,
-                           pair(jnp.concatenate([lat['ref'], lat['ref_image']], 2)), ref_text)
+    cond = self._condition(conditioning.cogvideox_inputs(pair(lat['latents']), image), text,
+                           pair(conditioning.cogvideox_inputs(lat['ref'], lat['ref_image'])),
+                           ref_text)  # references along frames
     step = lambda x, state, plan, i, g, key: self._step(x, state, plan, i, g, key, image, cond)
     return common.denoise(step, lat['latents'], plan, guidance, key,
                           sharding=self._latent_sharding, progress=progress,
@@ -177,7 +178,7 @@ def _step(model: CogVideoXTransformer, latents, state, plan, i, guidance, key, i
   """One CFG step: the [negative, positive] batch through the transformer, guidance, scheduler
   step. ``image_latents`` is already the batch-2 pair."""
   t = plan.timesteps[i]
-  x = jnp.concatenate([common.cfg_pair(latents), image_latents], 2)
+  x = conditioning.cogvideox_inputs(common.cfg_pair(latents), image_latents)
   v = common.guided(model.predict(x, t, cond), guidance)
   new, state = common.scheduler_step(plan, state, v, i, latents.astype(jnp.float32), key)
   return new.astype(latents.dtype), state

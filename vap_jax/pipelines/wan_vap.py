@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vap_jax import conditioning
 from vap_jax.models import clip
 from vap_jax.models.clip import CLIPVisionTransformer
 from vap_jax.models.t5 import T5Encoder
@@ -50,7 +51,7 @@ class WanVAPPipeline:
                                  out_shardings=self._latent_sharding)
     self._encode = common.compiled(vae, common.method('encode_normalized', tiled=vae_tiling), mesh)
     self._decode = common.compiled(vae, common.method('decode_normalized', tiled=vae_tiling), mesh)
-    self._clip = common.compiled(image_encoder, _clip_tokens, mesh)
+    self._clip = common.compiled(image_encoder, conditioning.clip_tokens, mesh)
 
   @classmethod
   def from_pretrained(cls, path: str | Path, **kwargs) -> 'WanVAPPipeline':
@@ -75,12 +76,10 @@ class WanVAPPipeline:
     tokens = self._clip(jnp.asarray(pixels))
     return tokens.reshape(1, -1, tokens.shape[-1])
 
-  def _first_frame_condition(self, frame: np.ndarray, num_frames: int, mask: jax.Array):
+  def _first_frame_condition(self, frame: np.ndarray, num_frames: int):
     """[mask ; normalised latents of (frame, then black frames)], (1, 4 + z, F', h, w)."""
-    video = common.to_model_range(frame[None])
-    video = np.concatenate([video, np.zeros(video.shape[:2] + (num_frames - 1,) + video.shape[3:],
-                                            np.float32)], axis=2)
-    return jnp.concatenate([mask, self._encode(jnp.asarray(video))], axis=1)
+    video = conditioning.first_frame_video(common.to_model_range(frame[None])[:, :, 0], num_frames)
+    return conditioning.wan_condition(self._encode(video), self.vae.temporal_ratio)
 
   def encode_latents(self, image: np.ndarray, ref_frames: Sequence[np.ndarray], num_frames: int,
                      key: jax.Array, noise: dict | None = None) -> dict:
@@ -90,16 +89,15 @@ class WanVAPPipeline:
     frames = (num_frames - 1) // self.vae.temporal_ratio + 1
     r = self.vae.spatial_ratio
     h, w = image.shape[0] // r, image.shape[1] // r
-    mask = jnp.zeros((1, self.vae.temporal_ratio, frames, h, w), jnp.float32).at[:, :, 0].set(1)
     refs = [self._encode(jnp.asarray(common.to_model_range(v))) for v in ref_frames]
-    ref_conditions = [self._first_frame_condition(v[0], num_frames, mask) for v in ref_frames]
+    ref_conditions = [self._first_frame_condition(v[0], num_frames) for v in ref_frames]
     shape = (1, self.vae.config.z_dim, frames, h, w)
     initial = (noise or {}).get('latents')
     initial = (jax.random.normal(key, shape, jnp.float32) if initial is None
                else jnp.asarray(initial, jnp.float32))
     if initial.shape != shape:
       raise ValueError(f'initial noise must be {shape}, got {initial.shape}')
-    return dict(latents=initial, condition=self._first_frame_condition(image, num_frames, mask),
+    return dict(latents=initial, condition=self._first_frame_condition(image, num_frames),
                 ref=jnp.concatenate(refs, 2), ref_condition=jnp.concatenate(ref_conditions, 2))
 
   def sample(self, lat: dict, text, ref_text, clip_tokens, ref_clip_tokens, *,
@@ -109,8 +107,8 @@ class WanVAPPipeline:
     plan = self.scheduler.set_timesteps(num_inference_steps)
     guidance = np.full(int(plan.timesteps.shape[0]), guidance_scale, np.float64)
     pair = common.cfg_pair
-    target = jnp.concatenate([lat['latents'], lat['condition']], axis=1)
-    ref = jnp.concatenate([lat['ref'], lat['ref_condition']], axis=1)
+    target = conditioning.wan_inputs(lat['latents'], lat['condition'])
+    ref = conditioning.wan_inputs(lat['ref'], lat['ref_condition'])  # references along frames
     cond = self._condition(pair(target), text, pair(clip_tokens), pair(ref), ref_text,
                            pair(ref_clip_tokens))
     step = lambda x, state, plan, i, g, key: self._step(x, state, plan, i, g, key,
@@ -157,10 +155,6 @@ class WanVAPPipeline:
     return VideoOutput(frames, video, np.asarray(latents), np.stack(refs))
 
 
-def _clip_tokens(model: CLIPVisionTransformer, pixels):
-  return model.hidden_state(pixels, -2)  # the penultimate hidden state, as Wan reads it
-
-
 def _condition(model: WanTransformer, latents, text, image, ref, ref_text, ref_image):
   return model.condition(latents, text, image=image, ref_latents=ref, ref_text=ref_text,
                          ref_image=ref_image, ref_timestep=1)
@@ -169,6 +163,6 @@ def _condition(model: WanTransformer, latents, text, image, ref, ref_text, ref_i
 def _step(model: WanTransformer, latents, state, plan, i, guidance, key, condition, cond):
   """One CFG step as a single batch-2 pass ([negative, positive]), guidance, scheduler step."""
   t = plan.timesteps[i]
-  x = common.cfg_pair(jnp.concatenate([latents, condition], axis=1))
+  x = common.cfg_pair(conditioning.wan_inputs(latents, condition))
   flow = common.guided(model.predict(x, t, cond), guidance)
   return common.scheduler_step(plan, state, flow, i, latents, key)
