@@ -107,3 +107,20 @@ def test_blockwise_attention_equals_xla(s_q, s_k):
   expected = attention(q, k, v)
   assert_close(blockwise_attention(q, k, v, block_q=16, block_k=32), expected, atol=1e-5)
   assert_close(attention(q, k, v, implementation='blockwise'), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('s_q,s_k', [(37, 53), (5, 300)])
+def test_blockwise_attention_gradient_is_the_exact_gradient(s_q, s_k):
+  """The flash-style backward (probabilities recomputed per block) equals autodiff of plain
+  softmax attention, for padded query and key blocks alike."""
+  from vap_jax.nn.attention import blockwise_attention
+  rng = np.random.default_rng(2)
+  q = rng.standard_normal((2, s_q, 3, 16)).astype(np.float32)
+  k, v = (2 * rng.standard_normal((2, s_k, 3, 16)).astype(np.float32) for _ in range(2))
+  w = rng.standard_normal((2, s_q, 3, 16)).astype(np.float32)
+  loss = lambda fn: lambda *qkv: jnp.sum(fn(*qkv) * w)
+  expected = jax.grad(loss(attention), (0, 1, 2))(q, k, v)
+  actual = jax.grad(loss(lambda *a: blockwise_attention(*a, block_q=16, block_k=32)),
+                    (0, 1, 2))(q, k, v)
+  for name, a, e in zip('qkv', actual, expected):
+    assert_close(a, e, atol=1e-5, rtol=1e-5, what=f'd{name}')

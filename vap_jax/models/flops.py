@@ -27,16 +27,16 @@ def cogvideox_flops(cfg: CogVideoXConfig, *, batch: int, frames: int, height: in
   embed = (1 + (num_refs if streams == 2 else 0)) * embed_chunk
   time = streams * 2 * (d * te + te * te)
   layer = lambda n: 2 * 2 * te * 6 * d + 8 * n * d * d + 16 * n * d * d
-  linear = attn = 0
+  linear = attn = expert_blocks = 0
   for i in range(cfg.num_layers):
     active = tokens if (i in cfg.block_idx_with_mot_ref) else tokens[:1]
     linear += sum(layer(n) for n in active)
+    expert_blocks += sum(layer(n) for n in active[1:])
     attn += _attention(sum(active), sum(active), d)
   head = 2 * te * 2 * d + 2 * video * d * p * p * cfg.out_channels
-  parts = dict(embed=embed + time, blocks_linear=linear, attention=attn, head=head)
-  parts = {k: batch * v for k, v in parts.items()}
-  parts['total'] = sum(parts.values())
-  return parts
+  expert = (num_refs * embed_chunk + 2 * (d * te + te * te) if streams == 2 else 0) + expert_blocks
+  return _parts(batch, dict(embed=embed + time, blocks_linear=linear, attention=attn, head=head),
+                expert)
 
 
 def wan_flops(cfg: WanConfig, *, batch: int, frames: int, height: int, width: int, text_len: int,
@@ -53,20 +53,47 @@ def wan_flops(cfg: WanConfig, *, batch: int, frames: int, height: int, width: in
   patch = 2 * video * cfg.in_channels * math.prod(cfg.patch_size) * d
   embed = sum(n * (per_chunk_context + time + patch) for n in chunks)
 
-  def layer(n):  # one stream holding n references (n = 1: the target)
+  def weights(n):  # one stream holding n references (n = 1: the target): weight matmuls
     tokens, context = n * video, n * (text_len + image_len)
     return (8 * tokens * d * d                      # self-attention q, k, v, out
             + 4 * tokens * d * d + 4 * context * d * d  # cross-attention q, out; k, v (text, image)
-            + _attention(tokens, text_len, d) + _attention(tokens, image_len, d)
             + 4 * tokens * d * f)                   # feed-forward
-  linear = attn = 0
+
+  def layer(n):  # ... and the cross-attention scores
+    return weights(n) + n * (_attention(video, text_len, d) + _attention(video, image_len, d))
+  linear = attn = expert_blocks = 0
   for i in range(cfg.num_layers):
     active = chunks if i in cfg.block_idx_with_mot_ref else chunks[:1]
     linear += sum(layer(n) for n in active)
+    expert_blocks += sum(weights(n) for n in active[1:])
     total = sum(n * video for n in active)
     attn += _attention(total, total, d)
   head = 2 * video * d * math.prod(cfg.patch_size) * cfg.out_channels
-  parts = dict(embed=embed, blocks_linear=linear, attention=attn, head=head)
+  expert = sum(n * (per_chunk_context + time + patch) for n in chunks[1:]) + expert_blocks
+  return _parts(batch, dict(embed=embed, blocks_linear=linear, attention=attn, head=head), expert)
+
+
+def _parts(batch: int, parts: dict, expert: int) -> dict[str, int]:
+  """Scaled by the batch, with their ``total`` and ``expert``: the matmul work done with expert
+  weights (its embedders and expert-block projections), whose weight gradients training adds."""
   parts = {k: batch * v for k, v in parts.items()}
   parts['total'] = sum(parts.values())
+  parts['expert'] = batch * expert
   return parts
+
+
+# What a backward pass recomputes of the blocks' forward under each remat policy
+# (`vap_jax.models.stack.REMAT_POLICIES`).
+RECOMPUTED = {'none': (), 'full': ('blocks_linear', 'attention'),
+              'offload_hidden': ('blocks_linear', 'attention'), 'save_dots': ('attention',),
+              'save_attention': ('blocks_linear',)}
+
+
+def training_flops(forward: dict[str, int], remat: str = 'none') -> int:
+  """FLOPs of one training step given a forward's parts: the forward, the backward through
+  every layer for the input gradients (as many matmul FLOPs as the forward; attention's backward
+  is twice its forward), the weight gradients of the expert only (as many as its forward share),
+  and the forward work the remat policy recomputes."""
+  backward_inputs = forward['total'] + forward['attention']
+  recompute = sum(forward[k] for k in RECOMPUTED[remat])
+  return forward['total'] + backward_inputs + forward['expert'] + recompute

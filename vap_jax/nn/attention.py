@@ -11,6 +11,7 @@ boolean key ``mask`` (padding), and ``scale`` (T5 does not scale scores, i.e. sc
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -47,22 +48,39 @@ def _pad_to(x: jax.Array, block: int) -> jax.Array:
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
                         block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> jax.Array:
-  """Exact softmax attention in O(block_q * block_k) score memory (statistics in float32)."""
+  """Exact softmax attention in O(block_q * block_k) score memory (statistics in float32).
+
+  Its gradient is the flash-attention backward (`_blockwise_vjp`): the probabilities are
+  recomputed block by block from the saved log-sum-exp, so training memory stays bounded too
+  (autodiff of the loops would store every block's probabilities: O(S^2)).
+  """
+  d = q.shape[-1]
+  scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+  return _blockwise(q, k, v, scale, min(block_q, q.shape[1]), min(block_k, k.shape[1]))
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+  """(B, S, H, D) -> (S / block, B, block, H, D), zero-padded."""
+  b, _, h, d = x.shape
+  return _pad_to(x, block).reshape(b, -1, block, h, d).swapaxes(0, 1)
+
+
+def _scores(qb, kb, ok, scale):
+  s = jnp.einsum('bqhd,bkhd->bhqk', qb, kb, preferred_element_type=jnp.float32) * scale
+  return jnp.where(ok[None, None, None], s, -jnp.inf)
+
+
+def _forward(q, k, v, scale, block_q, block_k):
+  """Output (B, S_q, H, D) and the log-sum-exp of every score row (B, H, S_q), float32."""
   b, s_q, h, d = q.shape
-  s_k = k.shape[1]
-  block_q, block_k = min(block_q, s_q), min(block_k, s_k)
-  scale = 1.0 / math.sqrt(d) if scale is None else scale
-  qs = _pad_to(q, block_q).reshape(b, -1, block_q, h, d).swapaxes(0, 1)
-  ks = _pad_to(k, block_k).reshape(b, -1, block_k, h, d).swapaxes(0, 1)
-  vs = _pad_to(v, block_k).reshape(b, -1, block_k, h, d).swapaxes(0, 1)
-  valid = (jnp.arange(ks.shape[0] * block_k) < s_k).reshape(-1, block_k)
+  ks, vs = _blocks(k, block_k), _blocks(v, block_k)
+  valid = (jnp.arange(ks.shape[0] * block_k) < k.shape[1]).reshape(-1, block_k)
 
   def one_query_block(qb):
     def step(carry, kv):
       m, l, acc = carry
       kb, vb, ok = kv
-      s = jnp.einsum('bqhd,bkhd->bhqk', qb, kb, preferred_element_type=jnp.float32) * scale
-      s = jnp.where(ok[None, None, None], s, -jnp.inf)
+      s = _scores(qb, kb, ok, scale)
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.exp(s - m_new[..., None])
       correction = jnp.exp(m - m_new)
@@ -73,8 +91,59 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
 
     init = (jnp.full((b, h, block_q), -jnp.inf, jnp.float32), jnp.zeros((b, h, block_q), jnp.float32),
             jnp.zeros((b, block_q, h, d), jnp.float32))
-    (_, l, acc), _ = jax.lax.scan(step, init, (ks, vs, valid))
-    return (acc / l.transpose(0, 2, 1)[..., None]).astype(q.dtype)
+    (m, l, acc), _ = jax.lax.scan(step, init, (ks, vs, valid))
+    return (acc / l.transpose(0, 2, 1)[..., None]).astype(q.dtype), m + jnp.log(l)
 
-  out = jax.lax.map(one_query_block, qs)
-  return out.swapaxes(0, 1).reshape(b, -1, h, d)[:, :s_q]
+  out, lse = jax.lax.map(one_query_block, _blocks(q, block_q))
+  out = out.swapaxes(0, 1).reshape(b, -1, h, d)[:, :s_q]
+  return out, lse.transpose(1, 2, 0, 3).reshape(b, h, -1)[:, :, :s_q]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _blockwise(q, k, v, scale, block_q, block_k):
+  return _forward(q, k, v, scale, block_q, block_k)[0]
+
+
+def _blockwise_fwd(q, k, v, scale, block_q, block_k):
+  out, lse = _forward(q, k, v, scale, block_q, block_k)
+  return out, (q, k, v, out, lse)
+
+
+def _blockwise_vjp(scale, block_q, block_k, residuals, dout):
+  """Flash-attention backward: per key block, over the query blocks, P = exp(S - lse) again;
+  dV += P^T dO, dS = P (dO V^T - rowsum(dO O)), dK += dS^T Q, dQ += dS K."""
+  q, k, v, out, lse = residuals
+  b, s_q, h, d = q.shape
+  qs, dos = _blocks(q, block_q), _blocks(dout, block_q)
+  ks, vs = _blocks(k, block_k), _blocks(v, block_k)
+  valid = (jnp.arange(ks.shape[0] * block_k) < k.shape[1]).reshape(-1, block_k)
+  delta = jnp.einsum('bqhd,bqhd->bhq', dout.astype(jnp.float32), out.astype(jnp.float32))
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, qs.shape[0] * block_q - s_q)))
+  row = lambda x: pad(x).reshape(b, h, -1, block_q).transpose(2, 0, 1, 3)  # (nq, B, H, bq)
+  lses, deltas = row(lse), row(delta)
+
+  def key_block(dq, kv):
+    kb, vb, ok = kv
+
+    def query_block(carry, xs):
+      dk, dv = carry
+      qb, dob, lse_b, delta_b = xs
+      p = jnp.exp(_scores(qb, kb, ok, scale) - lse_b[..., None])  # (B, H, bq, bk)
+      dv = dv + jnp.einsum('bhqk,bqhd->bkhd', p.astype(dob.dtype), dob,
+                           preferred_element_type=jnp.float32)
+      dp = jnp.einsum('bqhd,bkhd->bhqk', dob, vb, preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta_b[..., None]) * scale).astype(q.dtype)
+      dk = dk + jnp.einsum('bhqk,bqhd->bkhd', ds, qb, preferred_element_type=jnp.float32)
+      dq_b = jnp.einsum('bhqk,bkhd->bqhd', ds, kb, preferred_element_type=jnp.float32)
+      return (dk, dv), dq_b
+
+    zeros = jnp.zeros(kb.shape, jnp.float32)
+    (dk, dv), dq_blocks = jax.lax.scan(query_block, (zeros, zeros), (qs, dos, lses, deltas))
+    return dq + dq_blocks, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qs.shape, jnp.float32), (ks, vs, valid))
+  unblock = lambda x, n, like: x.swapaxes(0, 1).reshape(b, -1, h, d)[:, :n].astype(like.dtype)
+  return unblock(dq, s_q, q), unblock(dk, k.shape[1], k), unblock(dv, v.shape[1], v)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_vjp)
