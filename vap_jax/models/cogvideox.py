@@ -178,6 +178,7 @@ class PatchEmbed(nnx.Module):
 
 class CogVideoXLayer(nnx.Module):
   """One stream's block weights: norm1, attn1, norm2, ff (the base or the expert copy)."""
+  after_attention = ('attn1/to_out', 'norm2', 'ff')  # what follows the joint attention
 
   def __init__(self, cfg: CogVideoXConfig, dtypes: DTypePolicy, *, rngs: nnx.Rngs):
     d, kw = cfg.inner_dim, dict(rngs=rngs, **dtypes.kw())

@@ -133,6 +133,20 @@ class MoTTransformer(nnx.Module):
     """One block: `mot_block` with this model's attention implementation."""
     return mot_block(base, expert, target, ref, implementation=self.config.attention)
 
+  def unreachable(self) -> list[tuple[tuple, int]]:
+    """(path, slot) of the expert parameters no loss can reach: the last expert block's reference
+    path after its attention (its layer class lists it as ``after_attention``), since the target
+    reads the reference stream only through the joint attention's keys and values."""
+    if self.expert is None:
+      return []
+    last = len(self.config.block_idx_with_mot_ref) - 1
+    prefixes = [tuple(p.split('/')) for p in type(stack.unstack(self.blocks, 0)).after_attention]
+    out = []
+    for path, _ in nnx.to_flat_state(nnx.state(self.expert.blocks, nnx.Param)):
+      if any(tuple(path[:len(p)]) == p for p in prefixes):
+        out.append((('expert', 'blocks') + tuple(path), last))
+    return out
+
   def layers(self, index: int) -> tuple[nnx.Module, nnx.Module | None]:
     """Block ``index``'s base layer and expert layer (None off the expert blocks), unstacked."""
     experts = self.config.block_idx_with_mot_ref

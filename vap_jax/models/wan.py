@@ -194,6 +194,7 @@ class CrossAttention(StreamAttention):
 
 class WanLayer(nnx.Module):
   """One stream's block weights (the base or the expert copy)."""
+  after_attention = ('attn1/to_out', 'attn2', 'norm2', 'ffn')  # what follows the joint attention
 
   def __init__(self, cfg: WanConfig, dtypes: DTypePolicy, *, rngs: nnx.Rngs):
     d = cfg.inner_dim

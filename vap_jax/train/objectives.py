@@ -1,0 +1,138 @@
+"""The VAP training objectives (VAP_SPEC §5.1), computed as the official trainer computes them.
+
+CogVideoX: v-prediction on the zero-terminal-SNR DDPM schedule. ``u`` uniform picks an index into
+the trainer's sigma table ``[0.999, ..., 0.0]`` (``scheduler.timesteps / 1000``), ``t =
+int(sigma * 1000)`` in float32 (so t = 511, 506, 502, 253, 251 never occur, as in the official
+code), ``x_t = sqrt(a) x0 + sqrt(1-a) eps``; the model's v gives ``x0 = sqrt(a) x_t - sqrt(1-a)
+v`` and the loss is ``mean(w (x0_hat - x0)^2)`` with ``w = 1/(1 - a)`` (algebraically v-MSE). The
+reference stream sees the target's t.
+
+Wan: rectified flow. ``u = sigmoid(N(0, 1))`` picks ``sigma`` from the 1000-entry table
+``[1.0, ..., 0.001]``, ``t = int(sigma * 1000)``, ``x_t = (1 - sigma) x0 + sigma eps``, target
+``eps - x0``, weight 1; the reference stream runs at t = 1.
+
+Every random number is an explicit input (`Draws`), made by `draws` from a key or injected (the
+parity tests inject the official ones). A batch is what `vap_jax.data.make_latent_loader` yields:
+the stored VAE moments, caption embeddings (B, L, D) and (B, R, L, D), Wan's conditions and CLIP
+tokens, and ``ref_mask`` (B, R) with the kept references last (see `keep_references_last`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vap_jax import conditioning
+from vap_jax.diffusion.schedulers import CogVideoXSchedule, FlowMatchEulerDiscreteScheduler
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def cogvideox_sigma_table() -> np.ndarray:
+  """(1000,) float32 ``scheduler.timesteps.float() / 1000`` = [0.999, 0.998, ..., 0.0]."""
+  return (np.arange(NUM_TRAIN_TIMESTEPS - 1, -1, -1, dtype=np.float32) /
+          np.float32(NUM_TRAIN_TIMESTEPS)).astype(np.float32)
+
+
+def wan_sigma_table() -> np.ndarray:
+  """(1000,) float32 ``FlowMatchEulerDiscreteScheduler().sigmas`` = [1.0, 0.999, ..., 0.001]."""
+  return FlowMatchEulerDiscreteScheduler().train_sigmas
+
+
+def timesteps_of(sigmas: jax.Array) -> jax.Array:
+  """``(sigma * 1000.0).long()``: a float32 product, truncated."""
+  return (sigmas.astype(jnp.float32) * jnp.float32(NUM_TRAIN_TIMESTEPS)).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Draws:
+  """The random numbers of one training step: ``u`` (B,) picks the timestep, ``noise`` is the
+  target's eps, ``posterior`` the standard-normal draws of each sampled VAE posterior."""
+  u: jax.Array
+  noise: jax.Array
+  posterior: dict
+
+
+def draws(key: jax.Array, batch: dict, family: str) -> Draws:
+  """Fresh draws for ``batch``: uniform u (CogVideoX) or sigmoid(N(0,1)) (Wan)."""
+  k_u, k_noise, k_post = jax.random.split(key, 3)
+  b = np.shape(batch['latents_mean'])[0]
+  if family == 'cogvideox':
+    u = jax.random.uniform(k_u, (b,), jnp.float32)
+    shape = _frames_first(np.shape(batch['latents_mean']))
+    names = conditioning.COGVIDEOX_DRAWN
+  else:
+    u = jax.nn.sigmoid(jax.random.normal(k_u, (b,), jnp.float32))
+    shape = tuple(np.shape(batch['latents_mean']))
+    names = conditioning.WAN_DRAWN
+  return Draws(u, jax.random.normal(k_noise, shape, jnp.float32),
+               conditioning.posterior_draws(k_post, batch, names))
+
+
+def _frames_first(shape):  # (B, C, T, h, w) -> (B, T, C, h, w)
+  b, c, t, h, w = shape
+  return b, t, c, h, w
+
+
+def _index(u: jax.Array) -> jax.Array:
+  """``(u * 1000).long()``: the table index of each draw."""
+  return jnp.clip((u * jnp.float32(NUM_TRAIN_TIMESTEPS)).astype(jnp.int32), 0,
+                  NUM_TRAIN_TIMESTEPS - 1)
+
+
+def _per_sample_mean(x: jax.Array) -> jax.Array:
+  return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """One family's objective: ``loss(model, batch, draws) -> (mean loss, per-sample losses,
+  aux)``; the model is called with the keyword inputs of the one model API."""
+  family: str
+  vae: dict                                    # scaling_factor (CogVideoX) or latents_mean/std
+  schedule: CogVideoXSchedule | None = None    # CogVideoX's training schedule
+
+  def __call__(self, model: Callable, batch: dict, d: Draws):
+    return (self._cogvideox if self.family == 'cogvideox' else self._wan)(model, batch, d)
+
+  def _cogvideox(self, model, batch, d: Draws):
+    lat = conditioning.cogvideox_latents(batch, d.posterior, self.vae['scaling_factor'])
+    x0 = lat['latents']
+    sigmas = jnp.asarray(cogvideox_sigma_table())[_index(d.u)]
+    t = timesteps_of(sigmas)
+    x_t = self.schedule.add_noise(x0, d.noise, t)
+    hidden = conditioning.cogvideox_inputs(x_t, lat['image_latents'])
+    refs = conditioning.cogvideox_reference_inputs(lat['ref_latents'], lat['ref_image_latents'])
+    ref_text = _merge_refs(batch['ref_text'])
+    v = model(hidden, t, batch['text'], ref_latents=refs, ref_text=ref_text)
+    pred_x0 = self.schedule.get_velocity(v.astype(jnp.float32), x_t, t)
+    acp = jnp.asarray(self.schedule.alphas_cumprod.astype(np.float32))[t]
+    weights = (1.0 / (1.0 - acp)).reshape(-1, 1, 1, 1, 1)
+    per_sample = _per_sample_mean(weights * jnp.square(pred_x0 - x0))
+    return jnp.mean(per_sample), per_sample, dict(timesteps=t, prediction=v)
+
+  def _wan(self, model, batch, d: Draws):
+    lat = conditioning.wan_latents(batch, d.posterior, self.vae['latents_mean'],
+                                   self.vae['latents_std'])
+    x0 = lat['latents']
+    sigmas = jnp.asarray(wan_sigma_table())[_index(d.u)]
+    t = timesteps_of(sigmas)
+    s = sigmas.reshape(-1, 1, 1, 1, 1)
+    x_t = (1.0 - s) * x0 + s * d.noise
+    hidden = conditioning.wan_inputs(x_t, lat['condition'])
+    refs = conditioning.wan_reference_inputs(lat['ref_latents'], lat['ref_condition'])
+    pred = model(hidden, t, batch['text'], image=batch['clip'], ref_latents=refs,
+                 ref_text=_merge_refs(batch['ref_text']), ref_image=_merge_refs(batch['ref_clip']),
+                 ref_timestep=1)
+    per_sample = _per_sample_mean(jnp.square(pred.astype(jnp.float32) - (d.noise - x0)))
+    return jnp.mean(per_sample), per_sample, dict(timesteps=t, prediction=pred)
+
+
+def _merge_refs(x):
+  """(B, R, L, D) per-reference tokens -> (B, R*L, D), the references' order kept."""
+  x = jnp.asarray(x)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
