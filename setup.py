@@ -11,6 +11,7 @@ setup(
     install_requires=[
         'jax>=0.10.2',
         'flax>=0.12.8',
+        'optax>=0.2.8',
         'orbax-checkpoint>=0.12.8',
         'grain>=0.2.18',
         'ml_collections>=1.1.0',
@@ -20,6 +21,7 @@ setup(
         'scipy',
         'ml_dtypes',
         'tqdm',
+        'tensorboardX',
         # Text / image encoders: tokenizer files from checkpoints, Wan prompt cleaning, CLIP resize.
         'sentencepiece',
         'tokenizers',
@@ -45,6 +47,7 @@ setup(
             'vap-convert-vae=vap_jax.cli.convert:vae_main',
             'vap-generate=vap_jax.cli.generate:main',
             'vap-precompute=vap_jax.cli.precompute:main',
+            'vap-train=vap_jax.cli.train:main',
         ],
     },
 )

@@ -40,13 +40,11 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
   import dataclasses
 
   import jax
-  import jax.numpy as jnp
   from flax import nnx
   from jax.sharding import NamedSharding
 
   from benchmarks.step import CASES, inputs
   from vap_jax.models.cogvideox import CogVideoXTransformer
-  from vap_jax.models.common import TRAINABLE
   from vap_jax.models.wan import WanTransformer
   from vap_jax.parallel import (DEFAULT_RULES, logical_to_spec, make_mesh, param_shardings,
                                 sharding_context)
@@ -73,23 +71,15 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
                                 else batch_spec[0])) == 0 else (None,)
     return jax.ShapeDtypeStruct(a.shape, a.dtype,
                                 sharding=NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
-  args, kw = jax.tree.map(arg, inputs(case, batch))
   if train:
-    model_graph, trainable, frozen = nnx.split(nnx.merge(graphdef, abstract_state), TRAINABLE, ...)
-
-    def step(trainable, frozen, args, kw):  # d(mean squared prediction)/d(expert)
-      def loss(trainable):
-        out = nnx.merge(model_graph, trainable, frozen)(*args, **kw)
-        return jnp.mean(jnp.square(out.astype(jnp.float32)))
-      return jax.grad(loss)(trainable)
-    operands = (trainable, frozen, args, kw)
+    compiled, seconds = _compile_train_step(case, cfg, build, mesh, batch, arg)
   else:
+    args, kw = jax.tree.map(arg, inputs(case, batch))
     step = lambda s, a, k: nnx.merge(graphdef, s)(*a, **k)
-    operands = (abstract_state, args, kw)
-  with sharding_context(mesh, DEFAULT_RULES):
-    start = time.perf_counter()
-    compiled = jax.jit(step).lower(*operands).compile()
-    seconds = time.perf_counter() - start
+    with sharding_context(mesh, DEFAULT_RULES):
+      start = time.perf_counter()
+      compiled = jax.jit(step).lower(abstract_state, args, kw).compile()
+      seconds = time.perf_counter() - start
   bf16_weights = sum(math.prod(v.shape) * 2 for _, v in nnx.to_flat_state(state)
                      if v.dtype == jax.numpy.bfloat16)
   mem = compiled.memory_analysis()
@@ -100,6 +90,64 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
               train=train, remat=remat, scan=scan, compile_seconds=round(seconds, 1),
               per_device_bytes=total, bf16_weight_bytes_unsharded=bf16_weights,
               **{f'{k}_bytes': v for k, v in sizes.items()})
+
+
+def _records(case, batch: int):
+  """A `make_latent_loader` batch of the case's shapes (what the train step takes), numpy."""
+  import numpy as np
+  cfg, n, dt = case.config, case.refs, np.float32
+  z = np.zeros
+  if case.family == 'cogvideox':
+    c, t, h, w = cfg.in_channels // 2, case.frames, case.height, case.width
+    lat, first = (batch, c, t, h, w), (batch, c, 1, h, w)
+    out = dict(text=z((batch, case.text_len, cfg.text_embed_dim), dt),
+               ref_text=z((batch, n, case.text_len, cfg.text_embed_dim), dt),
+               image_latents_mean=z(first, dt), image_latents_logvar=z(first, dt),
+               ref_image_latents_mean=z((batch, n) + first[1:], dt),
+               ref_image_latents_logvar=z((batch, n) + first[1:], dt))
+  else:
+    c, t, h, w = cfg.out_channels, case.frames, case.height, case.width
+    lat = (batch, c, t, h, w)
+    out = dict(text=z((batch, case.text_len, cfg.text_dim), dt),
+               ref_text=z((batch, n, case.text_len, cfg.text_dim), dt),
+               clip=z((batch, case.image_len, cfg.image_dim), dt),
+               ref_clip=z((batch, n, case.image_len, cfg.image_dim), dt),
+               condition=z(lat, dt), ref_condition=z((batch, n) + lat[1:], dt))
+  out.update(latents_mean=z(lat, dt), latents_logvar=z(lat, dt),
+             ref_latents_mean=z((batch, n) + lat[1:], dt),
+             ref_latents_logvar=z((batch, n) + lat[1:], dt), ref_mask=np.ones((batch, n), bool))
+  return out
+
+
+def _compile_train_step(case, cfg, build, mesh, batch, arg):
+  """The real train step (objective, clipped AdamW, donated state, explicit shardings) for an
+  abstract model: (compiled, seconds)."""
+  import jax
+  from flax import nnx
+
+  from vap_jax.diffusion import CogVideoXDDIMScheduler
+  from vap_jax.parallel import DEFAULT_RULES, sharding_context
+  from vap_jax.train import objectives, optimizer as opt
+  from vap_jax.train.step import init_state, jit_train_step, make_train_step, split
+  from vap_jax.weights.loading import abstract_model
+
+  model = abstract_model(lambda: build(cfg, rngs=nnx.Rngs(0)))
+  graphdef, trainable, frozen = split(model)
+  if case.family == 'cogvideox':
+    objective = objectives.Objective('cogvideox', {'scaling_factor': 0.7}, CogVideoXDDIMScheduler())
+  else:
+    c = cfg.out_channels
+    objective = objectives.Objective('wan', {'latents_mean': [0.0] * c, 'latents_std': [1.0] * c})
+  lr = opt.schedule(1e-5, warmup_steps=1000)
+  optimizer = opt.adamw(lr, decay=opt.decay_scales(trainable, model.unreachable()))
+  step = make_train_step(graphdef, objective, optimizer, lr_schedule=lr)
+  state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), trainable)
+  compiled_step = jit_train_step(step, state, frozen, optimizer, mesh, DEFAULT_RULES)
+  records = jax.tree.map(arg, _records(case, batch))
+  with sharding_context(mesh, DEFAULT_RULES):
+    start = time.perf_counter()
+    compiled = compiled_step.lower(state, frozen, records, None).compile()
+  return compiled, time.perf_counter() - start
 
 
 def _parse_mesh(text: str) -> dict[str, int]:

@@ -124,3 +124,25 @@ def test_blockwise_attention_gradient_is_the_exact_gradient(s_q, s_k):
                     (0, 1, 2))(q, k, v)
   for name, a, e in zip('qkv', actual, expected):
     assert_close(a, e, atol=1e-5, rtol=1e-5, what=f'd{name}')
+
+
+def test_key_mask_drops_keys_in_every_implementation():
+  """Masked keys count for nothing: the result (and the gradient of the blockwise flash path)
+  equals attention over the kept keys only."""
+  from vap_jax.nn.attention import blockwise_attention
+  rng = np.random.default_rng(3)
+  q = rng.standard_normal((2, 9, 3, 16)).astype(np.float32)
+  k, v = (rng.standard_normal((2, 40, 3, 16)).astype(np.float32) for _ in range(2))
+  keep = np.ones((2, 40), bool)
+  keep[0, 5:20] = False  # sample 0 drops keys 5..19
+  expected = np.concatenate([attention(q[:1], k[:1][:, keep[0]], v[:1][:, keep[0]]),
+                             attention(q[1:], k[1:], v[1:])])
+  for impl in ('xla', 'blockwise'):
+    assert_close(attention(q, k, v, key_mask=keep, implementation=impl), expected, atol=1e-5,
+                 what=impl)
+  w = rng.standard_normal(q.shape).astype(np.float32)
+  grad = lambda fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), (0, 1, 2))(q, k, v)
+  masked = lambda q, k, v: attention(q, k, v, key_mask=keep)
+  flash = lambda q, k, v: blockwise_attention(q, k, v, key_mask=keep, block_q=4, block_k=16)
+  for a, e in zip(grad(flash), grad(masked)):
+    assert_close(a, e, atol=1e-5, rtol=1e-5, what='masked gradient')

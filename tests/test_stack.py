@@ -131,3 +131,18 @@ def test_trainable_is_the_expert_params_not_its_buffers():
 def test_unknown_remat_policy_is_refused():
   with pytest.raises(ValueError, match="remat 'some' is not one of"):
     _cog(remat='some')
+
+
+@pytest.mark.parametrize('build', [_cog, _wan], ids=['cogvideox', 'wan'])
+def test_a_dropped_reference_is_as_if_absent(build):
+  """Reference dropout: with 2 references and ``ref_mask`` [False, True], the prediction equals
+  the model given only the second one (kept references sit last, next to the target in time)."""
+  model, args, kw = build()
+  model = _perturbed(model)
+  frames_axis = 2 if build is _wan else 1  # Wan latents are (B, C, F, H, W)
+  second = {k: np.split(v, 2, axis=frames_axis if k == 'ref_latents' else 1)[1]
+            for k, v in kw.items() if k.startswith('ref_')}
+  others = {k: v for k, v in kw.items() if not k.startswith('ref_')}
+  masked = model(*args, **kw, ref_mask=np.array([[False, True]] * 2))
+  assert_close(masked, model(*args, **others, **second), atol=1e-5, rtol=1e-5, what='masked')
+  assert np.abs(np.asarray(masked) - np.asarray(model(*args, **kw))).max() > 1e-4

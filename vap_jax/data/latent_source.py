@@ -11,12 +11,14 @@ returns), so batches stack.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import grain
 import numpy as np
 
+from vap_jax.data.pipeline import FailureCounter, SkipFailures
 from vap_jax.data.records import EMPTY_TEXT_FILE, INFO_FILE, decode_record, shard_complete, \
   shard_name
 
@@ -91,7 +93,7 @@ class CaptionDropout(grain.transforms.RandomMap):
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     if rng.random() >= self.ratio:
-      return element
+      return dict(element, caption_masked=np.asarray(False))
     element = dict(element, caption_masked=np.asarray(True))
     empty = self.empty_text.astype(element['text'].dtype)
     element['text'] = empty
@@ -99,14 +101,100 @@ class CaptionDropout(grain.transforms.RandomMap):
     return element
 
 
+# What the trainer reads of a record, per family (the rest is metadata).
+TRAIN_KEYS = {
+    'cogvideox': ('latents_mean', 'latents_logvar', 'ref_latents_mean', 'ref_latents_logvar',
+                  'image_latents_mean', 'image_latents_logvar', 'ref_image_latents_mean',
+                  'ref_image_latents_logvar', 'text', 'ref_text', 'ref_mask'),
+    'wan': ('latents_mean', 'latents_logvar', 'ref_latents_mean', 'ref_latents_logvar',
+            'condition', 'ref_condition', 'clip', 'ref_clip', 'text', 'ref_text', 'ref_mask'),
+}
+
+
+class ReadRecord(grain.transforms.Map):
+  """Index -> record, or a failure marker (`FailureCounter` skips and counts it) when the
+  stored bytes cannot be decoded; with ``keys``, only those fields (arrays: they batch)."""
+
+  def __init__(self, source: 'LatentSource', keys=None):
+    self.source, self.keys = source, keys
+
+  def map(self, index):
+    try:
+      record = self.source[int(index)]
+    except Exception as e:  # a damaged record must not stop a long run: skip and count it
+      return {'_error': f'{type(e).__name__}: {e}', '_path': f'{self.source.folder}#{index}',
+              'index': np.int64(index)}
+    if self.keys is not None:
+      record = {k: record[k] for k in self.keys}
+    return record
+
+
+class ReferenceDropout(grain.transforms.RandomMap):
+  """The official ``mask_ref_ratio`` (VAP_SPEC §5.4): each reference is dropped with probability
+  ``ratio``, at least one kept. ``ref_mask`` (R,) marks the kept ones, which are moved last so
+  they take the positions next to the target that n references would have; the model masks the
+  dropped ones out of the joint attention."""
+
+  def __init__(self, ratio: float):
+    self.ratio = float(ratio)
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    mask = np.asarray(element['ref_mask'], bool).copy()
+    if self.ratio > 0 and mask.sum() > 1:
+      kept = np.flatnonzero(mask)
+      drop = rng.random(len(kept)) < self.ratio
+      if drop.all():
+        drop[rng.integers(len(kept))] = False
+      mask[kept[drop]] = False
+    order = np.argsort(mask, kind='stable')  # dropped first, kept last, each in their order
+    out = dict(element, ref_mask=mask[order])
+    for key, value in element.items():
+      if key.startswith('ref_') and key != 'ref_mask' and np.ndim(value) >= 1 and \
+          np.shape(value)[0] == len(mask):
+        out[key] = np.asarray(value)[order]
+    return out
+
+
+@dataclasses.dataclass
+class LatentLoader:
+  """The batch iterator over precomputed records plus what is checkpointed with it."""
+  iterator: grain.DatasetIterator
+  failures: FailureCounter
+  source: 'LatentSource'
+  shard: tuple[int, int]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self.iterator)
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state) -> None:
+    self.iterator.set_state(state)
+
+  def save_args(self) -> dict:
+    """Composite items for `CheckpointManager.save` (one JSON file per process)."""
+    return {'data_iterator': grain.checkpoint.CheckpointSave(self.iterator)}
+
+  def restore_args(self) -> dict:
+    """Composite items for `CheckpointManager.restore`; the iterator is restored in place."""
+    return {'data_iterator': grain.checkpoint.CheckpointRestore(self.iterator)}
+
+
 def make_latent_loader(folder, *, batch_size: int, seed: int = 42, num_epochs: int | None = None,
                        shard: tuple[int, int] | None = None, caption_dropout: float = 0.0,
-                       workers: int = 0, worker_buffer: int = 2) -> grain.DatasetIterator:
-  """shuffle(seed) -> repeat -> this process's slice -> caption dropout -> batch.
+                       reference_dropout: float = 0.0, workers: int = 0, worker_buffer: int = 2,
+                       keys=None, max_failure_fraction: float = 0.05,
+                       min_samples_before_cap: int = 100) -> LatentLoader:
+  """shuffle(seed) -> repeat -> this process's slice -> read (skip and count damaged records)
+  -> caption and reference dropout -> batch.
 
   As `pipeline.make_loader`: every process sees the same permutation and takes every
-  `count`-th element, so the processes partition each epoch; the iterator is checkpointable with
-  `grain.checkpoint.CheckpointSave/Restore`.
+  `count`-th element, so the processes partition each epoch; the iterator (position, failure
+  counts) is checkpointable. ``keys``: fields to keep ('train' = the trainer's, `TRAIN_KEYS`).
   """
   source = LatentSource(folder)
   if shard is None:
@@ -116,14 +204,20 @@ def make_latent_loader(folder, *, batch_size: int, seed: int = 42, num_epochs: i
   usable = len(source) - len(source) % count
   if usable == 0:
     raise ValueError(f'{len(source)} records cannot be split over {count} processes')
-  ds = grain.MapDataset.source(source)[:usable].shuffle(seed=seed).repeat(num_epochs)
-  ds = ds[index::count]
-  if caption_dropout > 0:
-    ds = ds.random_map(CaptionDropout(source.empty_text, caption_dropout), seed=seed)
+  if keys == 'train':
+    keys = TRAIN_KEYS[source.family]
+  ds = grain.MapDataset.range(usable).shuffle(seed=seed).repeat(num_epochs)
+  ds = ds[index::count].map(ReadRecord(source, keys))
   it = ds.to_iter_dataset()
+  failures = FailureCounter(max_failure_fraction, min_samples_before_cap)
+  it = SkipFailures(it, failures)
+  if caption_dropout > 0:
+    it = it.random_map(CaptionDropout(source.empty_text, caption_dropout), seed=seed)
+  if reference_dropout > 0:
+    it = it.random_map(ReferenceDropout(reference_dropout), seed=seed + 1)
   if workers > 0:
     from vap_jax.data.pipeline import _absl_flags_parsed
     _absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                       per_worker_buffer_size=worker_buffer))
-  return iter(it.batch(batch_size, drop_remainder=True))
+  return LatentLoader(iter(it.batch(batch_size, drop_remainder=True)), failures, source, shard)

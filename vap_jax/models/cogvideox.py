@@ -106,6 +106,7 @@ class Stream(NamedTuple):
   text: jax.Array
   temb: jax.Array
   rope: RopeTable | None
+  mask: jax.Array | None = None  # (B, R) references kept (see `vap_jax.models.mot`)
   carried = ('video', 'text')
 
 
@@ -179,6 +180,7 @@ class PatchEmbed(nnx.Module):
 class CogVideoXLayer(nnx.Module):
   """One stream's block weights: norm1, attn1, norm2, ff (the base or the expert copy)."""
   after_attention = ('attn1/to_out', 'norm2', 'ff')  # what follows the joint attention
+  attention_tokens = ('text', 'video')               # its joint-attention tokens, in order
 
   def __init__(self, cfg: CogVideoXConfig, dtypes: DTypePolicy, *, rngs: nnx.Rngs):
     d, kw = cfg.inner_dim, dict(rngs=rngs, **dtypes.kw())
@@ -253,20 +255,22 @@ class CogVideoXTransformer(MoTTransformer):
 
   def __call__(self, latents: jax.Array, timestep: jax.Array, text: jax.Array, *,
                image: None = None, ref_latents: jax.Array | None = None,
-               ref_text: jax.Array | None = None, ref_image: None = None) -> jax.Array:
+               ref_text: jax.Array | None = None, ref_image: None = None,
+               ref_mask: jax.Array | None = None) -> jax.Array:
     """latents (B,F,C,H,W) (noisy latents ; image latents along C), timestep (B,) or scalar,
     text (B,L,text_dim).
 
     ref_latents (B, n*F, C, H, W) and ref_text (B, n*L, text_dim) feed the expert; leave both
     None to run the base model. (``image``/``ref_image`` are Wan's CLIP tokens: CogVideoX takes
-    none.)
+    none.) ``ref_mask`` (B, n) drops the False references (training's reference dropout; kept
+    ones last, so they sit next to the target in time).
     """
     cond = self.condition(latents, text, image=image, ref_latents=ref_latents,
-                          ref_text=ref_text, ref_image=ref_image)
+                          ref_text=ref_text, ref_image=ref_image, ref_mask=ref_mask)
     return self.predict(latents, timestep, cond)
 
   def condition(self, latents, text, *, image=None, ref_latents=None, ref_text=None,
-                ref_image=None) -> Conditioning:
+                ref_image=None, ref_mask=None) -> Conditioning:
     """The step-independent part of the inputs, embedded once per sampling run (``latents`` is
     read for its shape only)."""
     if image is not None or ref_image is not None:
@@ -285,7 +289,8 @@ class CogVideoXTransformer(MoTTransformer):
     ref_text = embed.embed_text(ref_text.astype(dtype).reshape(b * n, n_text, -1), pos)
     ref_video = embed.embed_video(ref_latents.astype(dtype).reshape(b * n, f, c, h, w), pos)
     ref = Stream(constrain(ref_video.reshape(b, -1, cfg.inner_dim), TOKEN_AXES),
-                 ref_text.reshape(b, -1, cfg.inner_dim), None, self.rope(f, h, w, num_refs=n))
+                 ref_text.reshape(b, -1, cfg.inner_dim), None, self.rope(f, h, w, num_refs=n),
+                 None if ref_mask is None else jnp.asarray(ref_mask, bool))
     return Conditioning(text_tokens, ref)
 
   def predict(self, latents: jax.Array, timestep: jax.Array, cond: Conditioning) -> jax.Array:

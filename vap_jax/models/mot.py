@@ -75,21 +75,41 @@ class StreamAttention(nnx.Module):
 
 def joint_attention(streams: Sequence[StreamAttention], tokens: Sequence[jax.Array],
                     ropes: Sequence[RopeTable | None], rope_starts: Sequence[int], *,
-                    implementation: str = 'xla') -> list[jax.Array]:
+                    implementation: str = 'xla',
+                    key_masks: Sequence[jax.Array | None] | None = None) -> list[jax.Array]:
   """One attention over all streams' tokens; returns each stream's projected output.
 
   ``tokens[i]`` is stream i's (B, S_i, dim) input, ``ropes[i]`` its RoPE table for the tokens from
-  ``rope_starts[i]`` on (CogVideoX leaves its text prefix unrotated).
+  ``rope_starts[i]`` on (CogVideoX leaves its text prefix unrotated); ``key_masks[i]`` (B, S_i)
+  (or None: all kept) removes tokens as keys, e.g. a dropped reference's.
   """
   qkvs = [s.qkv(x, rope, start) for s, x, rope, start in zip(streams, tokens, ropes, rope_starts)]
   q, k, v = (checkpoint_name(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0], name)
              for parts, name in zip(zip(*qkvs), ('query', 'key', 'value')))
-  o = checkpoint_name(attention(q, k, v, implementation=implementation), 'attention')
+  key_mask = None
+  if key_masks is not None and any(m is not None for m in key_masks):
+    key_mask = jnp.concatenate([jnp.ones(x.shape[:2], bool) if m is None else m
+                                for x, m in zip(tokens, key_masks)], axis=1)
+  o = checkpoint_name(attention(q, k, v, key_mask=key_mask, implementation=implementation),
+                      'attention')
   bounds, offset = [], 0
   for x in tokens[:-1]:
     offset += x.shape[1]
     bounds.append(offset)
   return [s.out(part) for s, part in zip(streams, jnp.split(o, bounds, axis=1))]
+
+
+def reference_key_mask(layer: nnx.Module, stream) -> jax.Array | None:
+  """(B, S) keys of a stream whose ``mask`` (B, R) marks its kept references, for the tokens it
+  puts into the attention: the layer's ``attention_tokens`` fields in order (CogVideoX: the R
+  captions then the R videos; Wan: the R videos), each made of R equal chunks. None when every
+  reference is kept."""
+  mask = getattr(stream, 'mask', None)
+  if mask is None:
+    return None
+  r = mask.shape[1]
+  return jnp.concatenate([jnp.repeat(mask, getattr(stream, f).shape[1] // r, axis=1)
+                          for f in layer.attention_tokens], axis=1)
 
 
 def mot_block(base: nnx.Module, expert: nnx.Module | None, target, ref, *,
@@ -99,8 +119,9 @@ def mot_block(base: nnx.Module, expert: nnx.Module | None, target, ref, *,
   an expert layer (or without references) the reference stream passes through unchanged.
 
   Layers provide ``attn1`` (a `StreamAttention`), ``attention_input(stream) -> (tokens,
-  rope_start, carry)`` and ``finish(stream, attention_output, carry) -> stream``; streams carry
-  their RoPE table as ``.rope``.
+  rope_start, carry)``, ``finish(stream, attention_output, carry) -> stream`` and
+  ``attention_tokens`` (the stream fields its tokens come from); streams carry their RoPE table
+  as ``.rope`` and may carry ``.mask`` (B, R): the references to keep.
   """
   pairs = [(base, target)]
   if expert is not None and ref is not None:
@@ -108,7 +129,8 @@ def mot_block(base: nnx.Module, expert: nnx.Module | None, target, ref, *,
   inputs = [layer.attention_input(s) for layer, s in pairs]
   attn = joint_attention([layer.attn1 for layer, _ in pairs], [x for x, _, _ in inputs],
                          [s.rope for _, s in pairs], [start for _, start, _ in inputs],
-                         implementation=implementation)
+                         implementation=implementation,
+                         key_masks=[reference_key_mask(layer, s) for layer, s in pairs])
   out = [layer.finish(s, a, carry) for (layer, s), a, (_, _, carry) in zip(pairs, attn, inputs)]
   return out[0], (out[1] if len(out) > 1 else ref)
 

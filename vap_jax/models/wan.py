@@ -109,6 +109,7 @@ class Stream(NamedTuple):
   modulation: jax.Array
   rope: RopeTable
   temb: jax.Array | None = None
+  mask: jax.Array | None = None  # (B, R) references kept (see `vap_jax.models.mot`)
   carried = ('video',)
 
   @property
@@ -195,6 +196,7 @@ class CrossAttention(StreamAttention):
 class WanLayer(nnx.Module):
   """One stream's block weights (the base or the expert copy)."""
   after_attention = ('attn1/to_out', 'attn2', 'norm2', 'ffn')  # what follows the joint attention
+  attention_tokens = ('video',)                                  # its joint-attention tokens
 
   def __init__(self, cfg: WanConfig, dtypes: DTypePolicy, *, rngs: nnx.Rngs):
     d = cfg.inner_dim
@@ -287,18 +289,20 @@ class WanTransformer(MoTTransformer):
   def __call__(self, latents: jax.Array, timestep: jax.Array, text: jax.Array, *,
                image: jax.Array | None = None, ref_latents: jax.Array | None = None,
                ref_text: jax.Array | None = None, ref_image: jax.Array | None = None,
-               ref_timestep: jax.Array | int = 1) -> jax.Array:
+               ref_timestep: jax.Array | int = 1, ref_mask: jax.Array | None = None) -> jax.Array:
     """latents (B,C,F,H,W), timestep (B,) or scalar, text (B,L,text_dim), image (B,257,image_dim).
 
     References (optional; all or none): ref_latents (B, C, n*F, H, W), ref_text (B, n*L, text_dim),
     ref_image (B, n*257, image_dim); ref_timestep broadcasts to (B, n), default 1 (clean).
+    ``ref_mask`` (B, n) drops the False references (training's reference dropout; kept ones
+    last, so they sit next to the target in time).
     """
     cond = self.condition(latents, text, image=image, ref_latents=ref_latents, ref_text=ref_text,
-                          ref_image=ref_image, ref_timestep=ref_timestep)
+                          ref_image=ref_image, ref_timestep=ref_timestep, ref_mask=ref_mask)
     return self.predict(latents, timestep, cond)
 
   def condition(self, latents, text, *, image=None, ref_latents=None, ref_text=None,
-                ref_image=None, ref_timestep=1) -> Conditioning:
+                ref_image=None, ref_timestep=1, ref_mask=None) -> Conditioning:
     """The step-independent part of the inputs (the reference stream runs at a fixed t), embedded
     once per sampling run; ``latents`` is read for its shape only."""
     b, _, f, h, w = self._check_inputs(latents, text, image, ref_latents, ref_text, ref_image)
@@ -309,7 +313,8 @@ class WanTransformer(MoTTransformer):
     _, ref_modulation = expert.condition_embedder.time(jnp.broadcast_to(ref_timestep, (b, n)))
     ref_text_ctx, ref_image_ctx = expert.condition_embedder.context(ref_text, ref_image)
     ref = Stream(self._patchify(expert.patch_embedding, ref_latents), ref_text_ctx,
-                 ref_image_ctx, ref_modulation, self.rope(f, h, w, num_refs=n))
+                 ref_image_ctx, ref_modulation, self.rope(f, h, w, num_refs=n),
+                 mask=None if ref_mask is None else jnp.asarray(ref_mask, bool))
     return Conditioning(text_ctx, image_ctx, ref)
 
   def predict(self, latents: jax.Array, timestep: jax.Array, cond: Conditioning) -> jax.Array:

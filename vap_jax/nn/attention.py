@@ -23,12 +23,14 @@ BLOCK_K = 1024
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None = None,
-              mask: jax.Array | None = None, scale: float | None = None,
-              implementation: str = 'xla') -> jax.Array:
+              mask: jax.Array | None = None, key_mask: jax.Array | None = None,
+              scale: float | None = None, implementation: str = 'xla') -> jax.Array:
   """Full bidirectional softmax attention. q, k, v: (B, S, H, D).
 
   ``bias`` is added to the scores, broadcastable to (B, H, Sq, Sk); ``mask`` (same broadcast,
-  boolean) keeps True positions; ``scale`` defaults to 1/sqrt(D).
+  boolean) keeps True positions; ``key_mask`` (B, Sk) keeps True keys for every query (the
+  video transformers' dropped references; every implementation takes it); ``scale`` defaults to
+  1/sqrt(D).
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}')
@@ -36,7 +38,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
     if bias is not None or mask is not None:
       raise ValueError('blockwise attention takes no bias or mask (the video transformers need '
                        'none); use xla or cudnn for the text encoders')
-    return blockwise_attention(q, k, v, scale=scale)
+    return blockwise_attention(q, k, v, scale=scale, key_mask=key_mask)
+  if key_mask is not None:
+    keys = key_mask[:, None, None, :]
+    mask = keys if mask is None else mask & keys
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
                                       implementation=implementation)
 
@@ -47,8 +52,10 @@ def _pad_to(x: jax.Array, block: int) -> jax.Array:
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
-                        block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> jax.Array:
-  """Exact softmax attention in O(block_q * block_k) score memory (statistics in float32).
+                        key_mask: jax.Array | None = None, block_q: int = BLOCK_Q,
+                        block_k: int = BLOCK_K) -> jax.Array:
+  """Exact softmax attention in O(block_q * block_k) score memory (statistics in float32);
+  ``key_mask`` (B, Sk) keeps the True keys.
 
   Its gradient is the flash-attention backward (`_blockwise_vjp`): the probabilities are
   recomputed block by block from the saved log-sum-exp, so training memory stays bounded too
@@ -56,7 +63,9 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
   """
   d = q.shape[-1]
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-  return _blockwise(q, k, v, scale, min(block_q, q.shape[1]), min(block_k, k.shape[1]))
+  if key_mask is None:
+    key_mask = jnp.ones(k.shape[:2], bool)
+  return _blockwise(q, k, v, key_mask, scale, min(block_q, q.shape[1]), min(block_k, k.shape[1]))
 
 
 def _blocks(x: jax.Array, block: int) -> jax.Array:
@@ -66,15 +75,23 @@ def _blocks(x: jax.Array, block: int) -> jax.Array:
 
 
 def _scores(qb, kb, ok, scale):
+  """Scores of a query and a key block; ``ok`` (B, block_k) marks the real, kept keys."""
   s = jnp.einsum('bqhd,bkhd->bhqk', qb, kb, preferred_element_type=jnp.float32) * scale
-  return jnp.where(ok[None, None, None], s, -jnp.inf)
+  return jnp.where(ok[:, None, None], s, -jnp.inf)
 
 
-def _forward(q, k, v, scale, block_q, block_k):
+def _valid(key_mask, block_k):
+  """(S_k / block_k, B, block_k): the kept keys, padding excluded."""
+  b, s_k = key_mask.shape
+  padded = jnp.pad(key_mask, ((0, 0), (0, -s_k % block_k)))
+  return padded.reshape(b, -1, block_k).swapaxes(0, 1)
+
+
+def _forward(q, k, v, key_mask, scale, block_q, block_k):
   """Output (B, S_q, H, D) and the log-sum-exp of every score row (B, H, S_q), float32."""
   b, s_q, h, d = q.shape
   ks, vs = _blocks(k, block_k), _blocks(v, block_k)
-  valid = (jnp.arange(ks.shape[0] * block_k) < k.shape[1]).reshape(-1, block_k)
+  valid = _valid(key_mask, block_k)
 
   def one_query_block(qb):
     def step(carry, kv):
@@ -99,24 +116,24 @@ def _forward(q, k, v, scale, block_q, block_k):
   return out, lse.transpose(1, 2, 0, 3).reshape(b, h, -1)[:, :, :s_q]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _blockwise(q, k, v, scale, block_q, block_k):
-  return _forward(q, k, v, scale, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blockwise(q, k, v, key_mask, scale, block_q, block_k):
+  return _forward(q, k, v, key_mask, scale, block_q, block_k)[0]
 
 
-def _blockwise_fwd(q, k, v, scale, block_q, block_k):
-  out, lse = _forward(q, k, v, scale, block_q, block_k)
-  return out, (q, k, v, out, lse)
+def _blockwise_fwd(q, k, v, key_mask, scale, block_q, block_k):
+  out, lse = _forward(q, k, v, key_mask, scale, block_q, block_k)
+  return out, (q, k, v, key_mask, out, lse)
 
 
 def _blockwise_vjp(scale, block_q, block_k, residuals, dout):
   """Flash-attention backward: per key block, over the query blocks, P = exp(S - lse) again;
   dV += P^T dO, dS = P (dO V^T - rowsum(dO O)), dK += dS^T Q, dQ += dS K."""
-  q, k, v, out, lse = residuals
+  q, k, v, key_mask, out, lse = residuals
   b, s_q, h, d = q.shape
   qs, dos = _blocks(q, block_q), _blocks(dout, block_q)
   ks, vs = _blocks(k, block_k), _blocks(v, block_k)
-  valid = (jnp.arange(ks.shape[0] * block_k) < k.shape[1]).reshape(-1, block_k)
+  valid = _valid(key_mask, block_k)
   delta = jnp.einsum('bqhd,bqhd->bhq', dout.astype(jnp.float32), out.astype(jnp.float32))
   pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, qs.shape[0] * block_q - s_q)))
   row = lambda x: pad(x).reshape(b, h, -1, block_q).transpose(2, 0, 1, 3)  # (nq, B, H, bq)
@@ -143,7 +160,7 @@ def _blockwise_vjp(scale, block_q, block_k, residuals, dout):
 
   dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qs.shape, jnp.float32), (ks, vs, valid))
   unblock = lambda x, n, like: x.swapaxes(0, 1).reshape(b, -1, h, d)[:, :n].astype(like.dtype)
-  return unblock(dq, s_q, q), unblock(dk, k.shape[1], k), unblock(dv, v.shape[1], v)
+  return unblock(dq, s_q, q), unblock(dk, k.shape[1], k), unblock(dv, v.shape[1], v), None
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_vjp)

@@ -78,14 +78,16 @@ class StepMetrics:
 
   def push(self, step: int, metrics, data_wait: float):
     """``metrics``: device arrays of the step ``step`` just dispatched; ``data_wait``: seconds
-    the host waited for its batch."""
-    now = time.perf_counter()
+    the host waited for its batch. Returns (step, scalars) of the step before, which this
+    waits for; its seconds run from the previous step's end (the first: from its dispatch, so
+    they include the compilation)."""
     done, self._pending = self._pending, (step, metrics, data_wait)
     if done is None:
-      self._last = now
+      self._last = time.perf_counter()
       return None
     step_done, values, wait = done
-    values = jax.device_get(values)  # the previous step: finished (or finishing) by now
+    values = jax.device_get(values)
+    now = time.perf_counter()
     seconds, self._last = now - self._last, now
     scalars = {k: float(np.mean(v)) for k, v in values.items() if np.ndim(v) == 0 or k == 'loss'}
     scalars.update(step_seconds=seconds, data_wait_seconds=wait,

@@ -95,6 +95,10 @@ class Objective:
   family: str
   vae: dict                                    # scaling_factor (CogVideoX) or latents_mean/std
   schedule: CogVideoXSchedule | None = None    # CogVideoX's training schedule
+  mask_references: bool = False                # drop the references batch['ref_mask'] drops
+
+  def _mask(self, batch) -> dict:
+    return {'ref_mask': batch['ref_mask']} if self.mask_references else {}
 
   def __call__(self, model: Callable, batch: dict, d: Draws):
     return (self._cogvideox if self.family == 'cogvideox' else self._wan)(model, batch, d)
@@ -108,7 +112,7 @@ class Objective:
     hidden = conditioning.cogvideox_inputs(x_t, lat['image_latents'])
     refs = conditioning.cogvideox_reference_inputs(lat['ref_latents'], lat['ref_image_latents'])
     ref_text = _merge_refs(batch['ref_text'])
-    v = model(hidden, t, batch['text'], ref_latents=refs, ref_text=ref_text)
+    v = model(hidden, t, batch['text'], ref_latents=refs, ref_text=ref_text, **self._mask(batch))
     pred_x0 = self.schedule.get_velocity(v.astype(jnp.float32), x_t, t)
     acp = jnp.asarray(self.schedule.alphas_cumprod.astype(np.float32))[t]
     weights = (1.0 / (1.0 - acp)).reshape(-1, 1, 1, 1, 1)
@@ -127,7 +131,7 @@ class Objective:
     refs = conditioning.wan_reference_inputs(lat['ref_latents'], lat['ref_condition'])
     pred = model(hidden, t, batch['text'], image=batch['clip'], ref_latents=refs,
                  ref_text=_merge_refs(batch['ref_text']), ref_image=_merge_refs(batch['ref_clip']),
-                 ref_timestep=1)
+                 ref_timestep=1, **self._mask(batch))
     per_sample = _per_sample_mean(jnp.square(pred.astype(jnp.float32) - (d.noise - x0)))
     return jnp.mean(per_sample), per_sample, dict(timesteps=t, prediction=pred)
 

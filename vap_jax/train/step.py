@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vap_jax.models.common import TRAINABLE
 from vap_jax.parallel import logical_to_spec, param_shardings
-from vap_jax.parallel.sharding import Rules, sharding_context
+from vap_jax.parallel.sharding import Rules
 from vap_jax.train import objectives
 from vap_jax.train.optimizer import global_norm
 
@@ -107,21 +107,13 @@ def make_train_step(graphdef, objective: objectives.Objective,
   return step
 
 
-def jit_train_step(step: Callable, state: TrainState, frozen, optimizer, mesh: Mesh | None,
-                   rules: Rules) -> Callable:
-  """``step`` jitted with the state donated; on a mesh, with explicit shardings and under the
-  mesh's activation rules. Returns ``run(state, frozen, batch, draws=None)``."""
-  if mesh is None:
-    compiled = jax.jit(step, donate_argnums=0)
-    return lambda *args: compiled(*args)
+def jit_train_step(step: Callable, state: TrainState, frozen, optimizer, mesh: Mesh,
+                   rules: Rules):
+  """``step`` jitted with the state donated and explicit shardings: the state like its
+  parameters, the frozen base by its logical axes, batch and draws over the data axes. Call it
+  (or ``.lower`` it) under ``sharding_context(mesh, rules)``, which pins the activations."""
   shardings = state_shardings(state, optimizer, mesh, rules)
-  frozen_shardings = param_shardings(frozen, mesh, rules)
   data = batch_sharding(mesh, rules)
-  compiled = jax.jit(step, donate_argnums=0,
-                     in_shardings=(shardings, frozen_shardings, data, data),
-                     out_shardings=(shardings, None))
-
-  def run(state, frozen, batch, draws=None):
-    with sharding_context(mesh, rules):
-      return compiled(state, frozen, batch, draws)
-  return run
+  return jax.jit(step, donate_argnums=0,
+                 in_shardings=(shardings, param_shardings(frozen, mesh, rules), data, data),
+                 out_shardings=(shardings, None))

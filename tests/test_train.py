@@ -1,0 +1,147 @@
+"""vap-train end to end on CPU (precomputed fixture data, the tiny golden CogVideoX-VAP), the
+train step on 8-device meshes equal to one device, gradient accumulation, clear config errors."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import DATA, assert_close, config_file
+from fixtures_vap_data import make_vap_data
+from vap_jax.cli.precompute import main as precompute
+from vap_jax.cli.train import main as vap_train
+from vap_jax.parallel import DEFAULT_RULES, FSDP_CONTEXT_RULES
+from vap_jax.train import objectives
+from vap_jax.train.trainer import Trainer
+
+COMPONENTS = DATA / 'cogvideox_pipeline' / 'components'
+
+
+@pytest.fixture(scope='module')
+def latents(tmp_path_factory):
+  """The fixture dataset precomputed with the tiny golden CogVideoX components (64x96: the tiny
+  transformer's learned positions; 8 text tokens)."""
+  root = tmp_path_factory.mktemp('train')
+  make_vap_data(root / 'vap')
+  assert precompute(['cogvideox', '--model', str(COMPONENTS), '--data', str(root / 'vap'),
+                     '--out', str(root / 'latents'), '--set', 'buckets=[[9, 64, 96]]',
+                     '--set', 'truncate_multiple=1', '--set', 'sample_ref_videos_num=2',
+                     '--set', 'max_failure_fraction=0.5', '--set', 'min_samples_before_cap=10',
+                     '--text-max-length', '8', '--store-dtype', 'float32', '--text-dtype',
+                     'float32', '--workers', '0', '--no-progress']) == 0
+  return root / 'latents'
+
+
+def _config(latents, **changes):
+  config = config_file('train_cogvideox.py:tiny')
+  config.model.checkpoint = str(COMPONENTS)
+  config.data.latents = str(latents)
+  for key, value in changes.items():
+    node, *path = key.split('__')
+    target = config[node] if path else config
+    target[path[0] if path else node] = value
+  return config
+
+
+def test_vap_train_runs_and_logs(latents, tmp_path, capsys):
+  work = tmp_path / 'run'
+  assert vap_train(['--config', 'configs/train_cogvideox.py:tiny', '--workdir', str(work),
+                    '--set', f'model.checkpoint="{COMPONENTS}"', '--set',
+                    f'data.latents="{latents}"', '--steps', '4', '--no-progress']) == 0
+  out = capsys.readouterr().out
+  assert out.startswith('trained 4 steps; loss ')
+  rows = [json.loads(line) for line in (work / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  for r in rows:
+    for key in ('loss', 'grad_norm', 'learning_rate', 'step_seconds', 'data_wait_seconds',
+                'samples_per_second', 'tflops_per_device'):
+      assert np.isfinite(r[key]), key
+  assert rows[0]['learning_rate'] == 0.0 and rows[1]['learning_rate'] > 0  # official warmup
+  assert list((work / 'tensorboard').glob('events.out.tfevents.*'))
+
+
+def test_training_changes_only_the_expert(latents, tmp_path):
+  trainer = Trainer(_config(latents), tmp_path)
+  before = jax.tree.map(np.asarray, (trainer.state.params, trainer.frozen))
+  trainer.run(3, progress=False)
+  params, frozen = trainer.state.params, trainer.frozen
+  for (path, a), (_, b) in zip(nnx.to_flat_state(before[1]), nnx.to_flat_state(frozen)):
+    np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))  # base: bit-identical
+  changed = [not np.array_equal(a[...], b[...]) for (_, a), (_, b) in
+             zip(nnx.to_flat_state(before[0]), nnx.to_flat_state(params))]
+  assert all(path[0] == 'expert' for path, _ in nnx.to_flat_state(params)) and sum(changed) > 10
+
+
+def _random_batch(trainer, batch):
+  """A loader-shaped batch of ``batch`` samples (shapes from the real data)."""
+  one = next(trainer.loader)
+  rng = np.random.default_rng(0)
+  return {k: rng.standard_normal((batch,) + v.shape[1:]).astype(np.float32) if k != 'ref_mask'
+          else np.ones((batch,) + v.shape[1:], bool) for k, v in one.items()}
+
+
+@pytest.fixture(scope='module')
+def one_device_step(latents, tmp_path_factory):
+  """A batch of 8, its draws, and one step of it on one device: (batch, draws, state, metrics)."""
+  one = Trainer(_config(latents, mesh=dict(data=1)), tmp_path_factory.mktemp('one'),
+                devices=jax.devices()[:1])
+  batch = _random_batch(one, 8)
+  draws = objectives.draws(jax.random.key(3), batch, 'cogvideox')
+  return (batch, draws) + one.step(one.state, one.frozen, one.put(batch), draws)
+
+
+@pytest.mark.parametrize('mesh_shape,rules', [
+    (dict(fsdp=8), DEFAULT_RULES),
+    (dict(fsdp=4, tensor=2), DEFAULT_RULES),
+    (dict(data=2, fsdp=4), DEFAULT_RULES),
+    (dict(fsdp=4, context=2), FSDP_CONTEXT_RULES),
+])
+def test_a_step_on_a_mesh_equals_one_device(latents, one_device_step, tmp_path, mesh_shape,
+                                            rules):
+  """Loss, gradient norm and every updated expert parameter of one step (same draws) on 8
+  devices equal the one-device step."""
+  batch, draws, state, metrics = one_device_step
+  many = Trainer(_config(latents, mesh=mesh_shape, rules=rules), tmp_path / 'many')
+  assert many.mesh.size == 8
+  state8, metrics8 = many.step(many.state, many.frozen, many.put(batch), draws)
+  for key in ('loss', 'grad_norm'):
+    assert_close(metrics8[key], metrics[key], atol=0, rtol=1e-5, what=key)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(state8.params), nnx.to_flat_state(state.params)):
+    assert_close(a[...], b[...], atol=1e-6, rtol=1e-5, what='.'.join(map(str, path)))
+
+
+def test_gradient_accumulation_equals_one_big_batch(latents, tmp_path):
+  big = Trainer(_config(latents, mesh=dict(data=1)), tmp_path / 'big', devices=jax.devices()[:1])
+  batch = _random_batch(big, 4)
+  draws = objectives.draws(jax.random.key(5), batch, 'cogvideox')
+  state, metrics = big.step(big.state, big.frozen, big.put(batch), draws)
+  acc = Trainer(_config(latents, mesh=dict(data=1), accumulation=2), tmp_path / 'acc',
+                devices=jax.devices()[:1])
+  state2, metrics2 = acc.step(acc.state, acc.frozen, acc.put(batch), draws)
+  assert_close(metrics2['loss'], metrics['loss'], atol=0, rtol=1e-5, what='loss')
+  for (path, a), (_, b) in zip(nnx.to_flat_state(state2.params), nnx.to_flat_state(state.params)):
+    assert_close(a[...], b[...], atol=1e-6, rtol=1e-5, what='.'.join(map(str, path)))
+
+
+@pytest.mark.parametrize('override,message', [
+    ('optimizer.learnin_rate=1', "--set optimizer.learnin_rate: the config has no 'learnin_rate'"),
+    ('steps', "--set 'steps': expected KEY=VALUE"),
+    ('data.latents="/nonexistent"', '/nonexistent/precompute.json not found'),
+])
+def test_bad_settings_are_one_line(latents, tmp_path, capsys, override, message):
+  assert vap_train(['--config', 'configs/train_cogvideox.py:tiny', '--workdir', str(tmp_path),
+                    '--set', f'model.checkpoint="{COMPONENTS}"', '--set',
+                    f'data.latents="{latents}"', '--set', override, '--no-progress']) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count('\n') == 1
+
+
+def test_reference_dropout_keeps_at_least_one_reference_last(latents):
+  """mask_ref_ratio at train time: dropped references are marked False and moved first; with
+  ratio 1 exactly one is kept (the official 'at least one'), and it is the last."""
+  from vap_jax.data.latent_source import make_latent_loader
+  loader = make_latent_loader(latents, batch_size=4, keys='train', reference_dropout=1.0,
+                              shard=(0, 1))
+  mask = next(loader)['ref_mask']
+  assert mask.shape == (4, 2) and (mask.sum(1) == 1).all() and mask[:, -1].all()

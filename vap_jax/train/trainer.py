@@ -1,0 +1,159 @@
+"""A training run: config -> mesh, model, data, optimizer, the jitted step, and the loop with its
+metrics (what ``vap-train`` runs).
+
+The run config is a big_vision-style file (``configs/train_<family>.py``): ``family``, ``model``
+(checkpoint or config, expert placement, dtypes, attention, remat, scan), ``data`` (the
+`vap-precompute` folder, global batch, dropouts, workers), ``optimizer``, ``schedule``,
+``steps``, ``accumulation``, ``mesh``, ``rules``, ``log``, ``seed``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from vap_jax.data.latent_source import LatentSource, make_latent_loader
+from vap_jax.diffusion import CogVideoXDDIMScheduler
+from vap_jax.models.flops import cogvideox_flops, training_flops, wan_flops
+from vap_jax.parallel import make_mesh, sharding_context
+from vap_jax.train import objectives
+from vap_jax.train import optimizer as opt
+from vap_jax.train.metrics import MetricWriter, StepMetrics, peak_tflops
+from vap_jax.train.model import build_model
+from vap_jax.train.step import (batch_sharding, init_state, jit_train_step, make_train_step, split,
+                                state_shardings)
+
+log = logging.getLogger(__name__)
+
+
+def objective_for(family: str, data_folder, *, mask_references: bool = False
+                  ) -> objectives.Objective:
+  """The family's objective with the VAE statistics `vap-precompute` recorded."""
+  info = LatentSource(data_folder, allow_incomplete=True).info
+  if info['settings']['family'] != family:
+    raise ValueError(f'data {data_folder} was precomputed for {info["settings"]["family"]}, '
+                     f'the run trains {family}')
+  schedule = CogVideoXDDIMScheduler() if family == 'cogvideox' else None
+  return objectives.Objective(family, info['vae'], schedule, mask_references)
+
+
+def optimizer_for(config, trainable, unreachable):
+  o, s = config.optimizer, config.schedule
+  lr = opt.schedule(o.learning_rate, warmup_steps=s.warmup_steps, kind=s.kind,
+                    total_steps=config.steps, end_value=s.get('end_value', 0.0))
+  return opt.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                   max_grad_norm=o.max_grad_norm,
+                   decay=opt.decay_scales(trainable, unreachable)), lr
+
+
+def _forward_flops(family, model_config, batch: dict) -> dict:
+  b, _, t, h, w = np.shape(batch['latents_mean'])
+  refs, text = np.shape(batch['ref_latents_mean'])[1], np.shape(batch['text'])[1]
+  if family == 'cogvideox':
+    return cogvideox_flops(model_config, batch=b, frames=t, height=h, width=w, text_len=text,
+                           num_refs=refs)
+  return wan_flops(model_config, batch=b, frames=t, height=h, width=w, text_len=text,
+                   image_len=np.shape(batch['clip'])[1], num_refs=refs)
+
+
+class Trainer:
+  """Everything one run needs, built from its config; `run` trains ``config.steps`` steps."""
+
+  def __init__(self, config, workdir: str | Path, *, devices=None):
+    self.config, self.workdir = config, Path(workdir).absolute()
+    self.family = config.family
+    self.mesh = make_mesh(dict(config.mesh), devices=devices)
+    self.rules = tuple(tuple(r) for r in config.rules)
+    data = config.data
+    count = jax.process_count()
+    if data.batch_size % (count * config.accumulation):
+      raise ValueError(f'data.batch_size {data.batch_size} must divide over {count} processes '
+                       f'and {config.accumulation} accumulation steps')
+    self.objective = objective_for(self.family, data.latents,
+                                   mask_references=data.reference_dropout > 0)
+    model = build_model(self.family, config.model, mesh=self.mesh, rules=self.rules,
+                        seed=config.seed)
+    self.model_config = model.config
+    self.unreachable = model.unreachable()
+    self.graphdef, trainable, self.frozen = split(model)
+    del model
+    self.optimizer, self.lr = optimizer_for(config, trainable, self.unreachable)
+    shardings = state_shardings(jax.eval_shape(lambda p: init_state(p, self.optimizer,
+                                                                    config.seed), trainable),
+                                self.optimizer, self.mesh, self.rules)
+    self.state = jax.jit(lambda p: init_state(p, self.optimizer, config.seed),
+                         out_shardings=shardings)(trainable)
+    step = make_train_step(self.graphdef, self.objective, self.optimizer,
+                           accumulation=config.accumulation, lr_schedule=self.lr)
+    self._step = jit_train_step(step, self.state, self.frozen, self.optimizer, self.mesh,
+                                self.rules)
+    self.batch_sharding = batch_sharding(self.mesh, self.rules)
+    self.loader = make_latent_loader(
+        data.latents, batch_size=data.batch_size // count, seed=config.seed, keys='train',
+        caption_dropout=data.caption_dropout, reference_dropout=data.reference_dropout,
+        workers=data.workers, max_failure_fraction=data.max_failure_fraction,
+        min_samples_before_cap=data.min_samples_before_cap)
+
+  def step(self, state, frozen, batch, draws=None):
+    """One training step (jitted; the state is donated) under the mesh's activation rules."""
+    with sharding_context(self.mesh, self.rules):
+      return self._step(state, frozen, batch, draws)
+
+  def model(self) -> nnx.Module:
+    """The current model: the trained expert merged back with the frozen base."""
+    return nnx.merge(self.graphdef, self.state.params, self.frozen)
+
+  def put(self, batch: dict) -> dict:
+    """This process's batch as global arrays, sharded over the data axes."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+  def run(self, steps: int | None = None, *, progress: bool = True) -> dict:
+    """Train until ``steps`` (default ``config.steps``) steps are done; returns a summary."""
+    total = int(steps if steps is not None else self.config.steps)
+    start_step = int(jax.device_get(self.state.step))
+    writer = MetricWriter(self.workdir, tensorboard=self.config.log.tensorboard)
+    meter = None
+    bar = None
+    if progress and jax.process_index() == 0:
+      from tqdm import tqdm
+      bar = tqdm(total=total, initial=start_step, desc='vap-train', unit='step')
+    losses = []
+    try:
+      for step in range(start_step, total):
+        waited = time.perf_counter()
+        batch = next(self.loader)
+        waited = time.perf_counter() - waited
+        if meter is None:
+          forward = _forward_flops(self.family, self.model_config, batch)
+          per_step = training_flops(forward, self.model_config.remat)
+          meter = StepMetrics(flops_per_step=per_step * jax.process_count(),
+                              samples_per_step=self.config.data.batch_size,
+                              peak_tflops_per_device=self.config.log.get('peak_tflops') or
+                              peak_tflops(), devices=jax.device_count())
+        self.state, metrics = self.step(self.state, self.frozen, self.put(batch))
+        done = meter.push(step + 1, metrics, waited)
+        if done is not None:
+          self._report(writer, bar, *done, losses)
+      done = meter.flush() if meter is not None else None
+      if done is not None:
+        self._report(writer, bar, *done, losses)
+    finally:
+      writer.close()
+      if bar is not None:
+        bar.close()
+    return dict(steps=int(jax.device_get(self.state.step)), losses=losses,
+                failures=self.loader.failures.state())
+
+  def _report(self, writer, bar, step: int, scalars: dict, losses: list) -> None:
+    losses.append(scalars['loss'])
+    if step % self.config.log.every == 0 or step == self.config.steps:
+      writer.write(step, scalars)
+    if bar is not None:
+      bar.update(step - bar.n)
+      bar.set_postfix(loss=f'{scalars["loss"]:.4f}', lr=f'{scalars.get("learning_rate", 0):.2e}',
+                      refresh=False)
