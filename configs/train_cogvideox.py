@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=1, fsdp=-1, context=1, tensor=1)
   c.rules = DEFAULT_RULES
   c.log = dict(every=1, tensorboard=True, peak_tflops=0.0)  # 0: the device's known peak
+  c.checkpoint = dict(every=1000, keep=2, async_save=True)   # steps; checkpoints kept
   c.seed = 42
   if variant == 'multinode':
     c.data.batch_size = 48
@@ -51,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-3
     c.schedule.warmup_steps = 10
     c.steps = 200
+    c.checkpoint.every = 50
     c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)
   elif variant != '1node':
     raise ValueError(f'variant {variant!r}: expected 1node, multinode or tiny')

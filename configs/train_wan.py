@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=2, context=1, tensor=1)
   c.rules = with_rules(DEFAULT_RULES, activation_batch='data')
   c.log = dict(every=1, tensorboard=True, peak_tflops=0.0)
+  c.checkpoint = dict(every=1000, keep=2, async_save=True)   # steps; checkpoints kept
   c.seed = 42
   if variant == 'd20':
     c.model.block_idx_with_mot_ref = tuple(range(0, 40, 2))
@@ -53,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-3
     c.schedule.warmup_steps = 10
     c.steps = 200
+    c.checkpoint.every = 50
     c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)
     c.rules = DEFAULT_RULES
   elif variant != 'd10':

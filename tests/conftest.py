@@ -53,3 +53,22 @@ def assert_trig_close(actual, expected, angles, *, what='table'):
 @pytest.fixture(scope='session')
 def golden_cog():
   return DATA / 'cogvideox_mot'
+
+
+@pytest.fixture(scope='session')
+def cog_latents(tmp_path_factory):
+  """The fixture VAP-Data set precomputed with the tiny golden CogVideoX components (64x96, the
+  tiny transformer's learned positions; 8 text tokens, 2 references): what the trainer tests
+  train on."""
+  from fixtures_vap_data import make_vap_data
+  from vap_jax.cli.precompute import main as precompute
+  root = tmp_path_factory.mktemp('train_data')
+  make_vap_data(root / 'vap')
+  assert precompute(['cogvideox', '--model', str(DATA / 'cogvideox_pipeline' / 'components'),
+                     '--data', str(root / 'vap'), '--out', str(root / 'latents'),
+                     '--set', 'buckets=[[9, 64, 96]]', '--set', 'truncate_multiple=1',
+                     '--set', 'sample_ref_videos_num=2', '--set', 'max_failure_fraction=0.5',
+                     '--set', 'min_samples_before_cap=10', '--text-max-length', '8',
+                     '--store-dtype', 'float32', '--text-dtype', 'float32', '--workers', '0',
+                     '--no-progress']) == 0
+  return root / 'latents'

@@ -8,8 +8,6 @@ import pytest
 from flax import nnx
 
 from conftest import DATA, assert_close, config_file
-from fixtures_vap_data import make_vap_data
-from vap_jax.cli.precompute import main as precompute
 from vap_jax.cli.train import main as vap_train
 from vap_jax.parallel import DEFAULT_RULES, FSDP_CONTEXT_RULES
 from vap_jax.train import objectives
@@ -19,18 +17,8 @@ COMPONENTS = DATA / 'cogvideox_pipeline' / 'components'
 
 
 @pytest.fixture(scope='module')
-def latents(tmp_path_factory):
-  """The fixture dataset precomputed with the tiny golden CogVideoX components (64x96: the tiny
-  transformer's learned positions; 8 text tokens)."""
-  root = tmp_path_factory.mktemp('train')
-  make_vap_data(root / 'vap')
-  assert precompute(['cogvideox', '--model', str(COMPONENTS), '--data', str(root / 'vap'),
-                     '--out', str(root / 'latents'), '--set', 'buckets=[[9, 64, 96]]',
-                     '--set', 'truncate_multiple=1', '--set', 'sample_ref_videos_num=2',
-                     '--set', 'max_failure_fraction=0.5', '--set', 'min_samples_before_cap=10',
-                     '--text-max-length', '8', '--store-dtype', 'float32', '--text-dtype',
-                     'float32', '--workers', '0', '--no-progress']) == 0
-  return root / 'latents'
+def latents(cog_latents):
+  return cog_latents
 
 
 def _config(latents, **changes):
@@ -77,8 +65,10 @@ def _random_batch(trainer, batch):
   """A loader-shaped batch of ``batch`` samples (shapes from the real data)."""
   one = next(trainer.loader)
   rng = np.random.default_rng(0)
-  return {k: rng.standard_normal((batch,) + v.shape[1:]).astype(np.float32) if k != 'ref_mask'
-          else np.ones((batch,) + v.shape[1:], bool) for k, v in one.items()}
+  out = {k: rng.standard_normal((batch,) + v.shape[1:]).astype(np.float32)
+         for k, v in one.items() if k not in ('ref_mask', 'index')}
+  return dict(out, ref_mask=np.ones((batch,) + one['ref_mask'].shape[1:], bool),
+              index=np.arange(batch))
 
 
 @pytest.fixture(scope='module')

@@ -5,8 +5,15 @@
   vap-train --config configs/train_cogvideox.py:tiny --workdir /tmp/run --set steps=50
 
 The config (a file read by path, ``PATH[:VARIANT]``) holds the model, data, optimizer, schedule,
-mesh and logging settings; ``--set dotted.key=VALUE`` (JSON values) changes any of them. Metrics
-go to WORKDIR/metrics.jsonl and WORKDIR/tensorboard (process 0), a progress bar to stderr.
+mesh, logging and checkpoint settings; ``--set dotted.key=VALUE`` (JSON values) changes any of
+them. Metrics go to WORKDIR/metrics.jsonl and WORKDIR/tensorboard (process 0), a progress bar to
+stderr, checkpoints to WORKDIR/checkpoints. Running the same command again resumes from the
+latest checkpoint (exactly: same batches, same draws).
+
+Multi-host: every process runs the same command; TPU pod slices and SLURM jobs are found by
+themselves, otherwise --coordinator HOST:PORT --num-processes N --process-id I (launch/).
+Exit status: 0 done, 2 bad input, 75 stopped by SIGTERM or a preemption notice after saving a
+checkpoint (run the command again to resume).
 """
 from __future__ import annotations
 
@@ -54,6 +61,11 @@ def parser() -> argparse.ArgumentParser:
                  help='override one setting, value as JSON (repeatable), e.g. steps=1000')
   p.add_argument('--steps', type=int, default=None, help='stop after this many steps in all')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  g = p.add_argument_group('several processes (see launch/)')
+  g.add_argument('--coordinator', default=None, metavar='HOST:PORT',
+                 help='jax.distributed coordinator (TPU pods and SLURM need none)')
+  g.add_argument('--num-processes', type=int, default=None)
+  g.add_argument('--process-id', type=int, default=None)
   common.add_verbose(p)
   return p
 
@@ -64,7 +76,10 @@ def main(argv=None) -> int:
   from vap_jax.config import load_config
   from vap_jax.data.pipeline import DataFailureError
   from vap_jax.weights.safetensors_io import CheckpointError
+  from vap_jax.parallel.distributed import initialize
+  from vap_jax.train.checkpoint import CheckpointError as TrainCheckpointError
   try:
+    initialize(args.coordinator, args.num_processes, args.process_id)
     config = load_config(args.config)
     apply_overrides(config, args.set)
     if args.steps is not None and args.steps < 1:
@@ -73,9 +88,15 @@ def main(argv=None) -> int:
     from vap_jax.train.trainer import Trainer
     trainer = Trainer(config, args.workdir)
     summary = trainer.run(args.steps, progress=not args.no_progress)
-  except (CheckpointError, DataFailureError, FileNotFoundError, ValueError) as e:
+  except (CheckpointError, TrainCheckpointError, DataFailureError, FileNotFoundError,
+          ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  if summary['preempted']:
+    print(f'stopped at step {summary["steps"]} (preempted), checkpoint saved: run the same command '
+          f'to resume')
+    from vap_jax.train.trainer import EXIT_PREEMPTED
+    return EXIT_PREEMPTED
   losses = summary['losses']
   print(f'trained {summary["steps"]} steps; loss {losses[0]:.4f} -> {losses[-1]:.4f}'
         if losses else f'nothing to train: already at step {summary["steps"]}')

@@ -105,9 +105,10 @@ class CaptionDropout(grain.transforms.RandomMap):
 TRAIN_KEYS = {
     'cogvideox': ('latents_mean', 'latents_logvar', 'ref_latents_mean', 'ref_latents_logvar',
                   'image_latents_mean', 'image_latents_logvar', 'ref_image_latents_mean',
-                  'ref_image_latents_logvar', 'text', 'ref_text', 'ref_mask'),
+                  'ref_image_latents_logvar', 'text', 'ref_text', 'ref_mask', 'index'),
     'wan': ('latents_mean', 'latents_logvar', 'ref_latents_mean', 'ref_latents_logvar',
-            'condition', 'ref_condition', 'clip', 'ref_clip', 'text', 'ref_text', 'ref_mask'),
+            'condition', 'ref_condition', 'clip', 'ref_clip', 'text', 'ref_text', 'ref_mask',
+            'index'),
 }
 
 

@@ -76,21 +76,22 @@ class StepMetrics:
     self._pending = None
     self._last = None
 
-  def push(self, step: int, metrics, data_wait: float):
+  def push(self, step: int, metrics, data_wait: float, host: dict | None = None):
     """``metrics``: device arrays of the step ``step`` just dispatched; ``data_wait``: seconds
-    the host waited for its batch. Returns (step, scalars) of the step before, which this
+    the host waited for its batch; ``host``: scalars known on the host (logged with the step).
+    Returns (step, scalars) of the step before, which this
     waits for; its seconds run from the previous step's end (the first: from its dispatch, so
     they include the compilation)."""
-    done, self._pending = self._pending, (step, metrics, data_wait)
+    done, self._pending = self._pending, (step, metrics, data_wait, host or {})
     if done is None:
       self._last = time.perf_counter()
       return None
-    step_done, values, wait = done
+    step_done, values, wait, host_done = done
     values = jax.device_get(values)
     now = time.perf_counter()
     seconds, self._last = now - self._last, now
     scalars = {k: float(np.mean(v)) for k, v in values.items() if np.ndim(v) == 0 or k == 'loss'}
-    scalars.update(step_seconds=seconds, data_wait_seconds=wait,
+    scalars.update(host_done, step_seconds=seconds, data_wait_seconds=wait,
                    samples_per_second=self.samples / seconds)
     tflops = self.flops / seconds / 1e12 / self.devices
     scalars['tflops_per_device'] = tflops

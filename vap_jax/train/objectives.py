@@ -58,19 +58,27 @@ class Draws:
 
 
 def draws(key: jax.Array, batch: dict, family: str) -> Draws:
-  """Fresh draws for ``batch``: uniform u (CogVideoX) or sigmoid(N(0,1)) (Wan)."""
-  k_u, k_noise, k_post = jax.random.split(key, 3)
-  b = np.shape(batch['latents_mean'])[0]
+  """Fresh draws for ``batch``: uniform u (CogVideoX) or sigmoid(N(0,1)) (Wan), noise and
+  posterior draws. Each sample's come from ``key`` folded with its global sample index
+  (``batch['index']``), so they do not depend on where the sample sits in the batch: the same
+  run on another mesh or process count draws the same numbers."""
+  names = conditioning.COGVIDEOX_DRAWN if family == 'cogvideox' else conditioning.WAN_DRAWN
+  shape = tuple(np.shape(batch['latents_mean'])[1:])
   if family == 'cogvideox':
-    u = jax.random.uniform(k_u, (b,), jnp.float32)
-    shape = _frames_first(np.shape(batch['latents_mean']))
-    names = conditioning.COGVIDEOX_DRAWN
-  else:
-    u = jax.nn.sigmoid(jax.random.normal(k_u, (b,), jnp.float32))
-    shape = tuple(np.shape(batch['latents_mean']))
-    names = conditioning.WAN_DRAWN
-  return Draws(u, jax.random.normal(k_noise, shape, jnp.float32),
-               conditioning.posterior_draws(k_post, batch, names))
+    c, t, h, w = shape
+    shape = (t, c, h, w)  # the noise is frames-first like the CogVideoX latents
+  one = {n: {f'{n}_mean': np.zeros(np.shape(batch[f'{n}_mean'])[1:])} for n in names}
+
+  def sample(index):
+    k_u, k_noise, k_post = jax.random.split(jax.random.fold_in(key, index), 3)
+    if family == 'cogvideox':
+      u = jax.random.uniform(k_u, (), jnp.float32)
+    else:
+      u = jax.nn.sigmoid(jax.random.normal(k_u, (), jnp.float32))
+    posterior = conditioning.posterior_draws(
+        k_post, {f'{n}_mean': one[n][f'{n}_mean'] for n in names}, names)
+    return Draws(u, jax.random.normal(k_noise, shape, jnp.float32), posterior)
+  return jax.vmap(sample)(jnp.asarray(batch['index']).astype(jnp.uint32))
 
 
 def _frames_first(shape):  # (B, C, T, h, w) -> (B, T, C, h, w)

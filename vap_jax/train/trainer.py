@@ -9,6 +9,7 @@ The run config is a big_vision-style file (``configs/train_<family>.py``): ``fam
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from vap_jax.models.flops import cogvideox_flops, training_flops, wan_flops
 from vap_jax.parallel import make_mesh, sharding_context
 from vap_jax.train import objectives
 from vap_jax.train import optimizer as opt
+from vap_jax.train.checkpoint import Checkpointer
 from vap_jax.train.metrics import MetricWriter, StepMetrics, peak_tflops
 from vap_jax.train.model import build_model
 from vap_jax.train.step import (batch_sharding, init_state, jit_train_step, make_train_step, split,
@@ -60,8 +62,14 @@ def _forward_flops(family, model_config, batch: dict) -> dict:
                    image_len=np.shape(batch['clip'])[1], num_refs=refs)
 
 
+# The exit status of a run stopped by a preemption notice after its checkpoint: "try again"
+# (EX_TEMPFAIL); the launch scripts restart the same command, which resumes.
+EXIT_PREEMPTED = 75
+
+
 class Trainer:
-  """Everything one run needs, built from its config; `run` trains ``config.steps`` steps."""
+  """Everything one run needs, built from its config; `run` trains ``config.steps`` steps,
+  resuming from the workdir's latest checkpoint if there is one."""
 
   def __init__(self, config, workdir: str | Path, *, devices=None):
     self.config, self.workdir = config, Path(workdir).absolute()
@@ -97,6 +105,14 @@ class Trainer:
         caption_dropout=data.caption_dropout, reference_dropout=data.reference_dropout,
         workers=data.workers, max_failure_fraction=data.max_failure_fraction,
         min_samples_before_cap=data.min_samples_before_cap)
+    c = config.checkpoint
+    self.checkpoints = Checkpointer(self.workdir, config, every=c.every, keep=c.keep,
+                                    async_save=c.get('async_save', True))
+    self.resumed_from = self.checkpoints.latest_step()
+    if self.resumed_from is not None:
+      self.state = self.checkpoints.restore(self.state, shardings, self.loader)
+      log.info('resumed from step %d of %s', self.resumed_from, self.checkpoints.directory)
+    self._preempted = False
 
   def step(self, state, frozen, batch, draws=None):
     """One training step (jitted; the state is donated) under the mesh's activation rules."""
@@ -112,10 +128,17 @@ class Trainer:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in batch.items()}
 
+  def _on_sigterm(self, signum, frame):
+    log.warning('SIGTERM: saving at the next step boundary, then stopping')
+    self._preempted = True
+
   def run(self, steps: int | None = None, *, progress: bool = True) -> dict:
-    """Train until ``steps`` (default ``config.steps``) steps are done; returns a summary."""
+    """Train until ``steps`` (default ``config.steps``) steps are done, checkpointing at the
+    configured cadence, at the end, and at the next step boundary after SIGTERM or JAX's
+    preemption notice (then ``summary['preempted']``); returns a summary."""
     total = int(steps if steps is not None else self.config.steps)
     start_step = int(jax.device_get(self.state.step))
+    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     writer = MetricWriter(self.workdir, tensorboard=self.config.log.tensorboard)
     meter = None
     bar = None
@@ -136,18 +159,31 @@ class Trainer:
                               peak_tflops_per_device=self.config.log.get('peak_tflops') or
                               peak_tflops(), devices=jax.device_count())
         self.state, metrics = self.step(self.state, self.frozen, self.put(batch))
-        done = meter.push(step + 1, metrics, waited)
+        # The samples of the step (this process's part), to check the data order across resumes.
+        order = dict(data_first_index=int(batch['index'][0]),
+                     data_index_sum=int(np.sum(batch['index'])))
+        done = meter.push(step + 1, metrics, waited, order)
         if done is not None:
           self._report(writer, bar, *done, losses)
+        preempted = self._preempted or self.checkpoints.reached_preemption(step + 1)
+        if preempted or step + 1 == total:
+          self.checkpoints.save(step + 1, self.state, self.loader, force=True)
+          if preempted:
+            self._preempted = True
+            break
+        elif self.checkpoints.should_save(step + 1):
+          self.checkpoints.save(step + 1, self.state, self.loader)
       done = meter.flush() if meter is not None else None
       if done is not None:
         self._report(writer, bar, *done, losses)
     finally:
+      signal.signal(signal.SIGTERM, previous)
+      self.checkpoints.wait()
       writer.close()
       if bar is not None:
         bar.close()
     return dict(steps=int(jax.device_get(self.state.step)), losses=losses,
-                failures=self.loader.failures.state())
+                failures=self.loader.failures.state(), preempted=self._preempted)
 
   def _report(self, writer, bar, step: int, scalars: dict, losses: list) -> None:
     losses.append(scalars['loss'])

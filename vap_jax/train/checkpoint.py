@@ -1,0 +1,164 @@
+"""Checkpoints of a run: one Orbax `CheckpointManager` under ``WORKDIR/checkpoints``, async.
+
+Each step folder holds ``state`` (the whole `TrainState`: step, trainable parameters, optimizer
+state, random key, flattened to path -> array), ``data_iterator`` (every process's Grain
+iterator: position, failure counts) and ``config`` (the run config that made it). Orbax writes a
+step into a temporary folder and renames it once complete, so the latest finished step is always
+whole: a crash mid-save leaves the one before it to restore.
+
+Restoring reads every array straight into the *current* run's shardings (each process reads only
+its shards), so a run saved on one mesh resumes on another (fsdp=8 -> data=2,fsdp=4; 8 devices
+-> 4) without gathering the state anywhere. A saved state that does not fit the current run
+(another family, other expert layout, other optimizer) is refused by name before anything loads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+# Run settings a resumed run may change (how it runs, not what it trains).
+CHANGEABLE = ('mesh', 'rules', 'log', 'steps', 'checkpoint', 'data.workers', 'model.remat',
+              'model.attention', 'model.scan_layers', 'accumulation', 'data.batch_size')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used by this run; the message names what and where."""
+
+
+def _key(path) -> str:
+  return '/'.join(str(getattr(p, 'key', getattr(p, 'idx', getattr(p, 'name', p)))) for p in path)
+
+
+def flatten(tree) -> tuple[dict, object]:
+  """A pytree -> ({'a/b/0': leaf}, treedef): the plain dict Orbax stores."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return {_key(path): leaf for path, leaf in leaves}, treedef
+
+
+def _plain(value):
+  if hasattr(value, 'to_dict'):
+    return _plain(value.to_dict())
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def _differences(saved: dict, current: dict, prefix='') -> list[str]:
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    name = f'{prefix}{key}'
+    if any(name == c or name.startswith(c + '.') for c in CHANGEABLE):
+      continue
+    a, b = saved.get(key, '<missing>'), current.get(key, '<missing>')
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _differences(a, b, name + '.')
+    elif a != b:
+      out.append(f'{name}: saved {a!r}, now {b!r}')
+  return out
+
+
+class Checkpointer:
+  """Save and restore a run's state, data position and config (see the module docstring)."""
+
+  def __init__(self, workdir: str | Path, config, *, every: int, keep: int | None,
+               async_save: bool = True):
+    self.directory = Path(workdir).absolute() / 'checkpoints'
+    self.config = _plain(config)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(int(every), 1), max_to_keep=keep,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """JAX's preemption sync point (TPU maintenance, a coordinated SIGTERM): all processes
+    agree to save at the same step."""
+    return self.manager.reached_preemption(step)
+
+  def save(self, step: int, state, loader, *, force: bool = False) -> bool:
+    """Start saving ``state`` and the data position (async); True if a save started."""
+    flat, _ = flatten(state)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(flat),
+                              config=ocp.args.JsonSave(self.config), **loader.save_args())
+    started = self.manager.save(step, args=args, force=force)
+    if started:
+      log.info('checkpoint of step %d started (%s)', step, self.directory)
+    return started
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore(self, state, shardings, loader, step: int | None = None):
+    """The saved state of ``step`` (default: the latest), restored into ``shardings`` (a
+    `TrainState` of shardings like ``state``); ``loader`` is moved to its saved position."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'{self.directory} holds no finished checkpoint')
+    where = self.directory / str(step)
+    self._check_config(where)
+    flat, treedef = flatten(state)
+    # ``shardings`` is a prefix of ``state`` (a sharding where the state has a Variable): one
+    # sharding per leaf, in the state's own structure.
+    flat_shardings, _ = flatten(jax.tree.map(
+        lambda where, sub: jax.tree.map(lambda _: where, sub), shardings, state,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)))
+    saved = self._stored_keys(step)
+    if saved is not None and set(saved) != set(flat):
+      missing, extra = sorted(set(flat) - set(saved)), sorted(set(saved) - set(flat))
+      raise CheckpointError(
+          f'checkpoint {where} does not hold this run\'s state (another model, expert layout or '
+          f'optimizer?): missing {missing[:8]}{" ..." if len(missing) > 8 else ""}, '
+          f'unexpected {extra[:8]}{" ..." if len(extra) > 8 else ""}')
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=flat_shardings[k])
+              for k, v in flat.items()}
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), **loader.restore_args()))
+    except (ValueError, FileNotFoundError, OSError) as e:
+      raise CheckpointError(f'checkpoint {where} cannot be restored: {_first_line(e)}') from e
+    values = restored['state']
+    return jax.tree_util.tree_unflatten(treedef, [values[k] for k in flat])
+
+  def _stored_keys(self, step: int) -> list[str] | None:
+    try:
+      meta = self.manager.item_metadata(step)
+      tree = meta['state'] if meta is not None and 'state' in meta else None
+    except Exception:  # older Orbax metadata layouts: the restore itself will check
+      return None
+    return None if tree is None else list(tree.keys())
+
+  def _check_config(self, where: Path) -> None:
+    try:  # the JSON item's file (read directly: restoring one item makes Orbax warn of the rest)
+      saved = json.loads((where / 'config' / 'metadata').read_text())
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f'checkpoint {where} is damaged or partial: its config cannot be '
+                            f'read ({_first_line(e)})') from e
+    if saved.get('family') != self.config.get('family'):
+      raise CheckpointError(f'checkpoint {where} is of a {saved.get("family")} run, this run '
+                            f'trains {self.config.get("family")}')
+    diff = _differences(saved, self.config)
+    if diff:
+      raise CheckpointError(f'checkpoint {where} was made with other settings: '
+                            + '; '.join(diff[:6]) + ('; ...' if len(diff) > 6 else '')
+                            + ' (start a new workdir, or set them back)')
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return text[0] if text else type(error).__name__
