@@ -228,7 +228,8 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, dtype: str = 'bfloat16
   family = check_components(src)
   dtypes = {name: (dtypes or {}).get(name) or DEFAULT_DTYPES[name] or dtype
             for name in model_specs(family)}
-  if dst.exists() and any(dst.iterdir()) and not overwrite:
+  # A run killed while writing its first manifest leaves only manifest.json.tmp: still empty.
+  if dst.exists() and any(p.name != MANIFEST + '.tmp' for p in dst.iterdir()) and not overwrite:
     if not is_converted_pipeline(dst):
       raise FileExistsError(f'{dst} exists and is not a vap-convert output: pick an empty folder '
                             'or pass overwrite=True (--overwrite)')

@@ -84,9 +84,13 @@ def _unnest(tree: dict, slots) -> dict[km.Slot, object]:
 
 
 def write_config(dst: str | Path, config: dict) -> None:
+  """Write ``dst/config.json`` atomically: its presence marks a finished conversion, so a kill
+  while writing must leave none rather than a cut one."""
   Path(dst).mkdir(parents=True, exist_ok=True)
   config = {**config, 'format_version': FORMAT_VERSION}
-  (Path(dst) / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+  tmp = Path(dst) / (CONFIG_FILE + '.tmp')
+  tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
+  tmp.replace(Path(dst) / CONFIG_FILE)
 
 
 def read_config(src: str | Path) -> dict:
@@ -112,6 +116,10 @@ def convert_safetensors(checkpoint: SafetensorsCheckpoint, keymap: km.KeyMap,
     if not overwrite:
       raise FileExistsError(f'{target} exists; pass overwrite=True (--overwrite) to replace it')
     shutil.rmtree(target)
+  # A killed conversion leaves Orbax partial saves ('state.partial_save', its '.orbax-checkpoint-
+  # tmp' twin): Orbax refuses to add the same keys to them, and they are never a finished state.
+  for leftover in target.parent.glob(target.name + '.partial_save*'):
+    shutil.rmtree(leftover)
   _, state = nnx.split(abstract_model(factory))
   the_plan = km.plan(checkpoint, keymap, state, slot_of)
   sizes = {slot: int(np.prod(shape)) * dtype.itemsize
