@@ -70,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--mesh', default=None, metavar='AXIS=N,...',
                  help='shard over a device mesh, e.g. fsdp=8 or fsdp=4,tensor=2 (default: one '
                       'device)')
+  p.add_argument('--verify', action='store_true',
+                 help='check the sha256 of every file of a converted --ckpt before loading '
+                      '(by default only their sizes are checked)')
   cli.add_verbose(p)
   return p
 
@@ -106,6 +109,13 @@ def _read_references(paths: list[str], prompts: list[str], frames: int, mode: st
   return videos, fps
 
 
+def _verify(ckpt: str) -> None:
+  from vap_jax.weights.checkpoint import is_converted_pipeline, verify
+  if not is_converted_pipeline(ckpt) or not verify(ckpt)[0]:
+    raise ValueError(f'--verify: {ckpt} has no recorded checksums (only folders written by this '
+                     'version of vap-convert have them)')
+
+
 def _mesh(spec: str | None):
   from vap_jax.parallel import make_mesh, parse_mesh_shape
   return make_mesh(parse_mesh_shape(spec)) if spec else None
@@ -139,6 +149,8 @@ def main(argv=None) -> int:
       raise ValueError(f"--fps {args.fps!r}: expected a number or 'ref'")
     cli.writable_file(args.out, '--out')
     family = check_components(args.ckpt)
+    if args.verify:
+      _verify(args.ckpt)
     image = _read_image(args.image)
     refs, ref_fps = _read_references(args.ref_video, args.ref_prompt, args.frames,
                                      args.frames_selection, args.seed)

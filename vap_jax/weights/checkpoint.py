@@ -9,7 +9,8 @@ pipelines)::
 
 converted layout (``vap-convert``)::
 
-    manifest.json                          format_version, family, components, source, ...
+    manifest.json                          format_version, family, components, source, files
+                                           (size + sha256 of each copied file), ...
     transformer/ vae/ text_encoder/ [image_encoder/]   config.json + state/ (Orbax, one per model)
     tokenizer/ scheduler/ [image_processor/]           copied as they are
 
@@ -24,7 +25,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from vap_jax.weights import cogvideox, component, encoders, orbax_io, vae, wan
+from vap_jax.weights import cogvideox, component, encoders, integrity, orbax_io, vae, wan
 from vap_jax.weights.component import ModelSpec
 from vap_jax.weights.loading import MANIFEST, MODEL_INDEX
 from vap_jax.weights.safetensors_io import CheckpointError
@@ -138,9 +139,31 @@ def check_components(path: str | Path) -> str:
     layout = 'converted' if converted else 'diffusers'
     listed = '; '.join(f'{name}/ ({why})' for name, why in problems.items())
     raise CheckpointError(f'{layout} {family} checkpoint {path} is missing components: {listed}')
-  if converted and not read_manifest(path).get('complete', False):
-    raise CheckpointError(f'{path}: the conversion did not finish; re-run vap-convert')
+  if converted:
+    if not read_manifest(path).get('complete', False):
+      raise CheckpointError(f'{path}: the conversion did not finish; re-run vap-convert')
+    verify(path, full=False)
   return family
+
+
+def verify(path: str | Path, *, full: bool = True) -> tuple[int, int]:
+  """Check a converted folder (pipeline root or one component folder) against the checksums
+  recorded at conversion: every file's size, and with ``full`` its sha256. Returns (files,
+  bytes) checked; raises `CheckpointError` naming the first missing, cut or changed file."""
+  path = Path(path)
+  if is_converted_pipeline(path):
+    manifest = read_manifest(path)
+    folders = [path / name for name, entry in manifest['components'].items()
+               if entry['kind'] == 'model']
+    counts = [integrity.check(path, manifest.get('files'), full=full)]
+  elif component.has_orbax_state(path):
+    folders, counts = [path], []
+  else:
+    raise CheckpointError(f'{path} is not a converted folder (it has neither {MANIFEST} nor '
+                          f'{orbax_io.STATE_DIR}/): only vap-convert output records checksums')
+  for folder in folders:
+    counts.append(integrity.check(folder, orbax_io.read_config(folder).get('files'), full=full))
+  return sum(n for n, _ in counts), sum(b for _, b in counts)
 
 
 def _file_component(path: str | Path, name: str) -> Path:
@@ -255,6 +278,7 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, dtype: str = 'bfloat16
         shutil.rmtree(out)
       shutil.copytree(src / name, out)
       entry = dict(kind='files', files=sorted(p.name for p in out.iterdir()))
+      manifest.setdefault('files', {}).update(integrity.record(dst, out))
     else:
       if keep[name]:
         log.info('%s: already converted in %s, kept', name, out)

@@ -11,7 +11,8 @@ read and checked, how that config becomes our model config, and the key map of i
     converted component       folder/config.json + folder/state/                    (Orbax)
 
 A converted ``config.json`` holds ``model`` (the spec name), ``param_dtype``, ``source`` and
-``source_config`` (the source config.json, diffusers or transformers field names); folders written
+``source_config`` (the source config.json, diffusers or transformers field names) and ``files``
+(size and sha256 of every file of ``state/``, `vap_jax.weights.integrity`); folders written
 before ``source_config`` existed stored it as ``diffusers_config`` / ``hf_config`` and still load.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jax.sharding import Mesh
 from vap_jax.models.stack import checkpoint_slots
 from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
-from vap_jax.weights import orbax_io
+from vap_jax.weights import integrity, orbax_io
 from vap_jax.weights.keymap import KeyMap
 from vap_jax.weights.loading import component_dir, load_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
@@ -122,8 +123,10 @@ def convert_checkpoint(spec: ModelSpec, checkpoint: SafetensorsCheckpoint, raw: 
   count = orbax_io.convert_safetensors(checkpoint, keymap, spec.factory(config), dst,
                                        group_bytes=group_bytes, overwrite=overwrite,
                                        progress=progress, slot_of=_slot_of(config))
+  dst = Path(dst)
   orbax_io.write_config(dst, {'model': spec.name, 'param_dtype': param_dtype,
-                              'source': str(Path(checkpoint.path).resolve()), 'source_config': raw})
+                              'source': str(Path(checkpoint.path).resolve()), 'source_config': raw,
+                              'files': integrity.record(dst, dst / orbax_io.STATE_DIR)})
   return count
 
 

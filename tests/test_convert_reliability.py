@@ -1,9 +1,18 @@
-"""A ``vap-convert`` killed (SIGKILL) anywhere in its writing resumes when the same command runs
+"""Converted folders survive what happens to files on disk.
+
+A ``vap-convert`` killed (SIGKILL) anywhere in its writing resumes when the same command runs
 again: finished components are kept, and the result loads to exactly the parameters of an
 uninterrupted conversion and generates the same video bytes. ``--overwrite`` works on a killed
 folder too. The kills are real ``kill -9`` of a subprocess, at points chosen in its writer
-(`kill_convert.py`), so every run stops at the same place on any machine."""
+(`kill_convert.py`), so every run stops at the same place on any machine.
+
+A damaged converted file (flipped byte, garbage, cut short, missing) is reported in one line
+naming the file: on load when its size changed or Orbax cannot read it, and always by
+``vap-convert --verify`` / ``vap-generate --verify``, which check the recorded sha256.
+"""
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +26,7 @@ from vap_jax.cli.convert import main as vap_convert
 from vap_jax.weights import checkpoint as ckpt
 from vap_jax.weights.cogvideox import load_cogvideox
 from vap_jax.weights.encoders import load_text_encoder
+from vap_jax.weights.safetensors_io import CheckpointError
 from vap_jax.weights.vae import load_cogvideox_vae
 
 ARGS = ['--dtype', 'float32', '--no-progress']
@@ -102,3 +112,93 @@ def test_resumed_conversion_generates_the_same_video(uninterrupted, tmp_path):
                      '--steps', '2', '--dtype', 'float32', '--out', str(out)]) == 0
     videos.append(out.read_bytes())
   assert videos[0] == videos[1]
+
+
+def _damaged(dst: Path, tmp_path: Path, how: str) -> tuple[Path, Path]:
+  """A copy of ``dst`` whose largest transformer data file is damaged ``how``."""
+  copy = tmp_path / f'damaged_{how}'
+  shutil.copytree(dst, copy)
+  files = json.loads((copy / 'transformer' / 'config.json').read_text())['files']
+  rel = max((k for k in files if '/d/' in k), key=lambda k: files[k]['bytes'])
+  path = copy / 'transformer' / rel
+  data = bytearray(path.read_bytes())
+  if how == 'flip':
+    data[len(data) // 2] ^= 1
+  elif how == 'garbage':
+    data = bytearray(np.random.default_rng(0).integers(0, 256, len(data), np.uint8).tobytes())
+  elif how == 'cut':
+    data = data[:len(data) // 2]
+  if how == 'missing':
+    path.unlink()
+  else:
+    path.write_bytes(bytes(data))
+  return copy, path
+
+
+def _generate(ckpt: Path, tmp_path: Path, *extra) -> int:
+  from example_inputs import write_example
+  from vap_jax.cli.generate import main as generate
+  if not (tmp_path / 'image.png').exists():
+    write_example(tmp_path)
+  return generate(['--ckpt', str(ckpt), '--image', str(tmp_path / 'image.png'),
+                   '--ref-video', str(tmp_path / 'ref.mp4'), '--ref-prompt', 'a square',
+                   '--prompt', 'a square', '--frames', '9', '--height', '64', '--width', '96',
+                   '--steps', '1', '--dtype', 'float32', '--out', str(tmp_path / 'o.mp4'),
+                   *extra])
+
+
+def _one_line(capsys) -> str:
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1, err
+  return err
+
+
+def test_verify_passes_on_an_intact_folder_and_refuses_one_without_checksums(
+    uninterrupted, tmp_path, capsys):
+  src, dst, _ = uninterrupted
+  assert vap_convert(['--verify', str(dst)]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith('verified ') and 'all match their checksums' in out
+  manifest = json.loads((dst / 'manifest.json').read_text())
+  assert sorted(manifest['files']) == sorted(
+      f'{name}/{f.name}' for name in ('tokenizer', 'scheduler') for f in (src / name).iterdir())
+  assert vap_convert(['--verify', str(src)]) == 2
+  assert 'is not a converted folder' in _one_line(capsys)
+  old = tmp_path / 'old'  # converted before checksums were recorded
+  shutil.copytree(dst / 'vae', old)
+  config = json.loads((old / 'config.json').read_text())
+  del config['files']
+  (old / 'config.json').write_text(json.dumps(config))
+  assert vap_convert(['--verify', str(old)]) == 2
+  assert 'has no recorded checksums' in _one_line(capsys)
+  load_cogvideox_vae(old)  # and still loads
+
+
+@pytest.mark.parametrize('how,message', [
+    ('flip', 'is damaged: its sha256 differs'),
+    ('garbage', 'is damaged: its sha256 differs'),
+    ('cut', 'were written at conversion (damaged or cut short)'),
+    ('missing', 'is missing (it was written at conversion)'),
+])
+def test_damaged_file_is_named_by_verify(uninterrupted, tmp_path, capsys, how, message):
+  copy, path = _damaged(uninterrupted[1], tmp_path, how)
+  assert vap_convert(['--verify', str(copy)]) == 2
+  err = _one_line(capsys)
+  assert str(path) in err and message in err
+  assert _generate(copy, tmp_path, '--verify') == 2  # before any weights load
+  assert _one_line(capsys) == err
+  assert not (tmp_path / 'o.mp4').exists()
+
+
+@pytest.mark.parametrize('how,message', [
+    ('garbage', 'is damaged: its sha256 differs'),   # Orbax fails to read it
+    ('cut', 'were written at conversion (damaged or cut short)'),  # caught by its size
+    ('missing', 'is missing (it was written at conversion)'),
+])
+def test_damaged_file_is_one_line_on_load(uninterrupted, tmp_path, capsys, how, message):
+  copy, path = _damaged(uninterrupted[1], tmp_path, how)
+  assert _generate(copy, tmp_path) == 2
+  err = _one_line(capsys)
+  assert str(path) in err and message in err
+  with pytest.raises(CheckpointError, match='convert it again'):
+    load_cogvideox(copy / 'transformer')
