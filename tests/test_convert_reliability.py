@@ -202,3 +202,16 @@ def test_damaged_file_is_one_line_on_load(uninterrupted, tmp_path, capsys, how, 
   assert str(path) in err and message in err
   with pytest.raises(CheckpointError, match='convert it again'):
     load_cogvideox(copy / 'transformer')
+
+
+def test_write_failure_is_one_line(uninterrupted, tmp_path, capsys, monkeypatch):
+  """A read-only or full disk met while writing (the up-front check cannot foresee a folder made
+  read-only, or space running out): one line naming the file and the cause, exit status 2."""
+  src = uninterrupted[0]
+  dst = tmp_path / 'dst'
+
+  def refuse(folder, manifest):
+    raise PermissionError(13, 'Permission denied', str(folder / 'manifest.json.tmp'))
+  monkeypatch.setattr(ckpt, '_write_manifest', refuse)
+  assert vap_convert(['--src', str(src), '--dst', str(dst), *ARGS]) == 2
+  assert capsys.readouterr().err == f'error: {dst / "manifest.json.tmp"}: Permission denied\n'

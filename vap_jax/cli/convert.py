@@ -68,9 +68,8 @@ def _run(args, work: Callable[[], str]) -> int:
   start = time.time()
   try:
     summary = work()
-  except (CheckpointError, FileExistsError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  except (CheckpointError, OSError, ValueError) as e:
+    return common.error(e)
   print(f'{summary} in {time.time() - start:.1f} s')
   return 0
 
