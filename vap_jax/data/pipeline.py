@@ -145,11 +145,23 @@ class FailureCounter:
     self.recent.append((int(element['index']), path))
     log.warning('skipping sample %d: %s: %s (%d/%d failed so far)', element['index'], path,
                 element['_error'], self.failed, self.seen)
-    if self.seen >= self.min_samples and self.failed > self.max_fraction * self.seen:
-      raise DataFailureError(
-          f'{self.report()}\nThis exceeds max_failure_fraction {self.max_fraction:.1%}; fix or '
-          f'remove these files, or raise the limit.')
+    if self.seen >= self.min_samples:
+      self._cap()
     return False
+
+  def finish(self) -> None:
+    """At the end of the data the cap applies whatever the count: a short run that loaded
+    nothing, or too little, must fail too (`min_samples` only keeps early noise from firing)."""
+    self._cap()
+
+  def _cap(self) -> None:
+    if self.failed and (self.failed == self.seen or self.failed > self.max_fraction * self.seen):
+      worst = '; '.join(f'{n}x {path}: {self.reasons[path]}'
+                        for path, n in self.by_path.most_common(3))
+      raise DataFailureError(
+          f'{self.failed} of {self.seen} samples failed to load ({self.failed / self.seen:.1%}), '
+          f'above max_failure_fraction {self.max_fraction:.1%}. Worst offenders: {worst}. Fix '
+          'or remove these files, or raise the limit.')
 
   def report(self, worst: int = 10) -> str:
     lines = [f'{self.failed} of {self.seen} samples failed to load '
@@ -188,7 +200,11 @@ class _SkipFailuresIterator(grain.DatasetIterator):
 
   def __next__(self):
     while True:
-      element = next(self._parent)
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        self._counter.finish()  # a finite run (num_epochs) ends: the cap applies now
+        raise
       if self._counter(element):
         return element
 

@@ -401,6 +401,7 @@ def precompute(cfg: PrecomputeConfig, data, *, encoders: Encoders | None = None,
   log.info('process %d/%d: %d of %d shards are mine, %d already done, %d to do now', pid, pcount,
            len(mine), num_shards, len(finished), len(todo))
   if not todo:
+    counter.finish()  # the folder's shards as a whole, as at the end of a run
     return summary
 
   if encoders is None:
@@ -480,6 +481,7 @@ def precompute(cfg: PrecomputeConfig, data, *, encoders: Encoders | None = None,
   summary['failed'] = counter.failed
   if counter.failed:
     log.warning('%s', counter.report())
+  counter.finish()  # all failed, or above max_failure_fraction: whatever the run's length
   remaining = [s for s in mine if shard_complete(out, s, num_shards) is None]
   summary['remaining'] = remaining
   log.info('process %d: wrote %d shards (%d records); %d of mine remain', pid,
