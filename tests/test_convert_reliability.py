@@ -215,3 +215,37 @@ def test_write_failure_is_one_line(uninterrupted, tmp_path, capsys, monkeypatch)
   monkeypatch.setattr(ckpt, '_write_manifest', refuse)
   assert vap_convert(['--src', str(src), '--dst', str(dst), *ARGS]) == 2
   assert capsys.readouterr().err == f'error: {dst / "manifest.json.tmp"}: Permission denied\n'
+
+
+def _edit_config(folder: Path, edit) -> None:
+  config = json.loads((folder / 'config.json').read_text())
+  edit(config.get('source_config', config))
+  (folder / 'config.json').write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize('name,edit,message', [
+    ('transformer', lambda c: c.update(num_attention_heads='two'),
+     "field num_attention_heads is 'two', expected int"),
+    ('transformer', lambda c: c.pop('num_layers'),
+     'field num_layers is missing (expected int; it sets the size of the model)'),
+    ('transformer', lambda c: c.update(block_idx_with_mot_ref=[0, 7]),
+     'block_idx_with_mot_ref [7] outside the 3 layers'),
+    ('text_encoder', lambda c: c.update(d_model=16.5), 'field d_model is 16.5, expected int'),
+    ('vae', lambda c: c.update(block_out_channels=8),
+     'field block_out_channels is 8, expected a list of int'),
+])
+def test_bad_config_is_one_line_naming_file_and_field(uninterrupted, tmp_path, capsys, name,
+                                                      edit, message):
+  """Before any tensor is read or written: vap-convert on a downloaded folder, vap-generate on a
+  converted one."""
+  src, dst, _ = uninterrupted
+  for kind, folder in (('src', src), ('dst', dst)):
+    bad = tmp_path / kind
+    shutil.copytree(folder, bad)
+    _edit_config(bad / name, edit)
+    if kind == 'src':
+      assert vap_convert(['--src', str(bad), '--dst', str(tmp_path / 'out'), *ARGS]) == 2
+      assert not (tmp_path / 'out').exists()
+    else:
+      assert _generate(bad, tmp_path) == 2
+    assert _one_line(capsys) == f'error: {bad / name / "config.json"}: {message}\n'

@@ -128,7 +128,9 @@ def _problem(path: Path, name: str, converted: bool) -> str | None:
 def check_components(path: str | Path) -> str:
   """Check that every component of the family is present; returns the family.
 
-  Raises `CheckpointError` naming each missing or incomplete component folder and ``path``.
+  Raises `CheckpointError` naming each missing or incomplete component folder and ``path``, a
+  model config.json that does not describe a model we build, or (converted folders) a file whose
+  size differs from the one recorded at conversion.
   """
   path = Path(path)
   family = detect_family(path)
@@ -139,6 +141,8 @@ def check_components(path: str | Path) -> str:
     layout = 'converted' if converted else 'diffusers'
     listed = '; '.join(f'{name}/ ({why})' for name, why in problems.items())
     raise CheckpointError(f'{layout} {family} checkpoint {path} is missing components: {listed}')
+  for spec in model_specs(family).values():
+    component.check_config(spec, path)
   if converted:
     if not read_manifest(path).get('complete', False):
       raise CheckpointError(f'{path}: the conversion did not finish; re-run vap-convert')
