@@ -345,3 +345,26 @@ def test_a_run_that_stores_nothing_or_too_little_fails(vap, runs, tmp_path, caps
                      r'max_failure_fraction 5.0%'):
     precompute(config('cogvideox', folder), data_config(vap['root'], max_failure_fraction=0.05),
                encoders=encoders('cogvideox'), progress=False)
+
+
+def test_bad_reference_replaced_and_listed(vap, tmp_path):
+  """Issue 19: a record whose drawn reference cannot be decoded holds another video of its kind
+  instead (its latents and caption), and the shard manifest lists what was replaced."""
+  from fixtures_vap_data import make_bad_reference_table
+  t = make_bad_reference_table(vap['root'])
+  out = tmp_path / 'bad_ref'
+  summary = precompute(config('cogvideox', out, samples_per_shard=16),
+                       data_config(vap['root'], meta_csv=t['csv'], max_samples=None),
+                       encoders=encoders('cogvideox'), progress=False)
+  assert summary['records'] == 8 and summary['failed'] == 1  # only the bad target is skipped
+  source = LatentSource(out)
+  records = {str(source[i]['path']): source[i] for i in range(len(source))}
+  for path in t['only_bad']:
+    [ref] = [str(p) for p, m in zip(records[path]['ref_paths'], records[path]['ref_mask']) if m]
+    assert ref in t['zoom'] and ref != path
+    assert str(records[path]['ref_captions'][0]) == ref  # its own caption is its path
+  [manifest] = [json.loads(f.read_text()) for f in out.glob('shard-*.json')]
+  bad = str(vap['root'] / t['bad'])
+  assert sorted(r['index'] for r in manifest['replaced']) == sorted(
+      int(r['index']) for p, r in records.items() if p in t['only_bad'])
+  assert {r['path'] for r in manifest['replaced']} == {bad}
