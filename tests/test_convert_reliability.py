@@ -95,24 +95,16 @@ def test_killed_conversion_can_be_overwritten(uninterrupted, tmp_path):
 
 
 def test_resumed_conversion_generates_the_same_video(uninterrupted, tmp_path):
-  from example_inputs import write_example
-  from vap_jax.cli.generate import main as generate
   src, dst, _ = uninterrupted
   resumed = tmp_path / 'resumed'
   argv = ['--src', str(src), '--dst', str(resumed), *ARGS]
   _killed('save', 'transformer:2', argv)
   assert vap_convert(argv) == 0
-  write_example(tmp_path)
   videos = []
   for ckpt_dir in (dst, resumed):
-    out = tmp_path / f'{ckpt_dir.name}.mp4'
-    assert generate(['--ckpt', str(ckpt_dir), '--image', str(tmp_path / 'image.png'),
-                     '--ref-video', str(tmp_path / 'ref.mp4'), '--ref-prompt', 'a square',
-                     '--prompt', 'a square', '--frames', '9', '--height', '64', '--width', '96',
-                     '--steps', '2', '--dtype', 'float32', '--out', str(out)]) == 0
-    videos.append(out.read_bytes())
+    assert _generate(ckpt_dir, tmp_path, out=f'{ckpt_dir.name}.mp4') == 0
+    videos.append((tmp_path / f'{ckpt_dir.name}.mp4').read_bytes())
   assert videos[0] == videos[1]
-
 
 def _damaged(dst: Path, tmp_path: Path, how: str) -> tuple[Path, Path]:
   """A copy of ``dst`` whose largest transformer data file is damaged ``how``."""
@@ -135,16 +127,15 @@ def _damaged(dst: Path, tmp_path: Path, how: str) -> tuple[Path, Path]:
   return copy, path
 
 
-def _generate(ckpt: Path, tmp_path: Path, *extra) -> int:
+def _generate(ckpt: Path, tmp_path: Path, *extra, out: str = 'o.mp4') -> int:
   from example_inputs import write_example
   from vap_jax.cli.generate import main as generate
   if not (tmp_path / 'image.png').exists():
     write_example(tmp_path)
   return generate(['--ckpt', str(ckpt), '--image', str(tmp_path / 'image.png'),
-                   '--ref-video', str(tmp_path / 'ref.mp4'), '--ref-prompt', 'a square',
-                   '--prompt', 'a square', '--frames', '9', '--height', '64', '--width', '96',
-                   '--steps', '1', '--dtype', 'float32', '--out', str(tmp_path / 'o.mp4'),
-                   *extra])
+                   '--ref-video', str(tmp_path / 'ref.mp4'), '--ref-prompt', 'a cat',
+                   '--prompt', 'a cat', '--frames', '9', '--height', '64', '--width', '96',
+                   '--steps', '2', '--dtype', 'float32', '--out', str(tmp_path / out), *extra])
 
 
 def _one_line(capsys) -> str:

@@ -110,13 +110,6 @@ def _read_references(paths: list[str], prompts: list[str], frames: int, mode: st
   return videos, fps
 
 
-def _verify(ckpt: str) -> None:
-  from vap_jax.weights.checkpoint import is_converted_pipeline, verify
-  if not is_converted_pipeline(ckpt) or not verify(ckpt)[0]:
-    raise ValueError(f'--verify: {ckpt} has no recorded checksums (only folders written by this '
-                     'version of vap-convert have them)')
-
-
 def _mesh(spec: str | None):
   from vap_jax.parallel import make_mesh, parse_mesh_shape
   return make_mesh(parse_mesh_shape(spec)) if spec else None
@@ -198,14 +191,14 @@ def main(argv=None) -> int:
   args = parser().parse_args(argv)
   cli.setup_logging(args.verbose)
   from vap_jax.pipelines import Pipeline
-  from vap_jax.weights.checkpoint import check_components
+  from vap_jax.weights.checkpoint import check_components, verify
   try:
     _check_numbers(args)
     for name, path in _outputs(args).items():
       cli.writable_file(path, name)
     family = check_components(args.ckpt)
     if args.verify:
-      _verify(args.ckpt)
+      verify(args.ckpt)  # every byte against the checksums recorded at conversion
     image = _read_image(args.image)
     refs, ref_fps = _read_references(args.ref_video, args.ref_prompt, args.frames,
                                      args.frames_selection, args.seed)

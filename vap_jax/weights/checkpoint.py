@@ -152,8 +152,9 @@ def check_components(path: str | Path) -> str:
 
 def verify(path: str | Path, *, full: bool = True) -> tuple[int, int]:
   """Check a converted folder (pipeline root or one component folder) against the checksums
-  recorded at conversion: every file's size, and with ``full`` its sha256. Returns (files,
-  bytes) checked; raises `CheckpointError` naming the first missing, cut or changed file."""
+  recorded at conversion: every file's size, and with ``full`` its sha256 (which a folder
+  without checksums, converted by an older vap_jax, cannot pass). Returns (files, bytes) checked;
+  raises `CheckpointError` naming the first missing, cut or changed file."""
   path = Path(path)
   if is_converted_pipeline(path):
     manifest = read_manifest(path)
@@ -167,7 +168,11 @@ def verify(path: str | Path, *, full: bool = True) -> tuple[int, int]:
                           f'{orbax_io.STATE_DIR}/): only vap-convert output records checksums')
   for folder in folders:
     counts.append(integrity.check(folder, orbax_io.read_config(folder).get('files'), full=full))
-  return sum(n for n, _ in counts), sum(b for _, b in counts)
+  files = sum(n for n, _ in counts)
+  if full and not files:
+    raise CheckpointError(f'{path} has no recorded checksums (converted by an older vap_jax): '
+                          f'{integrity.AGAIN} to record them')
+  return files, sum(b for _, b in counts)
 
 
 def _file_component(path: str | Path, name: str) -> Path:
