@@ -172,3 +172,22 @@ def make_issue20_table(root) -> dict:
   # header = line 1, rows from line 2; the blank-score row spans lines 7-8
   return {'csv': 'issue20.csv', 'cut': cut, 'good': zoom,
           'dropped': [(7, 'reference_alignment_score'), (10, '_valid'), (14, 'video_paths')]}
+
+
+def make_bad_reference_table(root) -> dict:
+  """`bad_ref.csv` (issue 19): the 8 `zoom` clips as train rows, each captioned with its own
+  path, plus the random-bytes file as a ninth `zoom` row. The first four rows name only that
+  file as their reference, the others their neighbours. Returns {'csv', 'bad', 'zoom',
+  'only_bad': the four rows whose only reference is bad}."""
+  root = Path(root)
+  bad = 'vfx_videos/broken/garbage.mp4'
+  zoom = [f'vfx_videos/zoom/zoom_{i}.mp4' for i in range(PER_KIND)]
+
+  def row(path, refs):
+    return dict(video_paths=path, ref_video_paths=json.dumps(refs), tar_video_caption=path,
+                kind='zoom', split='train', reference_alignment_score=50, _valid=1)
+
+  rows = [row(p, [bad] if i < 4 else [q for q in zoom if q != p][:2]) for i, p in enumerate(zoom)]
+  rows.append(row(bad, zoom[:1]))
+  write_csv(root / 'bad_ref.csv', rows)
+  return {'csv': 'bad_ref.csv', 'bad': bad, 'zoom': zoom, 'only_bad': zoom[:4]}

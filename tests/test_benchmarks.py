@@ -49,3 +49,11 @@ def test_generate_harness_times_a_whole_video(tmp_path):
   assert 0 < row['step_seconds'] <= row['denoise_seconds'] < row['video_seconds']
   assert row['video_seconds_cold'] > 0 and json.loads(json.dumps(row)) == row
   assert '2 steps' in generate.format_row(row)
+
+
+def test_checksum_cost_harness():
+  from benchmarks import checksums
+  row = checksums.run(width=128, layers=2, repeat=1)
+  assert row['files'] > 0 and row['state_mb'] > 0
+  for key in ('convert_seconds', 'record_seconds', 'full_check_seconds', 'restore_seconds'):
+    assert row[key] > 0, key

@@ -3,6 +3,7 @@
 Multiprocess cases are few (a grain worker starts in ~2.5 s): one save/restore with 2 worker
 processes and one two-process `jax.distributed` run (`data_shard_worker.py`).
 """
+import csv
 import json
 import os
 import socket
@@ -15,7 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import config_file
-from fixtures_vap_data import BUCKETS, make_issue20_table, make_vap_data
+from fixtures_vap_data import (BUCKETS, make_bad_reference_table, make_issue20_table,
+                               make_vap_data, write_csv)
 from vap_jax.data import DataFailureError, SchemaError, make_loader, video_io
 
 
@@ -64,6 +66,51 @@ def test_failure_cap_raises_with_worst_offenders(vap):
   msg = str(e.value)
   assert 'samples failed to load' in msg and 'max_failure_fraction 5.0%' in msg
   assert 'Worst offenders' in msg and 'vfx_videos/broken/' in msg
+
+
+def test_a_short_run_that_loads_nothing_fails(vap):
+  """Issue 19: one epoch over data whose videos are all corrupt ends with an error, not with
+  zero batches, though it is far shorter than min_samples_before_cap; so does one that skipped
+  more than max_failure_fraction by its end."""
+  with open(vap['root'] / 'vap_data.csv', newline='') as f:
+    rows = [r for r in csv.DictReader(f) if r['kind'] == 'broken']
+  write_csv(vap['root'] / 'all_broken.csv', rows)
+  loader = make_loader(config(vap['root'], meta_csv='all_broken.csv', batch_size=1,
+                              min_samples_before_cap=100), shard=(0, 1))
+  with pytest.raises(DataFailureError, match=r'^5 of 5 samples failed to load \(100.0%\), above '
+                     r'max_failure_fraction 50.0%\. Worst offenders: 1x .*broken/') as e:
+    next(loader)
+  assert '\n' not in str(e.value)
+  loader = make_loader(config(vap['root'], max_failure_fraction=0.1, min_samples_before_cap=100),
+                       shard=(0, 1))
+  with pytest.raises(DataFailureError, match=r'^5 of 33 samples failed to load \(15.2%\), above '
+                     r'max_failure_fraction 10.0%'):
+    list(loader)
+
+
+def test_bad_reference_is_replaced_by_another_of_its_kind(vap, caplog):
+  """Issue 19: a reference that fails to decode is replaced by another training video of its
+  kind (its caption with it), counted, and the sample kept; only its own row (a bad target) is
+  skipped. The draws are seeded by the sample, so a second pass replaces identically."""
+  t = make_bad_reference_table(vap['root'])
+  cfg = config(vap['root'], meta_csv=t['csv'], batch_size=1, sample_ref_videos_num=1,
+               mask_ref_ratio=0.0, mask_caption_ratio=0.0)
+  passes = []
+  for _ in range(2):
+    with caplog.at_level('WARNING'):
+      loader = make_loader(cfg, shard=(0, 1))
+      batches = list(loader)
+    passes.append({str(b['path'][0]): str(b['ref_captions'][0][0]) for b in batches})
+  samples = passes[0]
+  assert passes[1] == samples
+  assert sorted(samples) == sorted(t['zoom'])  # 8 of 9 rows: only the bad target is skipped
+  bad = str(vap['root'] / t['bad'])
+  assert loader.failures.failed == 1 and list(loader.failures.by_path) == [bad]
+  assert dict(loader.failures.replaced) == {bad: len(t['only_bad'])}
+  for path in t['only_bad']:  # the replacement's own caption (each video is captioned by its path)
+    assert samples[path] in t['zoom'] and samples[path] != path
+  assert f'replaced reference {bad}' in caplog.text
+  assert loader.failures.state()['replaced'] == {bad: 4}
 
 
 def test_cut_video_skipped_and_bad_rows_dropped(vap, caplog):

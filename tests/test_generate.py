@@ -97,7 +97,17 @@ def test_generate_wan_at_the_reference_fps(converted, inputs, tmp_path):
     (dict(ref_video='broken.mp4'), 'broken.mp4'),
     (dict(ref_video='short.mp4'), 'has 5 frames, 9 are needed'),
     (dict(ref_prompt=['one', 'two']), '1 --ref-video but 2 --ref-prompt'),
-    (dict(frames=10), 'num_frames must be 4k+1'),
+    (dict(frames=10), '--frames 10: expected 4k+1 frames'),
+    (dict(frames=0), '--frames 0: expected 4k+1 frames'),
+    (dict(frames=-3), '--frames -3: expected 4k+1 frames'),
+    (dict(steps=0), '--steps 0: expected at least 1 denoising step'),
+    (dict(steps=-1), '--steps -1: expected at least 1 denoising step'),
+    (dict(height=60), '--height 60: expected a positive multiple of 16'),
+    (dict(width=-96), '--width -96: expected a positive multiple of 16'),
+    (dict(guidance='nan'), '--guidance nan: expected a finite scale >= 0'),
+    (dict(seed=-1), '--seed -1: expected an integer in [0, 2**32)'),
+    (dict(fps='0'), "--fps '0': expected a positive number or 'ref'"),
+    (dict(fps='fast'), "--fps 'fast': expected a positive number or 'ref'"),
     (dict(out='image.png/o.mp4'), 'image.png is a file, not a folder'),
     (dict(out='/proc/vap_nope/o.mp4'), 'cannot write in /proc'),
 ])
@@ -119,3 +129,30 @@ def test_checkpoint_missing_a_component(converted, inputs, tmp_path, capsys):
   assert main(_argv(inputs, ckpt, out=tmp_path / 'o.mp4')) == 2
   err = capsys.readouterr().err
   assert 'missing components: vae/' in err and str(ckpt) in err
+
+
+def test_long_prompt_is_cut_with_a_warning(converted, inputs, tmp_path, capsys):
+  """The tiny CogVideoX transformer reads 8 tokens: a longer caption is cut (as the official
+  pipeline does) and the words left out are shown, one warning line per caption."""
+  prompt = 'a cat walks on the grass while the camera follows it slowly'
+  assert main(_argv(inputs, converted['cogvideox'], out=tmp_path / 'o.mp4', prompt=prompt,
+                    ref_prompt='a cat', steps=1)) == 0
+  err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning')]
+  assert len(err) == 1, err
+  assert err[0].startswith('warning: --prompt is longer than the 8 tokens the text encoder '
+                           "reads; left out: '")
+  left_out = err[0].split("left out: '")[1].rstrip("'")
+  assert prompt.endswith(left_out) and len(left_out) > 10
+
+
+def test_outputs_are_checked_before_loading(converted, inputs, tmp_path, capsys):
+  """Every file a run writes (settings JSON, side-by-side video, preview) is checked first."""
+  for name, flags in (('o.json', []), ('o_side_by_side.mp4', ['--side-by-side']),
+                      ('o.gif', ['--preview', 'gif'])):
+    (tmp_path / name).mkdir()
+    assert main(_argv(inputs, converted['cogvideox'], out=tmp_path / 'o.mp4') + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.endswith(
+        f'{tmp_path / name}: is a folder, expected a file name\n') and err.count('\n') == 1
+    (tmp_path / name).rmdir()
+  assert not (tmp_path / 'o.mp4').exists()

@@ -19,7 +19,7 @@ from vap_jax.data import video_io
 from vap_jax.conditioning import COGVIDEOX_DRAWN, WAN_DRAWN, cogvideox_latents, posterior_draws, \
   wan_latents
 from vap_jax.data.latent_source import LatentSource, make_latent_loader
-from vap_jax.data.pipeline import pairing_config
+from vap_jax.data.pipeline import DataFailureError, pairing_config
 from vap_jax.data.precompute import Encoders, PrecomputeConfig, precompute
 from vap_jax.data.records import decode_record, encode_record
 from vap_jax.data.vap_data import build_pair_table, read_vap_csv
@@ -322,3 +322,52 @@ def test_cli_help_and_errors(vap, tmp_path, capsys):
   err = capsys.readouterr().err
   assert ('issue20.csv: 3 of 12 rows are bad, above max_bad_row_fraction 5.0%; the first: '
           'line 7') in err
+
+
+def test_a_run_that_stores_nothing_or_too_little_fails(vap, runs, tmp_path, capsys):
+  """Issue 19: over videos that are all corrupt the command exits 2 (it wrote empty shards and
+  exited 0), however few samples it saw; rerunning it does too. A finished folder that skipped
+  more than max_failure_fraction fails as a whole when the limit is lowered."""
+  import csv
+  from fixtures_vap_data import write_csv
+  from vap_jax.cli.precompute import main
+  with open(vap['root'] / 'vap_data.csv', newline='') as f:
+    write_csv(vap['root'] / 'only_broken.csv',
+              [r for r in csv.DictReader(f) if r['kind'] == 'broken'])
+  args = ['cogvideox', '--model', str(COMPONENTS['cogvideox']), '--data', str(vap['root']),
+          '--out', str(tmp_path / 'o'), '--set', 'meta_csv="only_broken.csv"', '--set',
+          f'buckets={json.dumps(BUCKETS)}', '--set', 'truncate_multiple=1', '--set', 'workers=0',
+          '--samples-per-shard', '2', '--text-max-length', str(TEXT_LENGTH), '--no-progress']
+  for _ in range(2):  # the run, then the rerun (every shard already finished)
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith('error: 5 of 5 samples failed to load (100.0%), above '
+                              'max_failure_fraction 5.0%. Worst offenders: 1x ')
+  folder, _ = runs['cogvideox']  # 2 of its 20 samples were skipped
+  with pytest.raises(DataFailureError, match=r'^2 of 20 samples failed to load \(10.0%\), above '
+                     r'max_failure_fraction 5.0%'):
+    precompute(config('cogvideox', folder), data_config(vap['root'], max_failure_fraction=0.05),
+               encoders=encoders('cogvideox'), progress=False)
+
+
+def test_bad_reference_replaced_and_listed(vap, tmp_path):
+  """Issue 19: a record whose drawn reference cannot be decoded holds another video of its kind
+  instead (its latents and caption), and the shard manifest lists what was replaced."""
+  from fixtures_vap_data import make_bad_reference_table
+  t = make_bad_reference_table(vap['root'])
+  out = tmp_path / 'bad_ref'
+  summary = precompute(config('cogvideox', out, samples_per_shard=16),
+                       data_config(vap['root'], meta_csv=t['csv'], max_samples=None),
+                       encoders=encoders('cogvideox'), progress=False)
+  assert summary['records'] == 8 and summary['failed'] == 1  # only the bad target is skipped
+  source = LatentSource(out)
+  records = {str(source[i]['path']): source[i] for i in range(len(source))}
+  for path in t['only_bad']:
+    [ref] = [str(p) for p, m in zip(records[path]['ref_paths'], records[path]['ref_mask']) if m]
+    assert ref in t['zoom'] and ref != path
+    assert str(records[path]['ref_captions'][0]) == ref  # its own caption is its path
+  [manifest] = [json.loads(f.read_text()) for f in out.glob('shard-*.json')]
+  bad = str(vap['root'] / t['bad'])
+  assert sorted(r['index'] for r in manifest['replaced']) == sorted(
+      int(r['index']) for p, r in records.items() if p in t['only_bad'])
+  assert {r['path'] for r in manifest['replaced']} == {bad}

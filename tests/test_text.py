@@ -69,6 +69,23 @@ def test_tokenizer_equals_transformers(tokenizer_dirs, source):
   assert (ids[:, -1] != 0).any() and (ids == 0).any()  # both truncation and padding happened
 
 
+@pytest.mark.parametrize('source', ['spiece', 'tokenizer_json'])
+def test_cut_is_what_truncation_leaves_out(tokenizer_dirs, source):
+  """`Tokenizer.cut` (what vap-generate warns about) is the text of the tokens transformers'
+  truncation drops, as diffusers reports it; '' for a caption that fits."""
+  spm_dir, json_dir, hf_tokenizer = tokenizer_dirs
+  tokenizer = Tokenizer((spm_dir if source == 'spiece' else json_dir).parent)
+  known = [t for t in PROMPTS if 2 not in hf_tokenizer(t).input_ids]  # <unk> prints differently
+  assert len(known) >= 2
+  for text in known:
+    full = hf_tokenizer(text).input_ids  # ends with </s>
+    for length in (4, 9, len(full) - 1, len(full)):
+      dropped = full[length - 1:-1]
+      expected = hf_tokenizer.decode(dropped) if dropped else ''
+      assert tokenizer.cut(text, length) == expected, (text, length)
+  assert tokenizer(PROMPTS, MAX_LENGTH)[0].shape == (len(PROMPTS), MAX_LENGTH)  # still truncates
+
+
 def test_prompt_clean_equals_diffusers():
   from diffusers.pipelines.wan.pipeline_wan import prompt_clean as reference
   for text in PROMPTS:

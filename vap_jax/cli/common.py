@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -53,5 +54,16 @@ def writable_file(path: str | Path, flag: str) -> Path:
   path = Path(path).absolute()
   if path.is_dir():
     raise ValueError(f'{flag} {path}: is a folder, expected a file name')
+  if path.exists() and not os.access(path, os.W_OK):
+    raise ValueError(f'{flag} {path}: the file exists and is read-only')
   _check_creatable(path.parent, f'{flag} {path}')
   return path
+
+
+def error(e: BaseException) -> int:
+  """The commands' error contract: one ``error: ...`` line on stderr, exit status 2. An OSError
+  (a read-only or full disk, a folder where a file should be) names its file and the cause."""
+  if isinstance(e, OSError) and e.filename is not None and e.strerror:
+    e = f'{e.filename}: {e.strerror}'
+  print(f'error: {e}', file=sys.stderr)
+  return 2

@@ -11,7 +11,9 @@ encoder in float32 unless ``--vae-dtype`` / ``--image-encoder-dtype`` say otherw
 scheduler and image-processor files as they are, and ``manifest.json`` (format version, family,
 components with their source configs and dtypes, source path). Tensors stream one at a time:
 host memory stays a few times the largest tensor. Re-running the same command resumes (finished
-components are kept). The pipelines and every loader read either folder.
+components are kept), also after the converter was killed. Every file written is recorded with
+its sha256; loading checks their sizes, ``vap-convert --verify DST`` their contents. The
+pipelines and every loader read either folder.
 """
 from __future__ import annotations
 
@@ -66,9 +68,8 @@ def _run(args, work: Callable[[], str]) -> int:
   start = time.time()
   try:
     summary = work()
-  except (CheckpointError, FileExistsError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  except (CheckpointError, OSError, ValueError) as e:
+    return common.error(e)
   print(f'{summary} in {time.time() - start:.1f} s')
   return 0
 
@@ -77,8 +78,11 @@ def main(argv=None) -> int:
   """``vap-convert``: a whole downloaded VAP folder."""
   parser = argparse.ArgumentParser(prog='vap-convert', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--src', required=True, help='downloaded diffusers VAP folder')
-  parser.add_argument('--dst', required=True, help='output folder')
+  parser.add_argument('--src', help='downloaded diffusers VAP folder')
+  parser.add_argument('--dst', help='output folder')
+  parser.add_argument('--verify', metavar='DST',
+                      help='instead of converting: check every file of a converted folder '
+                           'against the sha256 recorded when it was written')
   parser.add_argument('--dtype', default='bfloat16', choices=DTYPES,
                       help='transformer and text encoder parameter dtype (default: bfloat16)')
   parser.add_argument('--vae-dtype', default='float32', choices=DTYPES)
@@ -91,7 +95,13 @@ def main(argv=None) -> int:
   parser.add_argument('--no-progress', action='store_true', help='no progress bars')
   common.add_verbose(parser)
   args = parser.parse_args(argv)
+  if args.verify is not None and (args.src or args.dst):
+    parser.error('--verify DST checks a converted folder: it takes no --src / --dst')
+  if args.verify is None and not (args.src and args.dst):
+    parser.error('--src and --dst are required (or --verify DST)')
   common.setup_logging(args.verbose)
+  if args.verify is not None:
+    return _run(args, lambda: _verify(args.verify))
 
   def work():
     from vap_jax.weights.checkpoint import convert_pipeline
@@ -103,6 +113,14 @@ def main(argv=None) -> int:
     return (f'converted the {manifest["family"]} checkpoint {args.src} to {args.dst} '
             f'({", ".join(manifest["components"])})')
   return _run(args, work)
+
+
+def _verify(path: str) -> str:
+  from vap_jax.weights.checkpoint import check_components, is_converted_pipeline, verify
+  if is_converted_pipeline(path):
+    check_components(path)  # complete, every component present
+  files, size = verify(path)
+  return f'verified {files} files ({size / 1e6:.1f} MB) of {path}: all match their checksums'
 
 
 def _component_main(prog: str, converters: dict[str, Callable] | Callable, argv,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--mesh', default=None, metavar='AXIS=N,...',
                  help='shard over a device mesh, e.g. fsdp=8 or fsdp=4,tensor=2 (default: one '
                       'device)')
+  p.add_argument('--verify', action='store_true',
+                 help='check the sha256 of every file of a converted --ckpt before loading '
+                      '(by default only their sizes are checked)')
   cli.add_verbose(p)
   return p
 
@@ -111,37 +115,94 @@ def _mesh(spec: str | None):
   return make_mesh(parse_mesh_shape(spec)) if spec else None
 
 
-def _write_outputs(args, result: common.VideoOutput, fps: float) -> list[Path]:
+def _outputs(args) -> dict[str, Path]:
+  """Every file this run writes (checked writable before anything is read or loaded)."""
   out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)  # checked writable before anything loaded
-  write_mp4(out, result.frames, fps=fps)
-  written = [out]
+  paths = {'--out': out, 'settings': out.with_suffix('.json')}
   if args.side_by_side:
-    side = out.with_name(out.stem + '_side_by_side.mp4')
-    write_mp4(side, np.concatenate(list(result.ref_frames) + [result.frames], axis=2), fps=fps)
-    written.append(side)
+    paths['side by side'] = out.with_name(out.stem + '_side_by_side.mp4')
+  if args.preview != 'none':
+    paths['preview'] = out.with_suffix('.' + args.preview)
+  return paths
+
+
+def _write_outputs(args, result: common.VideoOutput, fps: float) -> list[Path]:
+  paths = _outputs(args)
+  paths['--out'].parent.mkdir(parents=True, exist_ok=True)
+  write_mp4(paths['--out'], result.frames, fps=fps)
+  if args.side_by_side:
+    write_mp4(paths['side by side'],
+              np.concatenate(list(result.ref_frames) + [result.frames], axis=2), fps=fps)
   if args.preview == 'gif':
-    write_gif(out.with_suffix('.gif'), result.frames, fps=min(fps, 16))
-    written.append(out.with_suffix('.gif'))
+    write_gif(paths['preview'], result.frames, fps=min(fps, 16))
   elif args.preview == 'png':
-    write_png_strip(out.with_suffix('.png'), result.frames)
-    written.append(out.with_suffix('.png'))
-  return written
+    write_png_strip(paths['preview'], result.frames)
+  return [path for name, path in paths.items() if name != 'settings']
+
+
+def _check_numbers(args) -> None:
+  """Every numeric option, before anything is read or loaded. Both families' VAEs compress time
+  4x and space 8x and both DiTs patchify 2x2, hence 4k+1 frames and sizes in multiples of 16
+  (the pipeline checks again against the loaded models)."""
+  if args.steps < 1:
+    raise ValueError(f'--steps {args.steps}: expected at least 1 denoising step')
+  if args.frames < 1 or (args.frames - 1) % 4:
+    raise ValueError(f'--frames {args.frames}: expected 4k+1 frames (1, 5, 9, ..., 49)')
+  for flag, value in (('--height', args.height), ('--width', args.width)):
+    if value is not None and (value <= 0 or value % 16):
+      raise ValueError(f'{flag} {value}: expected a positive multiple of 16')
+  if args.guidance is not None and not 0 <= args.guidance < math.inf:
+    raise ValueError(f'--guidance {args.guidance}: expected a finite scale >= 0')
+  if not 0 <= args.seed < 2**32:
+    raise ValueError(f'--seed {args.seed}: expected an integer in [0, 2**32)')
+  if args.fps != 'ref':
+    try:
+      fps = float(args.fps)
+    except ValueError:
+      fps = math.nan
+    if not 0 < fps < math.inf:
+      raise ValueError(f"--fps {args.fps!r}: expected a positive number or 'ref'")
+
+
+def _warn_cut_prompts(args, family: str) -> None:
+  """Say which words of a caption the text encoder will not see (the pipelines cut each caption
+  to the text length, as the official ones do, where diffusers warns)."""
+  from vap_jax.text import WAN_MAX_LENGTH, Tokenizer, prompt_clean
+  from vap_jax.weights import cogvideox, component
+  from vap_jax.weights.checkpoint import tokenizer_dir
+  if family == 'cogvideox':
+    spec = cogvideox.SPEC
+    length = spec.make_config(component.source_config(spec, args.ckpt)).max_text_seq_length
+  else:
+    length = WAN_MAX_LENGTH
+  texts = [('--prompt', args.prompt)] + [('--ref-prompt', p) for p in args.ref_prompt]
+  texts += [(f'--{name.replace("_", "-")}', getattr(args, name))
+            for name in ('negative_prompt', 'negative_ref_prompt')
+            if getattr(args, name) != common.DEFAULT_NEGATIVE_PROMPT]  # the default fits
+  tokenizer = Tokenizer(tokenizer_dir(args.ckpt))
+  for flag, text in texts:
+    cut = tokenizer.cut(prompt_clean(text) if family == 'wan' else text, length)
+    if cut:
+      print(f'warning: {flag} is longer than the {length} tokens the text encoder reads; '
+            f'left out: {cut!r}', file=sys.stderr)
 
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   cli.setup_logging(args.verbose)
   from vap_jax.pipelines import Pipeline
-  from vap_jax.weights.checkpoint import check_components
+  from vap_jax.weights.checkpoint import check_components, verify
   try:
-    if args.fps != 'ref' and not args.fps.replace('.', '', 1).isdigit():
-      raise ValueError(f"--fps {args.fps!r}: expected a number or 'ref'")
-    cli.writable_file(args.out, '--out')
+    _check_numbers(args)
+    for name, path in _outputs(args).items():
+      cli.writable_file(path, name)
     family = check_components(args.ckpt)
+    if args.verify:
+      verify(args.ckpt)  # every byte against the checksums recorded at conversion
     image = _read_image(args.image)
     refs, ref_fps = _read_references(args.ref_video, args.ref_prompt, args.frames,
                                      args.frames_selection, args.seed)
+    _warn_cut_prompts(args, family)
     mesh = _mesh(args.mesh)
     start = time.time()
     pipe = Pipeline.from_pretrained(args.ckpt, dtype=args.dtype, vae_dtype=args.vae_dtype,
@@ -158,17 +219,16 @@ def main(argv=None) -> int:
     if family == 'cogvideox':
       options['use_dynamic_cfg'] = not args.static_cfg
     result = pipe(image, refs, args.prompt, args.ref_prompt, **options)
-  except (ValueError, CheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  done = time.time()
-  fps = ref_fps[0] if args.fps == 'ref' else float(args.fps)
-  written = _write_outputs(args, result, fps)
-  settings = {k: v for k, v in vars(args).items()}
-  settings.update(family=family, load_seconds=round(loaded - start, 2),
-                  generate_seconds=round(done - loaded, 2), frames_written=len(result.frames),
-                  size=list(result.frames.shape[1:3]), fps_written=fps)
-  Path(args.out).with_suffix('.json').write_text(json.dumps(settings, indent=1))
+    done = time.time()
+    fps = ref_fps[0] if args.fps == 'ref' else float(args.fps)
+    written = _write_outputs(args, result, fps)
+    settings = {k: v for k, v in vars(args).items()}
+    settings.update(family=family, load_seconds=round(loaded - start, 2),
+                    generate_seconds=round(done - loaded, 2), frames_written=len(result.frames),
+                    size=list(result.frames.shape[1:3]), fps_written=fps)
+    _outputs(args)['settings'].write_text(json.dumps(settings, indent=1))
+  except (ValueError, CheckpointError, OSError) as e:
+    return cli.error(e)
   for path in written:
     print(f'wrote {path}')
   return 0

@@ -134,9 +134,8 @@ def main(argv=None) -> int:
     if args.process_index is not None:
       process = (args.process_index, args.process_count)
     summary = precompute(cfg, data, process=process, progress=not args.no_progress)
-  except (CheckpointError, DataFailureError, FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  except (CheckpointError, DataFailureError, OSError, ValueError) as e:
+    return common.error(e)
   print(f'process {summary["process"][0]}: wrote shards {summary["written"]} '
         f'({summary["records"]} records, {summary["failed"]} samples skipped so far, '
         f'{summary["dropped_rows"]} bad table rows dropped), '

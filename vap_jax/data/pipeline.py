@@ -51,8 +51,13 @@ class DecodeSample:
   Output: video (F, H, W, 3) and ref_videos (R, F, H, W, 3) in [-1, 1], R =
   sample_ref_videos_num with dropped refs zero and `ref_mask` False; captions; the index and
   path; with `metadata` also the ref paths, kinds, source fps and chosen frame indices (-1 pads
-  dropped refs). A failure returns {'_error', '_path', 'index'} instead of raising.
+  dropped refs). A reference that fails to decode is replaced by another training video of its
+  kind (up to `MAX_REPLACEMENTS` tries, drawn per sample), so one bad file does not drop every
+  sample that draws it; `_replaced` lists the (path, reason) replaced, for `FailureCounter`. A
+  target that fails, or a reference without a usable replacement, returns {'_error', '_path',
+  'index'} instead of raising.
   """
+  MAX_REPLACEMENTS = 3
 
   def __init__(self, root, table: PairTable, pairing: PairingConfig, *, fps, buckets,
                frames_selection, resize_mode, output_dtype, metadata: bool = False):
@@ -61,6 +66,9 @@ class DecodeSample:
     self.frames_selection, self.resize_mode = frames_selection, resize_mode
     self.output_dtype = output_dtype
     self.metadata = metadata
+    self.pools = {}  # kind -> training videos: where a bad reference's replacement comes from
+    for r in table.rows:
+      self.pools.setdefault(r['kind'], []).append(r['video_paths'])
 
   def _clip(self, rel_path, rng, bucket=None, meta=None):
     """One decode pass; the bucket is the target's, else chosen from this video (official).
@@ -83,20 +91,37 @@ class DecodeSample:
     clip = video_io.resize_to(video_io.to_unit_range(frames), chosen[0][1:], self.resize_mode)
     return clip.astype(_out_dtype(self.output_dtype)), chosen[0]
 
+  def _reference(self, pair: dict, j: int, index: int, rng, bucket, meta, replaced: list):
+    """Reference j of ``pair`` in the target's bucket (so they stack); a bad one is replaced in
+    ``pair`` (path, caption) by another video of its kind, each failure added to ``replaced``."""
+    draw = np.random.default_rng([self.pairing.seed, index, 2, j])
+    used = {pair['video'], *pair['refs']}
+    while True:
+      try:
+        return self._clip(pair['refs'][j], rng, bucket, meta=meta)[0]
+      except video_io.VideoError as e:
+        pool = [p for p in self.pools.get(pair['kinds'][j], ()) if p not in used]
+        if not pool or len(replaced) >= self.MAX_REPLACEMENTS:
+          raise
+        replaced.append((e.path, e.reason))
+        new = pool[int(draw.integers(len(pool)))]
+        used.add(new)
+        pair['refs'][j] = new
+        if not pair['caption_masked']:
+          pair['ref_captions'][j] = self.table.captions[new].strip()
+
   def __call__(self, item):
     index, row = item
     pair = sample_pair(self.table, row, self.pairing, index)
     rng = np.random.default_rng([self.pairing.seed, index, 1])
-    current = pair['video']
     meta = [] if self.metadata else None
+    replaced = []
     try:
-      video, bucket = self._clip(current, rng, meta=meta)
-      refs = []
-      for ref in pair['refs']:  # refs take the target's bucket so they stack with it
-        current = ref
-        refs.append(self._clip(ref, rng, bucket, meta=meta)[0])
+      video, bucket = self._clip(pair['video'], rng, meta=meta)
+      refs = [self._reference(pair, j, index, rng, bucket, meta, replaced)
+              for j in range(len(pair['refs']))]
     except video_io.VideoError as e:
-      return {'_error': e.reason, '_path': str(self.root / current), 'index': index}
+      return {'_error': e.reason, '_path': e.path, 'index': index}
     r = self.pairing.sample_ref_videos_num
     ref_videos = np.zeros((r,) + video.shape, video.dtype)
     ref_videos[:len(refs)] = refs
@@ -118,24 +143,33 @@ class DecodeSample:
                  ref_kinds=np.array(pair['kinds'] + pad), caption_masked=pair['caption_masked'],
                  fps=fps[0], ref_fps=fps[1:], frame_indices=indices[0],
                  ref_frame_indices=indices[1:], csv_line=np.int64(row.get('_line', -1)))
+    if replaced:
+      out['_replaced'] = replaced  # taken off by FailureCounter, before batching
     return out
 
 
 class FailureCounter:
   """Counts the failure markers that `SkipFailures` drops (in the caller) and enforces the cap.
 
-  A sample whose target or any reference fails is skipped; the path that failed is counted.
+  A sample whose target or any reference fails is skipped; the path that failed is counted. A
+  reference that `DecodeSample` replaced is counted in `replaced` (the sample is kept).
   """
 
   def __init__(self, max_fraction: float = 0.05, min_samples: int = 100):
     self.max_fraction, self.min_samples = max_fraction, min_samples
     self.seen = self.failed = 0
     self.by_path = collections.Counter()
+    self.replaced = collections.Counter()
     self.reasons = {}
     self.recent = collections.deque(maxlen=1000)  # (sample index, path); not checkpointed
 
   def __call__(self, element) -> bool:
     self.seen += 1
+    for path, reason in element.pop('_replaced', ()):
+      self.replaced[path] += 1
+      self.reasons[path] = reason
+      log.warning('sample %d: replaced reference %s: %s (%d replaced so far)', element['index'],
+                  path, reason, sum(self.replaced.values()))
     if '_error' not in element:
       return True
     self.failed += 1
@@ -145,11 +179,23 @@ class FailureCounter:
     self.recent.append((int(element['index']), path))
     log.warning('skipping sample %d: %s: %s (%d/%d failed so far)', element['index'], path,
                 element['_error'], self.failed, self.seen)
-    if self.seen >= self.min_samples and self.failed > self.max_fraction * self.seen:
-      raise DataFailureError(
-          f'{self.report()}\nThis exceeds max_failure_fraction {self.max_fraction:.1%}; fix or '
-          f'remove these files, or raise the limit.')
+    if self.seen >= self.min_samples:
+      self._cap()
     return False
+
+  def finish(self) -> None:
+    """At the end of the data the cap applies whatever the count: a short run that loaded
+    nothing, or too little, must fail too (`min_samples` only keeps early noise from firing)."""
+    self._cap()
+
+  def _cap(self) -> None:
+    if self.failed and (self.failed == self.seen or self.failed > self.max_fraction * self.seen):
+      worst = '; '.join(f'{n}x {path}: {self.reasons[path]}'
+                        for path, n in self.by_path.most_common(3))
+      raise DataFailureError(
+          f'{self.failed} of {self.seen} samples failed to load ({self.failed / self.seen:.1%}), '
+          f'above max_failure_fraction {self.max_fraction:.1%}. Worst offenders: {worst}. Fix '
+          'or remove these files, or raise the limit.')
 
   def report(self, worst: int = 10) -> str:
     lines = [f'{self.failed} of {self.seen} samples failed to load '
@@ -160,11 +206,12 @@ class FailureCounter:
 
   def state(self) -> dict:
     return {'seen': self.seen, 'failed': self.failed, 'by_path': dict(self.by_path),
-            'reasons': self.reasons}
+            'replaced': dict(self.replaced), 'reasons': self.reasons}
 
   def restore(self, state: dict) -> None:
     self.seen, self.failed = int(state['seen']), int(state['failed'])
     self.by_path = collections.Counter(state['by_path'])
+    self.replaced = collections.Counter(state.get('replaced', {}))  # absent before issue 19
     self.reasons = dict(state['reasons'])
 
 
@@ -188,7 +235,11 @@ class _SkipFailuresIterator(grain.DatasetIterator):
 
   def __next__(self):
     while True:
-      element = next(self._parent)
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        self._counter.finish()  # a finite run (num_epochs) ends: the cap applies now
+        raise
       if self._counter(element):
         return element
 

@@ -40,7 +40,8 @@ Layout of the output folder:
 Sample i (i < draws * rows; row i % rows, pairing seeded by i) lives in shard
 i // samples_per_shard; shard s belongs to process s % process_count. A rerun skips shards whose
 manifest exists and matches its file, and redoes the others from scratch. Undecodable videos
-(missing, cut short, corrupt, too short) are skipped, counted and listed in the shard manifests.
+(missing, cut short, corrupt, too short) are skipped, counted and listed in the shard manifests
+(`failed`; a bad reference replaced by another of its kind under `replaced`).
 Every process works on its own local devices (a mesh over `jax.local_devices()`), with no
 collectives, so processes never wait for each other and may finish at different times.
 """
@@ -321,7 +322,7 @@ class _ShardWriter:
     self.name = shard_name(shard, num_shards)
     self.tmp = out / f'{self.name}.array_record.partial'
     self.writer = ArrayRecordWriter(str(self.tmp), options)
-    self.count, self.failed, self.start = 0, [], time.time()
+    self.count, self.failed, self.replaced, self.start = 0, [], [], time.time()
 
   def write(self, record: dict) -> None:
     self.writer.write(encode_record(record))
@@ -337,7 +338,8 @@ class _ShardWriter:
     os.replace(self.tmp, final)
     manifest = dict(shard=self.shard, num_shards=self.num_shards, file=final.name,
                     indices=[self.indices.start, self.indices.stop], num_records=self.count,
-                    failed=self.failed, bytes=final.stat().st_size, process=process,
+                    failed=self.failed, replaced=self.replaced, bytes=final.stat().st_size,
+                    process=process,
                     seconds=round(time.time() - self.start, 2))
     _atomic_write(self.out / f'{self.name}.json', json.dumps(manifest, indent=1).encode())
     log.info('%s: %d records, %d skipped, %.1f MB, %.1f s', self.name, self.count,
@@ -402,6 +404,7 @@ def precompute(cfg: PrecomputeConfig, data, *, encoders: Encoders | None = None,
   log.info('process %d/%d: %d of %d shards are mine, %d already done, %d to do now', pid, pcount,
            len(mine), num_shards, len(finished), len(todo))
   if not todo:
+    counter.finish()  # the folder's shards as a whole, as at the end of a run
     return summary
 
   if encoders is None:
@@ -460,6 +463,8 @@ def precompute(cfg: PrecomputeConfig, data, *, encoders: Encoders | None = None,
           finish()
         writer = _ShardWriter(out, shard, num_shards, ranges[shard], cfg.writer_options)
       bar.update(1)
+      writer.replaced += [{'index': int(element['index']), 'path': path, 'reason': reason}
+                          for path, reason in element.get('_replaced', ())]
       if not counter(element):
         writer.failed.append({'index': int(element['index']), 'path': element['_path'],
                               'reason': element['_error']})
@@ -481,6 +486,7 @@ def precompute(cfg: PrecomputeConfig, data, *, encoders: Encoders | None = None,
   summary['failed'] = counter.failed
   if counter.failed:
     log.warning('%s', counter.report())
+  counter.finish()  # all failed, or above max_failure_fraction: whatever the run's length
   remaining = [s for s in mine if shard_complete(out, s, num_shards) is None]
   summary['remaining'] = remaining
   log.info('process %d: wrote %d shards (%d records); %d of mine remain', pid,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vap_jax.models.common import source_fields
 from vap_jax.nn.attention import attention
 from vap_jax.nn.layers import LayerNorm, Linear, param
 from vap_jax.parallel import TOKEN_AXES, constrain
@@ -73,8 +74,10 @@ class CLIPVisionConfig:
     """From a ``CLIPVisionModel`` config.json dict (or a full CLIP config's ``vision_config``)."""
     if config.get('model_type') == 'clip':
       config = config['vision_config']
-    fields = {f.name for f in dataclasses.fields(cls)} - _RUNTIME
-    return cls(**{k: v for k, v in config.items() if k in fields}, **runtime)
+    return cls(**source_fields(cls, config, ('hidden_size', 'intermediate_size',
+                                             'num_hidden_layers', 'num_attention_heads',
+                                             'image_size', 'patch_size'), skip=_RUNTIME),
+               **runtime)
 
 
 class CLIPOutput(NamedTuple):

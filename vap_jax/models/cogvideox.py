@@ -96,7 +96,8 @@ class CogVideoXConfig:
         'supported_effect_types': None, 'num_ref_embeddings': None, 'reference_train_mode': None,
         'ablation_single_encoder': False, 'ablation_residual_addition': False,
         'activation_fn': 'gelu-approximate', 'timestep_activation_fn': 'silu',
-    }, **runtime)
+    }, ('num_layers', 'num_attention_heads', 'attention_head_dim', 'in_channels', 'out_channels',
+        'time_embed_dim', 'text_embed_dim', 'patch_size'), **runtime)
 
 
 class Stream(NamedTuple):

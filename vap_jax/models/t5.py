@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vap_jax.models.common import source_fields
 from vap_jax.nn.attention import attention
 from vap_jax.nn.layers import Linear, RMSNorm, param
 from vap_jax.parallel import TOKEN_AXES, constrain
@@ -76,8 +77,8 @@ class T5Config:
     model_type = config.get('model_type', 't5')
     if model_type not in ('t5', 'umt5'):
       raise ValueError(f'model_type {model_type!r} is not a T5 encoder (t5 or umt5)')
-    fields = {f.name for f in dataclasses.fields(cls)} - _RUNTIME
-    kwargs = {k: v for k, v in config.items() if k in fields}
+    kwargs = source_fields(cls, config, ('vocab_size', 'd_model', 'd_kv', 'd_ff', 'num_layers',
+                                         'num_heads'), skip=_RUNTIME)
     return cls(**kwargs, per_layer_position_bias=model_type == 'umt5', **runtime)
 
   @classmethod

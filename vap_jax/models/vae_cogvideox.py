@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vap_jax.models.common import source_fields
 from vap_jax.models.vae_common import DiagonalGaussian, blend_tiles
 from vap_jax.nn.conv import (Caches, CausalConv3d, Conv2d, GroupNorm, run_chunked,
                              to_channels_first, to_channels_last)
@@ -68,9 +69,7 @@ class CogVideoXVAEConfig:
                       ('up_block_types', 'CogVideoXUpBlock3D')):
       if any(t != kind for t in config.get(key, [kind])):
         raise ValueError(f'AutoencoderKLCogVideoX {key} must all be {kind}: {config[key]}')
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
-    return cls(**kwargs, **runtime)
+    return cls(**source_fields(cls, config, ('block_out_channels', 'latent_channels', 'layers_per_block')), **runtime)
 
 
 def _kw(cfg, rngs):

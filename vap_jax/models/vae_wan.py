@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vap_jax.models.common import source_fields
 from vap_jax.models.vae_common import DiagonalGaussian, blend_tiles, tile_starts
 from vap_jax.nn.attention import attention
 from vap_jax.nn.conv import (Caches, CausalConv3d, Conv2d, Conv3d, run_chunked, to_channels_first,
@@ -65,9 +66,7 @@ class WanVAEConfig:
       if (tuple(value) if isinstance(value, list) else value) != expected:
         raise ValueError(f'AutoencoderKLWan config field {key}={value!r} is not supported '
                          f'(expected {expected!r})')
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
-    return cls(**kwargs, **runtime)
+    return cls(**source_fields(cls, config, ('base_dim', 'z_dim', 'dim_mult', 'num_res_blocks')), **runtime)
 
 
 class RMSNorm(nnx.Module):

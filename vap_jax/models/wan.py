@@ -93,7 +93,8 @@ class WanConfig:
     return from_diffusers_config(cls, config, {
         'pos_embed_seq_len': None, 'attention_head_dim_mot_ref': None,
         'supported_effect_types': None, 'num_ref_embeddings': None, 'reference_train_mode': None,
-    }, patch_size=tuple(config.get('patch_size', (1, 2, 2))), **runtime)
+    }, ('num_layers', 'num_attention_heads', 'attention_head_dim', 'in_channels', 'out_channels',
+        'text_dim', 'ffn_dim', 'patch_size'), **runtime)
 
 
 class Stream(NamedTuple):

@@ -77,6 +77,18 @@ class Tokenizer:
     mask = np.asarray([r[1] for r in rows], np.int32)
     return ids, mask
 
+  def cut(self, text: str, max_length: int) -> str:
+    """The end of ``text`` that ``max_length`` tokens leave out, as text ('' if it fits)."""
+    if self._hf is not None:
+      self._hf.no_truncation()  # __call__ sets truncation and padding again
+      self._hf.no_padding()
+      full = self._hf.encode(text, add_special_tokens=True).ids
+      plain = self._hf.encode(text, add_special_tokens=False).ids
+      keep = max_length - (len(full) - len(plain))  # room left by </s> and other specials
+      return self._hf.decode(plain[keep:]) if len(full) > max_length else ''
+    ids = self._sp.encode(text)
+    return self._sp.decode(ids[max_length - 1:]) if len(ids) >= max_length else ''
+
 
 def _special_tokens(folder: Path) -> dict:
   """pad/eos token strings from tokenizer_config.json or special_tokens_map.json, when present."""

@@ -9,7 +9,8 @@ pipelines)::
 
 converted layout (``vap-convert``)::
 
-    manifest.json                          format_version, family, components, source, ...
+    manifest.json                          format_version, family, components, source, files
+                                           (size + sha256 of each copied file), ...
     transformer/ vae/ text_encoder/ [image_encoder/]   config.json + state/ (Orbax, one per model)
     tokenizer/ scheduler/ [image_processor/]           copied as they are
 
@@ -24,7 +25,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from vap_jax.weights import cogvideox, component, encoders, orbax_io, vae, wan
+from vap_jax.weights import cogvideox, component, encoders, integrity, orbax_io, vae, wan
 from vap_jax.weights.component import ModelSpec
 from vap_jax.weights.loading import MANIFEST, MODEL_INDEX
 from vap_jax.weights.safetensors_io import CheckpointError
@@ -127,7 +128,9 @@ def _problem(path: Path, name: str, converted: bool) -> str | None:
 def check_components(path: str | Path) -> str:
   """Check that every component of the family is present; returns the family.
 
-  Raises `CheckpointError` naming each missing or incomplete component folder and ``path``.
+  Raises `CheckpointError` naming each missing or incomplete component folder and ``path``, a
+  model config.json that does not describe a model we build, or (converted folders) a file whose
+  size differs from the one recorded at conversion.
   """
   path = Path(path)
   family = detect_family(path)
@@ -138,9 +141,38 @@ def check_components(path: str | Path) -> str:
     layout = 'converted' if converted else 'diffusers'
     listed = '; '.join(f'{name}/ ({why})' for name, why in problems.items())
     raise CheckpointError(f'{layout} {family} checkpoint {path} is missing components: {listed}')
-  if converted and not read_manifest(path).get('complete', False):
-    raise CheckpointError(f'{path}: the conversion did not finish; re-run vap-convert')
+  for spec in model_specs(family).values():
+    component.check_config(spec, path)
+  if converted:
+    if not read_manifest(path).get('complete', False):
+      raise CheckpointError(f'{path}: the conversion did not finish; re-run vap-convert')
+    verify(path, full=False)
   return family
+
+
+def verify(path: str | Path, *, full: bool = True) -> tuple[int, int]:
+  """Check a converted folder (pipeline root or one component folder) against the checksums
+  recorded at conversion: every file's size, and with ``full`` its sha256 (which a folder
+  without checksums, converted by an older vap_jax, cannot pass). Returns (files, bytes) checked;
+  raises `CheckpointError` naming the first missing, cut or changed file."""
+  path = Path(path)
+  if is_converted_pipeline(path):
+    manifest = read_manifest(path)
+    folders = [path / name for name, entry in manifest['components'].items()
+               if entry['kind'] == 'model']
+    counts = [integrity.check(path, manifest.get('files'), full=full)]
+  elif component.has_orbax_state(path):
+    folders, counts = [path], []
+  else:
+    raise CheckpointError(f'{path} is not a converted folder (it has neither {MANIFEST} nor '
+                          f'{orbax_io.STATE_DIR}/): only vap-convert output records checksums')
+  for folder in folders:
+    counts.append(integrity.check(folder, orbax_io.read_config(folder).get('files'), full=full))
+  files = sum(n for n, _ in counts)
+  if full and not files:
+    raise CheckpointError(f'{path} has no recorded checksums (converted by an older vap_jax): '
+                          f'{integrity.AGAIN} to record them')
+  return files, sum(b for _, b in counts)
 
 
 def _file_component(path: str | Path, name: str) -> Path:
@@ -228,7 +260,8 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, dtype: str = 'bfloat16
   family = check_components(src)
   dtypes = {name: (dtypes or {}).get(name) or DEFAULT_DTYPES[name] or dtype
             for name in model_specs(family)}
-  if dst.exists() and any(dst.iterdir()) and not overwrite:
+  # A run killed while writing its first manifest leaves only manifest.json.tmp: still empty.
+  if dst.exists() and any(p.name != MANIFEST + '.tmp' for p in dst.iterdir()) and not overwrite:
     if not is_converted_pipeline(dst):
       raise FileExistsError(f'{dst} exists and is not a vap-convert output: pick an empty folder '
                             'or pass overwrite=True (--overwrite)')
@@ -254,6 +287,7 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, dtype: str = 'bfloat16
         shutil.rmtree(out)
       shutil.copytree(src / name, out)
       entry = dict(kind='files', files=sorted(p.name for p in out.iterdir()))
+      manifest.setdefault('files', {}).update(integrity.record(dst, out))
     else:
       if keep[name]:
         log.info('%s: already converted in %s, kept', name, out)

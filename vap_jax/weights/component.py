@@ -11,7 +11,8 @@ read and checked, how that config becomes our model config, and the key map of i
     converted component       folder/config.json + folder/state/                    (Orbax)
 
 A converted ``config.json`` holds ``model`` (the spec name), ``param_dtype``, ``source`` and
-``source_config`` (the source config.json, diffusers or transformers field names); folders written
+``source_config`` (the source config.json, diffusers or transformers field names) and ``files``
+(size and sha256 of every file of ``state/``, `vap_jax.weights.integrity`); folders written
 before ``source_config`` existed stored it as ``diffusers_config`` / ``hf_config`` and still load.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jax.sharding import Mesh
 from vap_jax.models.stack import checkpoint_slots
 from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
-from vap_jax.weights import orbax_io
+from vap_jax.weights import integrity, orbax_io
 from vap_jax.weights.keymap import KeyMap
 from vap_jax.weights.loading import component_dir, load_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
@@ -80,10 +81,39 @@ def converted_config(spec: ModelSpec, folder: Path) -> dict:
   raise CheckpointError(f'{folder / orbax_io.CONFIG_FILE} has no source_config')
 
 
+def _read_source(spec: ModelSpec, folder: Path) -> tuple[dict, KeyMap]:
+  try:
+    return spec.read_source(folder)
+  except CheckpointError:
+    raise
+  except (KeyError, TypeError, ValueError) as e:  # e.g. an original Wan config's missing field
+    raise _config_error(folder, e) from None
+
+
+def model_config(spec: ModelSpec, raw: dict, folder: Path, **runtime):
+  """``spec.make_config(raw, **runtime)``; a field of the wrong type, a missing size field or an
+  unsupported value is a `CheckpointError` naming ``folder/config.json``."""
+  try:
+    return spec.make_config(raw, **runtime)
+  except (KeyError, TypeError, ValueError) as e:
+    raise _config_error(folder, e) from None
+
+
+def _config_error(folder: Path, error: Exception) -> CheckpointError:
+  what = f'field {error} is missing' if isinstance(error, KeyError) else str(error)
+  return CheckpointError(f'{Path(folder) / orbax_io.CONFIG_FILE}: {what}')
+
+
 def source_config(spec: ModelSpec, path: str | Path) -> dict:
   """The component's source config (diffusers/transformers names) in either layout."""
   folder = spec.folder(path)
-  return converted_config(spec, folder) if has_orbax_state(folder) else spec.read_source(folder)[0]
+  return converted_config(spec, folder) if has_orbax_state(folder) else _read_source(spec, folder)[0]
+
+
+def check_config(spec: ModelSpec, path: str | Path) -> None:
+  """Build the component's model config (no weights): a bad config.json fails here, in one line,
+  before anything is loaded."""
+  model_config(spec, source_config(spec, path), spec.folder(path))
 
 
 def load(spec: ModelSpec, path: str | Path, *, mesh: Mesh | None = None,
@@ -95,10 +125,10 @@ def load(spec: ModelSpec, path: str | Path, *, mesh: Mesh | None = None,
   folder = spec.folder(path)
   if has_orbax_state(folder):
     orbax_io.check_format(folder)
-    config = spec.make_config(converted_config(spec, folder), **runtime)
+    config = model_config(spec, converted_config(spec, folder), folder, **runtime)
     return orbax_io.restore_model(spec.factory(config), folder, mesh=mesh, rules=rules)
-  raw, keymap = spec.read_source(folder)
-  config = spec.make_config(raw, **runtime)
+  raw, keymap = _read_source(spec, folder)
+  config = model_config(spec, raw, folder, **runtime)
   return load_model(spec.factory(config), SafetensorsCheckpoint(folder), keymap, mesh=mesh,
                     rules=rules, progress=progress, slot_of=_slot_of(config))
 
@@ -116,14 +146,17 @@ def convert_checkpoint(spec: ModelSpec, checkpoint: SafetensorsCheckpoint, raw: 
                        progress: bool = True) -> int:
   """Stream ``checkpoint`` (config ``raw``, names ``keymap``) into ``dst``; config.json last, so
   a folder with one is complete."""
-  config = spec.make_config(raw, dtype=param_dtype, param_dtype=param_dtype)
+  config = model_config(spec, raw, Path(checkpoint.path), dtype=param_dtype,
+                        param_dtype=param_dtype)
   if overwrite:  # an interrupted rewrite must not look complete
     (Path(dst) / orbax_io.CONFIG_FILE).unlink(missing_ok=True)
   count = orbax_io.convert_safetensors(checkpoint, keymap, spec.factory(config), dst,
                                        group_bytes=group_bytes, overwrite=overwrite,
                                        progress=progress, slot_of=_slot_of(config))
+  dst = Path(dst)
   orbax_io.write_config(dst, {'model': spec.name, 'param_dtype': param_dtype,
-                              'source': str(Path(checkpoint.path).resolve()), 'source_config': raw})
+                              'source': str(Path(checkpoint.path).resolve()), 'source_config': raw,
+                              'files': integrity.record(dst, dst / orbax_io.STATE_DIR)})
   return count
 
 
@@ -134,7 +167,7 @@ def convert(spec: ModelSpec, src: str | Path, dst: str | Path, *, param_dtype: s
   folder = spec.folder(src)
   if has_orbax_state(folder):
     raise CheckpointError(f'{folder} is already a converted vap_jax folder')
-  raw, keymap = spec.read_source(folder)
+  raw, keymap = _read_source(spec, folder)
   return convert_checkpoint(spec, SafetensorsCheckpoint(folder), raw, keymap, dst,
                             param_dtype=param_dtype, group_bytes=group_bytes,
                             overwrite=overwrite, progress=progress)

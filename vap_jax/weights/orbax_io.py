@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
-from vap_jax.weights import keymap as km
+from vap_jax.weights import integrity, keymap as km
 from vap_jax.weights.loading import SlotWriter, abstract_model, fill
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
@@ -84,9 +84,13 @@ def _unnest(tree: dict, slots) -> dict[km.Slot, object]:
 
 
 def write_config(dst: str | Path, config: dict) -> None:
+  """Write ``dst/config.json`` atomically: its presence marks a finished conversion, so a kill
+  while writing must leave none rather than a cut one."""
   Path(dst).mkdir(parents=True, exist_ok=True)
   config = {**config, 'format_version': FORMAT_VERSION}
-  (Path(dst) / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+  tmp = Path(dst) / (CONFIG_FILE + '.tmp')
+  tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
+  tmp.replace(Path(dst) / CONFIG_FILE)
 
 
 def read_config(src: str | Path) -> dict:
@@ -112,6 +116,10 @@ def convert_safetensors(checkpoint: SafetensorsCheckpoint, keymap: km.KeyMap,
     if not overwrite:
       raise FileExistsError(f'{target} exists; pass overwrite=True (--overwrite) to replace it')
     shutil.rmtree(target)
+  # A killed conversion leaves Orbax partial saves ('state.partial_save', its '.orbax-checkpoint-
+  # tmp' twin): Orbax refuses to add the same keys to them, and they are never a finished state.
+  for leftover in target.parent.glob(target.name + '.partial_save*'):
+    shutil.rmtree(leftover)
   _, state = nnx.split(abstract_model(factory))
   the_plan = km.plan(checkpoint, keymap, state, slot_of)
   sizes = {slot: int(np.prod(shape)) * dtype.itemsize
@@ -187,6 +195,8 @@ def restore_model(factory: Callable[[], nnx.Module], src: str | Path, *, mesh: M
   target = Path(src).absolute() / STATE_DIR
   if not target.is_dir():
     raise CheckpointError(f'{src} has no Orbax state folder {STATE_DIR}/')
+  files = read_config(src).get('files') if (Path(src) / CONFIG_FILE).is_file() else None
+  integrity.check(src, files)  # a missing or cut file, before anything is read
   graphdef, state = nnx.split(abstract_model(factory))
   writer = SlotWriter(state, mesh, rules)
   slots = km.slots(state)
@@ -199,9 +209,13 @@ def restore_model(factory: Callable[[], nnx.Module], src: str | Path, *, mesh: M
         walk(v, prefix + (k,))
     else:
       stored.add(prefix)
-  walk(ocp.metadata(target).metadata)
+  try:
+    walk(ocp.metadata(target).metadata)
+  except Exception as e:  # noqa: BLE001 - any Orbax/tensorstore read failure
+    raise _read_failure(src, files, e) from None
   wanted = {_key(slot) for slot in slots}
   if stored != wanted:
+    integrity.check(src, files, full=True)  # a damaged metadata file reads as other keys
     missing = sorted('/'.join(p) for p in wanted - stored)
     extra = sorted('/'.join(p) for p in stored - wanted)
     raise CheckpointError(f'Orbax checkpoint {target} does not match the model: '
@@ -222,12 +236,23 @@ def restore_model(factory: Callable[[], nnx.Module], src: str | Path, *, mesh: M
   for layer, group in sorted(groups.items(), key=lambda item: -1 if item[0] is None else item[0]):
     abstract = jax.tree.map(lambda _: ocp.PLACEHOLDER, _nest({s: 0 for s in slots}))
     wanted_here = _nest({s: spec(s) for s in group})
-    with warnings.catch_warnings():
-      warnings.simplefilter('ignore')
-      tree = ocp.load_pytree(target, _merge(abstract, wanted_here))
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        tree = ocp.load_pytree(target, _merge(abstract, wanted_here))
+    except Exception as e:  # noqa: BLE001 - any Orbax/tensorstore read failure
+      raise _read_failure(src, files, e) from None
     for slot, value in _unnest(tree, group).items():
       writer.put(slot, value)
   return fill(graphdef, state, writer.values)
+
+
+def _read_failure(src, files: dict | None, error: Exception) -> CheckpointError:
+  """A failed read as one line. Orbax's own message is a long tensorstore spec; the checksums
+  recorded at conversion name the damaged file (`integrity.check` raises with it)."""
+  integrity.check(src, files, full=True)
+  first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+  return CheckpointError(f'cannot read the Orbax state {Path(src) / STATE_DIR}: {first}')
 
 
 def _merge(base: dict, update: dict) -> dict:
