@@ -271,6 +271,18 @@ def test_grain_loader_round_trip_and_training_inputs(runs):
   np.testing.assert_array_equal(dropped['ref_text'][0, 1], source.empty_text)
   assert dropped['caption_masked'].all()
 
+  # Dropout draws belong to a sample's place in the global stream: two processes reading
+  # halves of each batch see exactly what one process sees.
+  def dropout_loader(shard, batch_size):
+    return make_latent_loader(folder, batch_size=batch_size, caption_dropout=0.5,
+                              reference_dropout=0.5, num_epochs=1, shard=shard)
+  one, halves = dropout_loader((0, 1), 4), [dropout_loader((i, 2), 2) for i in range(2)]
+  for _ in range(3):
+    whole, parts = next(one), [next(h) for h in halves]
+    for key in ('index', 'caption_masked', 'ref_mask', 'text', 'ref_latents_mean'):
+      together = np.stack([p[key] for p in parts], 1).reshape(whole[key].shape)
+      np.testing.assert_array_equal(together, whole[key], err_msg=key)
+
   info = source.info['vae']
   dit = wan_latents(b, posterior_draws(jax.random.key(0), b, WAN_DRAWN), info['latents_mean'],
                     info['latents_std'])

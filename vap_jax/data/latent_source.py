@@ -84,21 +84,17 @@ class LatentSource:
     return [f for m in self.manifests for f in m['failed']]
 
 
-class CaptionDropout(grain.transforms.RandomMap):
+def drop_captions(element: dict, empty_text: np.ndarray, ratio: float,
+                  rng: np.random.Generator) -> dict:
   """With probability `ratio`, the target and every reference caption embedding become the ''
   embedding (the official `mask_caption_ratio`, VAP_SPEC §5.4), drawn per step."""
-
-  def __init__(self, empty_text: np.ndarray, ratio: float):
-    self.empty_text, self.ratio = np.asarray(empty_text), float(ratio)
-
-  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    if rng.random() >= self.ratio:
-      return dict(element, caption_masked=np.asarray(False))
-    element = dict(element, caption_masked=np.asarray(True))
-    empty = self.empty_text.astype(element['text'].dtype)
-    element['text'] = empty
-    element['ref_text'] = np.broadcast_to(empty, element['ref_text'].shape[:1] + empty.shape)
-    return element
+  if rng.random() >= ratio:
+    return dict(element, caption_masked=np.asarray(False))
+  element = dict(element, caption_masked=np.asarray(True))
+  empty = np.asarray(empty_text).astype(element['text'].dtype)
+  element['text'] = empty
+  element['ref_text'] = np.broadcast_to(empty, element['ref_text'].shape[:1] + empty.shape)
+  return element
 
 
 # What the trainer reads of a record, per family (the rest is metadata).
@@ -112,14 +108,23 @@ TRAIN_KEYS = {
 }
 
 
+DRAW_SEED = '_draw_seed'
+
+
+def _with_draw_seed(index, rng: np.random.Generator):
+  return index, rng.integers(2**63)
+
+
 class ReadRecord(grain.transforms.Map):
-  """Index -> record, or a failure marker (`FailureCounter` skips and counts it) when the
-  stored bytes cannot be decoded; with ``keys``, only those fields (arrays: they batch)."""
+  """(index, draw seed) -> record, or a failure marker (`FailureCounter` skips and counts it)
+  when the stored bytes cannot be decoded; with ``keys``, only those fields (arrays: they
+  batch). The draw seed travels with the record, for `Dropout`."""
 
   def __init__(self, source: 'LatentSource', keys=None):
     self.source, self.keys = source, keys
 
-  def map(self, index):
+  def map(self, item):
+    index, seed = item
     try:
       record = self.source[int(index)]
     except Exception as e:  # a damaged record must not stop a long run: skip and count it
@@ -127,33 +132,47 @@ class ReadRecord(grain.transforms.Map):
               'index': np.int64(index)}
     if self.keys is not None:
       record = {k: record[k] for k in self.keys}
-    return record
+    return dict(record, **{DRAW_SEED: seed})
 
 
-class ReferenceDropout(grain.transforms.RandomMap):
+def drop_references(element: dict, ratio: float, rng: np.random.Generator) -> dict:
   """The official ``mask_ref_ratio`` (VAP_SPEC §5.4): each reference is dropped with probability
   ``ratio``, at least one kept. ``ref_mask`` (R,) marks the kept ones, which are moved last so
   they take the positions next to the target that n references would have; the model masks the
   dropped ones out of the joint attention."""
+  mask = np.asarray(element['ref_mask'], bool).copy()
+  if ratio > 0 and mask.sum() > 1:
+    kept = np.flatnonzero(mask)
+    drop = rng.random(len(kept)) < ratio
+    if drop.all():
+      drop[rng.integers(len(kept))] = False
+    mask[kept[drop]] = False
+  order = np.argsort(mask, kind='stable')  # dropped first, kept last, each in their order
+  out = dict(element, ref_mask=mask[order])
+  for key, value in element.items():
+    if key.startswith('ref_') and key != 'ref_mask' and np.ndim(value) >= 1 and \
+        np.shape(value)[0] == len(mask):
+      out[key] = np.asarray(value)[order]
+  return out
 
-  def __init__(self, ratio: float):
-    self.ratio = float(ratio)
 
-  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    mask = np.asarray(element['ref_mask'], bool).copy()
-    if self.ratio > 0 and mask.sum() > 1:
-      kept = np.flatnonzero(mask)
-      drop = rng.random(len(kept)) < self.ratio
-      if drop.all():
-        drop[rng.integers(len(kept))] = False
-      mask[kept[drop]] = False
-    order = np.argsort(mask, kind='stable')  # dropped first, kept last, each in their order
-    out = dict(element, ref_mask=mask[order])
-    for key, value in element.items():
-      if key.startswith('ref_') and key != 'ref_mask' and np.ndim(value) >= 1 and \
-          np.shape(value)[0] == len(mask):
-        out[key] = np.asarray(value)[order]
-    return out
+class Dropout(grain.transforms.Map):
+  """Caption then reference dropout, drawn from the seed `ReadRecord` attached to the record
+  (`DRAW_SEED`), which belongs to the sample's position in the global stream: the draws do
+  not depend on how many processes share the stream."""
+
+  def __init__(self, empty_text: np.ndarray, caption_ratio: float, reference_ratio: float):
+    self.empty_text = np.asarray(empty_text)
+    self.caption_ratio, self.reference_ratio = float(caption_ratio), float(reference_ratio)
+
+  def map(self, element: dict) -> dict:
+    element = dict(element)
+    rng = np.random.default_rng(int(element.pop(DRAW_SEED)))
+    if self.caption_ratio > 0:
+      element = drop_captions(element, self.empty_text, self.caption_ratio, rng)
+    if self.reference_ratio > 0:
+      element = drop_references(element, self.reference_ratio, rng)
+    return element
 
 
 @dataclasses.dataclass
@@ -208,14 +227,13 @@ def make_latent_loader(folder, *, batch_size: int, seed: int = 42, num_epochs: i
   if keys == 'train':
     keys = TRAIN_KEYS[source.family]
   ds = grain.MapDataset.range(usable).shuffle(seed=seed).repeat(num_epochs)
+  # Seeds drawn per position before the processes take their slices (see `Dropout`).
+  ds = ds.random_map(_with_draw_seed, seed=seed + 1)
   ds = ds[index::count].map(ReadRecord(source, keys))
   it = ds.to_iter_dataset()
   failures = FailureCounter(max_failure_fraction, min_samples_before_cap)
   it = SkipFailures(it, failures)
-  if caption_dropout > 0:
-    it = it.random_map(CaptionDropout(source.empty_text, caption_dropout), seed=seed)
-  if reference_dropout > 0:
-    it = it.random_map(ReferenceDropout(reference_dropout), seed=seed + 1)
+  it = it.map(Dropout(source.empty_text, caption_dropout, reference_dropout))
   if workers > 0:
     from vap_jax.data.pipeline import _absl_flags_parsed
     _absl_flags_parsed()

@@ -372,7 +372,7 @@ def precompute(cfg: PrecomputeConfig, data, *, encoders: Encoders | None = None,
   data = _plain(data)
   if data.get('mask_caption_ratio') or data.get('mask_ref_ratio'):
     log.warning('mask_caption_ratio=%s / mask_ref_ratio=%s are baked into the records; set them '
-                'to 0 and drop captions at train time (latent_source.CaptionDropout)',
+                'to 0 and drop captions at train time (latent_source.Dropout)',
                 data.get('mask_caption_ratio'), data.get('mask_ref_ratio'))
   out = Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)

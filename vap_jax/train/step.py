@@ -111,9 +111,10 @@ def jit_train_step(step: Callable, state: TrainState, frozen, optimizer, mesh: M
                    rules: Rules):
   """``step`` jitted with the state donated and explicit shardings: the state like its
   parameters, the frozen base by its logical axes, batch and draws over the data axes. Call it
-  (or ``.lower`` it) under ``sharding_context(mesh, rules)``, which pins the activations."""
+  (or ``.lower`` it) under ``sharding_context(mesh, rules)``, which pins the activations. The
+  metrics come back replicated, so every process can read all of them."""
   shardings = state_shardings(state, optimizer, mesh, rules)
   data = batch_sharding(mesh, rules)
   return jax.jit(step, donate_argnums=0,
                  in_shardings=(shardings, param_shardings(frozen, mesh, rules), data, data),
-                 out_shardings=(shardings, None))
+                 out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())))
