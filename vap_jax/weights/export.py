@@ -199,7 +199,7 @@ def folder_source(family: Family, folder: Path, config, state: nnx.State) -> Sou
     def read_orbax(slots, dtype):
       loaded = load(slots)
       for slot in slots:
-        yield loaded.pop(slot).astype(dtype)
+        yield loaded.pop(slot).astype(dtype, copy=False)
     return read_orbax
   _, keymap = family.spec.read_source(folder)
   checkpoint = SafetensorsCheckpoint(folder)
@@ -256,7 +256,7 @@ def _write_transformer(family: Family, config, state: nnx.State, read: Source, d
   names = shard_names(len(groups))
   kernel = family.kernel(config)
   sizes = [math.prod(t.shape) * itemsize for t in tensors]
-  total, read_bytes = sum(sizes), 2 * max(sizes)  # reads: a few tensors at a time
+  total, read_bytes = sum(sizes), max(sizes)  # reads: a few tensors at a time
 
   def arrays(group: list[Tensor]) -> Iterator[np.ndarray]:
     for t, value in zip(group, read([t.slot for t in group], np_dtype)):

@@ -219,7 +219,10 @@ def slot_reader(src: str | Path, state: nnx.State
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')
       tree = ocp.load_pytree(target, _merge(placeholders, _nest(specs)))
-    return {s: np.asarray(v) for s, v in _unnest(tree, wanted).items()}
+    out = {s: np.asarray(v) for s, v in _unnest(tree, wanted).items()}
+    del tree
+    _release_freed_memory()  # Orbax's reader threads keep freed buffers otherwise
+    return out
   return read
 
 
