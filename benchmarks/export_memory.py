@@ -51,8 +51,9 @@ def check_same(src: Path, dst: Path) -> int:
   """Every tensor of ``dst`` equals the one of ``src`` with its name; returns the count."""
   from vap_jax.weights.safetensors_io import SafetensorsCheckpoint
   a, b = SafetensorsCheckpoint(src), SafetensorsCheckpoint(dst)
-  if set(a.keys()) != set(b.keys()):
-    raise SystemExit(f'{dst}: keys differ from the source: {sorted(set(a.keys()) ^ set(b.keys()))[:5]}')
+  differ = sorted(set(a.keys()) ^ set(b.keys()))
+  if differ:
+    raise SystemExit(f'{dst}: keys differ from the source: {differ[:5]}')
   for key in a.keys():
     if not np.array_equal(a.read(key), b.read(key)):
       raise SystemExit(f'{dst}: {key} differs from the source')

@@ -7,7 +7,6 @@ exported pipeline folders drive vap-generate; bad inputs are one clear line.
 import json
 import re
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest

@@ -236,7 +236,7 @@ def _write_safetensors(file: Path, tensors: list[Tensor], dtype_name: str, items
     for group in split(tensors, itemsize, read_bytes):
       for data in arrays(group):  # every process gathers; one writes
         if out:
-          out.write(memoryview(data.reshape(-1).view(np.uint8)))
+          out.write(memoryview(data.reshape(-1).view(np.uint8)))  # little-endian hosts only
         if bar is not None:
           bar.update(data.nbytes)
   finally:
