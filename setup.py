@@ -48,6 +48,7 @@ setup(
             'vap-generate=vap_jax.cli.generate:main',
             'vap-precompute=vap_jax.cli.precompute:main',
             'vap-train=vap_jax.cli.train:main',
+            'vap-export=vap_jax.cli.export:main',
         ],
     },
 )

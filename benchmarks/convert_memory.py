@@ -98,11 +98,12 @@ print(json.dumps({'done': True}), flush=True)
 '''
 
 
-def measure(src: Path, dst: Path, dtype: str, group_mb: str) -> dict:
-  """Run the conversion in a child; sample its RSS every 10 ms."""
-  proc = subprocess.Popen([sys.executable, '-c', _CHILD, str(src), str(dst), dtype, group_mb],
-                          stdout=subprocess.PIPE, text=True,
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+def run_sampled(script: str, *args: str) -> dict:
+  """Run ``python -c script args`` in a child (JAX on CPU) and sample its resident memory every
+  10 ms. The child prints ``{"baseline": bytes}`` when the measured part starts: peaks and
+  seconds count from then (what came before, e.g. loading a model, is not measured)."""
+  proc = subprocess.Popen([sys.executable, '-c', script, *args], stdout=subprocess.PIPE,
+                          text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   peak, baseline, start = {}, None, time.time()
 
   def sample():
@@ -111,7 +112,8 @@ def measure(src: Path, dst: Path, dtype: str, group_mb: str) -> dict:
       try:
         fields = dict(line.split(':', 1) for line in status.read_text().splitlines())
         for name in ('VmRSS', 'RssAnon', 'RssFile'):
-          peak[name] = max(peak.get(name, 0), int(fields[name].split()[0]) * 1024)
+          if baseline is not None:
+            peak[name] = max(peak.get(name, 0), int(fields[name].split()[0]) * 1024)
       except (FileNotFoundError, ProcessLookupError, KeyError, ValueError):
         break
       time.sleep(0.01)
@@ -124,9 +126,15 @@ def measure(src: Path, dst: Path, dtype: str, group_mb: str) -> dict:
   proc.wait()
   sampler.join()
   if proc.returncode:
-    raise SystemExit(f'conversion failed with exit code {proc.returncode}')
+    raise SystemExit(f'the measured child failed with exit code {proc.returncode}')
   return dict(peak_rss=peak['VmRSS'], peak_anon=peak['RssAnon'], peak_file=peak['RssFile'],
-              baseline_rss=baseline, convert_seconds=time.time() - start)
+              baseline_rss=baseline, seconds=time.time() - start)
+
+
+def measure(src: Path, dst: Path, dtype: str, group_mb: str) -> dict:
+  """Run the conversion in a child; sample its RSS every 10 ms."""
+  result = run_sampled(_CHILD, str(src), str(dst), dtype, group_mb)
+  return dict(result, convert_seconds=result['seconds'])
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from vap_jax.models.common import check_expert_blocks, from_diffusers_config
+from vap_jax.models.common import check_expert_blocks, from_diffusers_config, to_diffusers_config
 from vap_jax.models.mot import MoTTransformer, StreamAttention
 from vap_jax.models.stack import REMAT_POLICIES, stacked
 from vap_jax.nn.dtypes import DTypePolicy
@@ -37,6 +37,16 @@ from vap_jax.nn.rope import RopeTable, cogvideox_rope
 from vap_jax.parallel import TOKEN_AXES, constrain
 
 log = logging.getLogger(__name__)
+
+# diffusers config fields that we run at one value only (`from_source` refuses others), for the
+# base class and for VAP's; `to_source` writes them. dropout: we train without it.
+CLASS_NAMES = ('CogVideoXTransformer3DModel', 'CogVideoXTransformer3DMOTModel')
+FIXED = {'patch_size_t': None, 'ofs_embed_dim': None, 'activation_fn': 'gelu-approximate',
+         'timestep_activation_fn': 'silu'}
+VAP_FIXED = {'attention_head_dim_mot_ref': None, 'supported_effect_types': None,
+             'num_ref_embeddings': None, 'reference_train_mode': None,
+             'ablation_single_encoder': False, 'ablation_residual_addition': False}
+
 
 @dataclasses.dataclass(frozen=True)
 class CogVideoXConfig:
@@ -91,13 +101,14 @@ class CogVideoXConfig:
     """Build from a diffusers ``transformer/config.json`` dict; rejects features we do not run.
     ``runtime``: dtype / param_dtype / trainable_dtype (or dtypes), attention, scan_layers,
     remat."""
-    return from_diffusers_config(cls, config, {
-        'patch_size_t': None, 'ofs_embed_dim': None, 'attention_head_dim_mot_ref': None,
-        'supported_effect_types': None, 'num_ref_embeddings': None, 'reference_train_mode': None,
-        'ablation_single_encoder': False, 'ablation_residual_addition': False,
-        'activation_fn': 'gelu-approximate', 'timestep_activation_fn': 'silu',
-    }, ('num_layers', 'num_attention_heads', 'attention_head_dim', 'in_channels', 'out_channels',
+    return from_diffusers_config(cls, config, {**FIXED, **VAP_FIXED}, (
+        'num_layers', 'num_attention_heads', 'attention_head_dim', 'in_channels', 'out_channels',
         'time_embed_dim', 'text_embed_dim', 'patch_size'), **runtime)
+
+  def to_source(self) -> dict[str, Any]:
+    """The diffusers ``config.json`` dict of this architecture (the inverse of `from_source`):
+    ``CogVideoXTransformer3DMOTModel`` with the VAP fields, or the base class without experts."""
+    return to_diffusers_config(self, CLASS_NAMES, {**FIXED, 'dropout': 0.0}, VAP_FIXED)
 
 
 class Stream(NamedTuple):

@@ -102,6 +102,29 @@ def from_diffusers_config(cls, config: dict[str, Any], unsupported: dict[str, An
   return cls(**{**kwargs, **fixed})
 
 
+# Config fields that are runtime choices of ours, not architecture: never written to config.json.
+RUNTIME_FIELDS = ('dtypes', 'attention', 'scan_layers', 'remat')
+
+
+def to_diffusers_config(config, class_names: tuple[str, str], fixed: dict[str, Any],
+                        vap_fixed: dict[str, Any]) -> dict[str, Any]:
+  """The diffusers ``config.json`` dict of a model config: the inverse of `from_diffusers_config`.
+
+  Every architecture field (tuples as lists), the ``fixed`` fields at the one value we run, and
+  for a model with an expert the VAP class name (``class_names``: base, VAP), its
+  ``block_idx_with_mot_ref`` and the ``vap_fixed`` fields; a model without one is written as the
+  base class, which PyPI diffusers reads.
+  """
+  out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+         if f.name not in RUNTIME_FIELDS}
+  out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+  experts = out.pop('block_idx_with_mot_ref')
+  out.update(fixed)
+  if experts:
+    out.update(vap_fixed, block_idx_with_mot_ref=experts)
+  return {'_class_name': class_names[bool(experts)], **dict(sorted(out.items()))}
+
+
 def check_expert_blocks(block_idx: Sequence[int], num_layers: int) -> None:
   bad = [i for i in block_idx if not 0 <= i < num_layers]
   if bad:

@@ -105,6 +105,16 @@ def checkpoint_slots(expert_blocks: Sequence[int]) -> Callable:
   return slot_of
 
 
+def checkpoint_blocks(expert_blocks: Sequence[int]) -> Callable:
+  """The inverse of `checkpoint_slots`: ``block_of(path, slot)`` is the checkpoint block number
+  of stack slot ``slot`` (expert slot j sits on the j-th expert block)."""
+  experts = list(expert_blocks)
+
+  def block_of(path, slot: int) -> int:
+    return experts[slot] if path[:1] == ('expert',) else slot
+  return block_of
+
+
 def remat_policy(name: str):
   """The `jax.checkpoint` policy called ``name`` (None for 'none': no rematerialisation)."""
   if name not in REMAT_POLICIES:

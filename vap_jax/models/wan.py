@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from vap_jax.models.common import check_expert_blocks, from_diffusers_config
+from vap_jax.models.common import check_expert_blocks, from_diffusers_config, to_diffusers_config
 from vap_jax.models.mot import MoTTransformer, StreamAttention
 from vap_jax.models.stack import REMAT_POLICIES, stacked
 from vap_jax.nn.attention import attention
@@ -44,6 +44,12 @@ from vap_jax.parallel import TOKEN_AXES, constrain
 F32 = jnp.float32
 # The official ``_keep_in_fp32_modules``, as policy roles.
 KEEP_FP32 = ('time_embedder', 'modulation', 'norm')
+# diffusers config fields that we run at one value only (`from_source` refuses others), for the
+# base class and for VAP's; `to_source` writes them.
+CLASS_NAMES = ('WanTransformer3DModel', 'WanTransformer3DMOTModel')
+FIXED = {'pos_embed_seq_len': None}
+VAP_FIXED = {'attention_head_dim_mot_ref': None, 'supported_effect_types': None,
+             'num_ref_embeddings': None, 'reference_train_mode': None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +96,14 @@ class WanConfig:
     """Build from a diffusers ``transformer/config.json`` dict; rejects features we do not run.
     ``runtime``: dtype / param_dtype / trainable_dtype (or dtypes), attention, scan_layers,
     remat."""
-    return from_diffusers_config(cls, config, {
-        'pos_embed_seq_len': None, 'attention_head_dim_mot_ref': None,
-        'supported_effect_types': None, 'num_ref_embeddings': None, 'reference_train_mode': None,
-    }, ('num_layers', 'num_attention_heads', 'attention_head_dim', 'in_channels', 'out_channels',
+    return from_diffusers_config(cls, config, {**FIXED, **VAP_FIXED}, (
+        'num_layers', 'num_attention_heads', 'attention_head_dim', 'in_channels', 'out_channels',
         'text_dim', 'ffn_dim', 'patch_size'), **runtime)
+
+  def to_source(self) -> dict[str, Any]:
+    """The diffusers ``config.json`` dict of this architecture (the inverse of `from_source`):
+    ``WanTransformer3DMOTModel`` with the VAP fields, or the base class without experts."""
+    return to_diffusers_config(self, CLASS_NAMES, FIXED, VAP_FIXED)
 
 
 class Stream(NamedTuple):

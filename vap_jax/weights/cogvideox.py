@@ -15,7 +15,7 @@ from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
 from vap_jax.weights import component
 from vap_jax.weights.component import ModelSpec, read_json_config
-from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule, expert_path
+from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule
 from vap_jax.weights.safetensors_io import CheckpointError
 
 _BLOCK = r'transformer_blocks\.(\d+)\.'
@@ -33,8 +33,10 @@ COGVIDEOX = KeyMap('cogvideox', [
     Rule(_BLOCK + r'(norm[12])\.linear\.bias', _LAYER + r'\2.linear.bias'),
     Rule(_BLOCK + r'(norm[12])\.norm\.weight', _LAYER + r'\2.norm.scale'),
     Rule(_BLOCK + r'(norm[12])\.norm\.bias', _LAYER + r'\2.norm.bias'),
-    Rule(_BLOCK + r'attn1\.(to_[qkv]|to_out)(?:\.0)?\.weight', _LAYER + r'attn1.\2.kernel', TRANSPOSE),
-    Rule(_BLOCK + r'attn1\.(to_[qkv]|to_out)(?:\.0)?\.bias', _LAYER + r'attn1.\2.bias'),
+    Rule(_BLOCK + r'attn1\.(to_[qkv])\.weight', _LAYER + r'attn1.\2.kernel', TRANSPOSE),
+    Rule(_BLOCK + r'attn1\.(to_[qkv])\.bias', _LAYER + r'attn1.\2.bias'),
+    Rule(_BLOCK + r'attn1\.to_out\.0\.weight', _LAYER + r'attn1.to_out.kernel', TRANSPOSE),
+    Rule(_BLOCK + r'attn1\.to_out\.0\.bias', _LAYER + r'attn1.to_out.bias'),
     Rule(_BLOCK + r'attn1\.(norm_[qk])\.weight', _LAYER + r'attn1.\2.scale'),
     Rule(_BLOCK + r'attn1\.(norm_[qk])\.bias', _LAYER + r'attn1.\2.bias'),
     Rule(_BLOCK + r'ff\.net\.0\.proj\.weight', _LAYER + r'ff.proj_in.kernel', TRANSPOSE),
@@ -50,7 +52,7 @@ COGVIDEOX = KeyMap('cogvideox', [
     Rule(r'norm_out\.norm\.bias', 'norm_out.norm.bias'),
     Rule(r'proj_out\.weight', 'proj_out.kernel', TRANSPOSE),
     Rule(r'proj_out\.bias', 'proj_out.bias'),
-], marker='_mot_ref', marked_path=expert_path)
+], marker='_mot_ref')
 
 
 def _read_source(folder: Path) -> tuple[dict, KeyMap]:

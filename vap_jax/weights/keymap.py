@@ -7,11 +7,17 @@ layer None for a variable that is not stacked. `plan` checks a checkpoint agains
 reading any data*: every checkpoint tensor must map to a model slot, every slot must be covered,
 shapes must agree after the transform; all problems are reported together, by name. `stream`
 then yields one converted tensor at a time; `read` reads one, or only part of one.
+
+Export runs the same rules backwards (`KeyMap.key_of`): a slot's path is matched against each
+rule's target, the captured values are written into the rule's pattern, and the result must map
+forward to the same slot. So one table serves both directions; a rule that cannot be run
+backwards (a wildcard outside a captured group, an optional part) is reported as such.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from typing import Callable, Iterator, Sequence
 
@@ -32,19 +38,33 @@ class Transform:
 
   ``source_index`` maps an index into the result to the index of the source it comes from, for
   transforms that commute with slicing: then a device's shard is read without the rest.
+  ``inverse`` / ``inverse_shape`` undo it for export; they also take the conv kernel size, which
+  the model's layout no longer shows (None where no conv is involved).
   """
   name: str
   array: Callable[[np.ndarray], np.ndarray]
   shape: Callable[[tuple[int, ...]], tuple[int, ...]]
   source_index: Callable[[tuple], tuple] | None = None
+  inverse: Callable[[np.ndarray, tuple[int, ...] | None], np.ndarray] = lambda a, kernel: a
+  inverse_shape: Callable[[tuple[int, ...], tuple[int, ...] | None], tuple[int, ...]] = (
+      lambda s, kernel: s)
+
+
+def _kernel(kernel: tuple[int, ...] | None) -> tuple[int, ...]:
+  if not kernel:
+    raise ValueError('conv_to_dense needs the conv kernel size to be undone')
+  return tuple(kernel)
 
 
 IDENTITY = Transform('identity', lambda a: a, lambda s: s, lambda index: index)
 # nn.Linear (out, in) -> kernel (in, out).
-TRANSPOSE = Transform('transpose', lambda a: a.T, lambda s: s[::-1], lambda index: index[::-1])
+TRANSPOSE = Transform('transpose', lambda a: a.T, lambda s: s[::-1], lambda index: index[::-1],
+                      inverse=lambda a, kernel: a.T, inverse_shape=lambda s, kernel: s[::-1])
 # Conv with kernel == stride (patchify): (out, in, *k) -> (in * prod(k), out), rows ordered (in, *k).
-CONV_TO_DENSE = Transform('conv_to_dense', lambda a: a.reshape(a.shape[0], -1).T,
-                          lambda s: (int(np.prod(s[1:])), s[0]))
+CONV_TO_DENSE = Transform(
+    'conv_to_dense', lambda a: a.reshape(a.shape[0], -1).T, lambda s: (int(np.prod(s[1:])), s[0]),
+    inverse=lambda a, kernel: a.T.reshape(a.shape[1], -1, *_kernel(kernel)),
+    inverse_shape=lambda s, kernel: (s[1], s[0] // math.prod(_kernel(kernel)), *_kernel(kernel)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,29 +74,33 @@ class Rule:
   transform: Transform = IDENTITY
 
 
-def expert_path(path: Path) -> Path:
-  """A base variable's expert twin in both VAP backbones: the same path under ``expert``."""
-  return ('expert',) + path
+# Both VAP backbones keep a base variable's expert twin at the same path under ``expert``.
+EXPERT = ('expert',)
+# VAP names an expert module after its base twin plus the marker, at the model's top level or a
+# block's ('patch_embed_mot_ref.proj.weight', 'blocks.4.attn1_mot_ref.to_q.weight',
+# 'blocks.4.scale_shift_table_mot_ref'): the marker goes after what this matches in the base key.
+MARKED_NAME = re.compile(r'(?:[^.]+\.\d+\.)?[^.]+')
 
 
 class KeyMap:
   """Ordered rules; optionally a ``marker`` for tensors that mirror a base tensor.
 
   VAP names every expert tensor like its base twin plus ``_mot_ref``: a marked key is mapped as
-  its unmarked twin, then ``marked_path`` moves the result to the expert's variable.
+  its unmarked twin, then moved under ``marked_prefix`` (the expert's variables).
 
   ``ignore`` lists checkpoint keys (regex, full match) that carry nothing the model needs: tied
   copies of another tensor, buffers that older library versions saved. `plan` skips them.
   """
 
   def __init__(self, name: str, rules: Sequence[Rule], *, marker: str | None = None,
-               marked_path: Callable[[Path], Path] | None = None, ignore: Sequence[str] = (),
+               marked_prefix: Path = EXPERT, ignore: Sequence[str] = (),
                rename: Callable[[str], str | None] | None = None):
     self.name = name
     self.rules = [(re.compile(r.pattern), r) for r in rules]
-    self.marker, self.marked_path = marker, marked_path
+    self.marker, self.marked_prefix = marker, tuple(marked_prefix)
     self.ignore = [re.compile(p) for p in ignore]
     self.rename = rename
+    self._inverse = None  # built on first use by `key_of`
 
   def renamed(self, name: str, rename: Callable[[str], str | None]) -> 'KeyMap':
     """The same rules behind a key renaming (another checkpoint naming of the same tensors;
@@ -99,7 +123,7 @@ class KeyMap:
   def _lookup(self, key: str) -> tuple[Path, int | None, Transform] | None:
     if self.marker and self.marker in key:
       hit = self._lookup(key.replace(self.marker, ''))
-      return None if hit is None else (self.marked_path(hit[0]),) + hit[1:]
+      return None if hit is None else (self.marked_prefix + hit[0],) + hit[1:]
     for regex, rule in self.rules:
       m = regex.fullmatch(key)
       if m:
@@ -111,6 +135,118 @@ class KeyMap:
             path.append(int(part) if part.isdigit() else part)
         return tuple(path), layer, rule.transform
     return None
+
+  # ------------------------------------------------------------------------------ backwards
+
+  def key_of(self, path: Path, layer: int | None) -> tuple[str, Transform]:
+    """The checkpoint key of variable ``path`` (checkpoint layer ``layer`` of a stacked one) and
+    the transform that key gets on loading: `__call__` run backwards, from the same rules.
+
+    Raises `CheckpointError` when no rule gives a key that maps back to the same place.
+    """
+    if self.rename is not None:
+      raise ValueError(f'{self.name}: a renamed key map cannot be run backwards')
+    marked = bool(self.marker) and len(path) > len(self.marked_prefix) and (
+        tuple(path[:len(self.marked_prefix)]) == self.marked_prefix)
+    base = tuple(path[len(self.marked_prefix):]) if marked else tuple(path)
+    name = '.'.join(map(str, base))
+    for template, rule in self._templates():
+      key = template.key(name, layer)
+      if key is None:
+        continue
+      if marked:
+        key = MARKED_NAME.sub(lambda m: m.group(0) + self.marker, key, count=1)
+      if self(key) == (tuple(path), layer, rule.transform):  # first match wins going forward too
+        return key, rule.transform
+    where = '' if layer is None else f' layer {layer}'
+    raise CheckpointError(f'{self.name} key map: no rule names variable '
+                          f'{".".join(map(str, path))}{where}')
+
+  def _templates(self) -> list[tuple['_Template', Rule]]:
+    if self._inverse is None:
+      self._inverse = [(_Template(rule), rule) for _, rule in self.rules]
+    return self._inverse
+
+
+class _Template:
+  """One rule run backwards: its target as a regex over variable names (capturing the values of
+  the pattern's groups), and its pattern as a template those values fill."""
+
+  def __init__(self, rule: Rule):
+    self.parts, groups = _split_pattern(rule.pattern)  # literal strings and group numbers
+    used = [int(g) for g in re.findall(r'\\(\d+)', rule.target)]
+    unused = [n for n in groups if n not in used]
+    if unused:
+      raise ValueError(f'key-map rule {rule.pattern!r} -> {rule.target!r} cannot run backwards: '
+                       f'groups {unused} do not appear in the target')
+    segments = rule.target.split('.')
+    layer = [s for s in segments if s.startswith('#')]  # '#\1': the layer is group 1
+    self.layer_group = int(layer[0][2:]) if layer else None
+    pieces = re.split(r'\\(\d+)', '.'.join(s for s in segments if not s.startswith('#')))
+    seen: set[int] = set()
+
+    def group(n: int) -> str:  # a group's first use captures it, a repeat must be equal
+      if n in seen:
+        return f'(?P=g{n})'
+      seen.add(n)
+      return f'(?P<g{n}>{groups[n]})'
+    self.target = re.compile(''.join(re.escape(p) if i % 2 == 0 else group(int(p))
+                                     for i, p in enumerate(pieces)))
+
+  def key(self, name: str, layer: int | None) -> str | None:
+    """The checkpoint key for variable ``name`` (dotted) and checkpoint layer, or None."""
+    if (layer is None) != (self.layer_group is None):
+      return None
+    m = self.target.fullmatch(name)
+    if m is None:
+      return None
+    values = {int(k[1:]): v for k, v in m.groupdict().items()}
+    if layer is not None:
+      values[self.layer_group] = str(layer)
+    return ''.join(p if isinstance(p, str) else values[p] for p in self.parts)
+
+
+def _split_pattern(pattern: str) -> tuple[list[str | int], dict[int, str]]:
+  """A rule's regex as [literal text | group number, ...] and {group number: its sub-pattern}.
+
+  Only escaped characters, plain characters and capturing groups may appear outside a group:
+  anything else (wildcards, optional parts) leaves more than one key possible.
+  """
+  parts: list[str | int] = []
+  groups: dict[int, str] = {}
+  i = 0
+  while i < len(pattern):
+    c = pattern[i]
+    if c == '\\' and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+      parts.append(pattern[i + 1])
+      i += 2
+    elif c == '(' and not pattern.startswith('(?', i):
+      depth, j = 0, i
+      while True:  # the matching parenthesis (escapes and classes skipped)
+        if pattern[j] == '\\':
+          j += 1
+        elif pattern[j] == '[':
+          j = pattern.index(']', j + 1)
+        elif pattern[j] == '(':
+          depth += 1
+        elif pattern[j] == ')':
+          depth -= 1
+          if depth == 0:
+            break
+        j += 1
+      number = len(groups) + 1
+      groups[number] = pattern[i + 1:j]
+      if '(' in groups[number].replace('\\(', ''):
+        raise ValueError(f'key-map pattern {pattern!r}: nested groups cannot run backwards')
+      parts.append(number)
+      i = j + 1
+    elif c in '\\.[](){}*+?|^$':
+      raise ValueError(f'key-map pattern {pattern!r} cannot run backwards: {pattern[i:]!r} is '
+                       'not a literal or a captured group')
+    else:
+      parts.append(c)
+      i += 1
+  return parts, groups
 
 
 def flat_variables(state: nnx.State) -> dict[Path, nnx.Variable]:

@@ -187,20 +187,14 @@ def check_format(src: str | Path) -> None:
         f'with vap-convert ... --overwrite')
 
 
-def restore_model(factory: Callable[[], nnx.Module], src: str | Path, *, mesh: Mesh | None = None,
-                  rules: Rules = DEFAULT_RULES) -> nnx.Module:
-  """Restore ``src/state`` into the model ``factory`` builds, each array on its mesh sharding;
-  stacked variables layer by layer into their preallocated stacks."""
-  check_format(src)
-  target = Path(src).absolute() / STATE_DIR
-  if not target.is_dir():
-    raise CheckpointError(f'{src} has no Orbax state folder {STATE_DIR}/')
-  files = read_config(src).get('files') if (Path(src) / CONFIG_FILE).is_file() else None
-  integrity.check(src, files)  # a missing or cut file, before anything is read
-  graphdef, state = nnx.split(abstract_model(factory))
-  writer = SlotWriter(state, mesh, rules)
-  slots = km.slots(state)
-  ocp = _ocp()
+def _recorded_files(src: str | Path) -> dict | None:
+  """The size and sha256 records `vap-convert` wrote in ``src``'s config, if any."""
+  return read_config(src).get('files') if (Path(src) / CONFIG_FILE).is_file() else None
+
+
+def _check_stored(src: str | Path, target: Path, slots, files) -> None:
+  """The Orbax checkpoint at ``target`` holds exactly the model's slots (``files``: the size
+  and sha256 records of ``src``, to tell a damaged file from a different model)."""
   stored = set()
 
   def walk(node, prefix=()):
@@ -210,7 +204,7 @@ def restore_model(factory: Callable[[], nnx.Module], src: str | Path, *, mesh: M
     else:
       stored.add(prefix)
   try:
-    walk(ocp.metadata(target).metadata)
+    walk(_ocp().metadata(target).metadata)
   except Exception as e:  # noqa: BLE001 - any Orbax/tensorstore read failure
     raise _read_failure(src, files, e) from None
   wanted = {_key(slot) for slot in slots}
@@ -220,6 +214,53 @@ def restore_model(factory: Callable[[], nnx.Module], src: str | Path, *, mesh: M
     extra = sorted('/'.join(p) for p in stored - wanted)
     raise CheckpointError(f'Orbax checkpoint {target} does not match the model: '
                           f'missing {missing[:20]}, unexpected {extra[:20]}')
+
+
+def slot_reader(src: str | Path, state: nnx.State
+                ) -> Callable[[list[km.Slot]], dict[km.Slot, np.ndarray]]:
+  """``read(slots)``: those slots of ``src/state`` as host arrays in their stored dtype, loaded
+  together and nothing else (export streams a converted folder this way, a group of tensors at a
+  time: the host never holds the model). Each load has a fixed cost (~40 ms on a tiny model,
+  growing with the tree), so callers read groups rather than single tensors."""
+  check_format(src)
+  target = Path(src).absolute() / STATE_DIR
+  if not target.is_dir():
+    raise CheckpointError(f'{src} has no Orbax state folder {STATE_DIR}/')
+  files = _recorded_files(src)
+  integrity.check(src, files)
+  slots = km.slots(state)
+  _check_stored(src, target, slots, files)
+  ocp = _ocp()
+  placeholders = jax.tree.map(lambda _: ocp.PLACEHOLDER, _nest({s: 0 for s in slots}))
+  host = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+
+  def read(wanted: list[km.Slot]) -> dict[km.Slot, np.ndarray]:
+    specs = {s: jax.ShapeDtypeStruct(slots[s][0], slots[s][1], sharding=host) for s in wanted}
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      tree = ocp.load_pytree(target, _merge(placeholders, _nest(specs)))
+    out = {s: np.asarray(v) for s, v in _unnest(tree, wanted).items()}
+    del tree
+    _release_freed_memory()  # Orbax's reader threads keep freed buffers otherwise
+    return out
+  return read
+
+
+def restore_model(factory: Callable[[], nnx.Module], src: str | Path, *, mesh: Mesh | None = None,
+                  rules: Rules = DEFAULT_RULES) -> nnx.Module:
+  """Restore ``src/state`` into the model ``factory`` builds, each array on its mesh sharding;
+  stacked variables layer by layer into their preallocated stacks."""
+  check_format(src)
+  target = Path(src).absolute() / STATE_DIR
+  if not target.is_dir():
+    raise CheckpointError(f'{src} has no Orbax state folder {STATE_DIR}/')
+  files = _recorded_files(src)
+  integrity.check(src, files)  # a missing or cut file, before anything is read
+  graphdef, state = nnx.split(abstract_model(factory))
+  writer = SlotWriter(state, mesh, rules)
+  slots = km.slots(state)
+  ocp = _ocp()
+  _check_stored(src, target, slots, files)
 
   def spec(slot):
     sharding = writer.sharding(slot)

@@ -13,7 +13,7 @@ from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
 from vap_jax.weights import component
 from vap_jax.weights.component import ModelSpec, read_json_config
-from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule, expert_path
+from vap_jax.weights.keymap import CONV_TO_DENSE, TRANSPOSE, KeyMap, Rule
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 
@@ -49,7 +49,7 @@ WAN = KeyMap('wan (diffusers)', [
     *_linear(_B + r'ffn\.net\.2', _L + 'ffn.proj_out'),
     *_linear(r'proj_out', 'proj_out'),
     Rule(r'scale_shift_table', 'scale_shift_table'),
-], marker='_mot_ref', marked_path=expert_path)
+], marker='_mot_ref')
 
 # The original Wan2.1 checkpoint layout (``diffusion_pytorch_model*.safetensors`` of
 # Wan-AI/Wan2.1-I2V-14B-480P); VAP_SPEC §4.3 gives the correspondence. Original norm3 is the

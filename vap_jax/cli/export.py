@@ -1,0 +1,80 @@
+"""``vap-export``: a VAP checkpoint -> the diffusers (PyTorch) layout the official code reads.
+
+  vap-export --src ckpt/cogvideox_vap --dst out/Video-As-Prompt-CogVideoX-5B
+  vap-export --src ckpt/wan_vap/transformer --dst out/transformer --dtype float32
+  vap-export --src ckpt/wan_transformer --components-from Video-As-Prompt-Wan2.1-14B --dst out/wan
+
+``--src`` is any folder the loaders take: a converted (vap-convert) or diffusers pipeline folder,
+or a transformer folder of either layout. The transformer is written as
+``diffusion_pytorch_model-0000k-of-0000n.safetensors`` shards of at most ``--max-shard-size``
+plus ``diffusion_pytorch_model.safetensors.index.json`` and ``config.json``
+(``CogVideoXTransformer3DMOTModel`` / ``WanTransformer3DMOTModel`` with
+``block_idx_with_mot_ref``; the PyPI base class for a model without an expert), official key
+names, in ``--dtype``. Tensors stream one at a time: host memory stays a few times the largest
+tensor, whatever the model size.
+
+A pipeline ``--src`` gives a whole pipeline folder: the new ``transformer/`` beside copies (or
+``--link``: symlinks) of the other components and ``model_index.json``, taken from ``--src`` --
+for a converted folder from the download it was converted from (its VAE and encoders are Orbax)
+-- or from ``--components-from``. A transformer ``--src`` gives a transformer folder unless
+``--components-from`` is given; ``--transformer-only`` always writes only the transformer.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from vap_jax.cli import common
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='vap-export', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--src', required=True,
+                      help='converted or diffusers folder: pipeline root or transformer folder')
+  parser.add_argument('--dst', required=True, help='output folder (must not exist, or be empty)')
+  parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32', 'float16'],
+                      help='dtype of the written tensors (default: bfloat16, as released)')
+  parser.add_argument('--max-shard-size', default='10GB',
+                      help='largest safetensors shard, bytes or e.g. 5GB, 500MB (default: 10GB)')
+  parser.add_argument('--components-from', default=None,
+                      help='diffusers pipeline folder whose other components (vae, encoders, '
+                           'tokenizer, scheduler, ...) go beside the transformer')
+  parser.add_argument('--transformer-only', action='store_true',
+                      help='write only the transformer folder, even for a pipeline --src')
+  parser.add_argument('--link', action='store_true',
+                      help='symlink the other components instead of copying them')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace --dst if it holds an earlier export')
+  parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+  common.add_verbose(parser)
+  args = parser.parse_args(argv)
+  common.setup_logging(args.verbose)
+
+  from vap_jax.weights.export import export_folder, parse_size
+  from vap_jax.weights.safetensors_io import CheckpointError
+  start = time.time()
+  try:
+    parse_size(args.max_shard_size)  # a typo fails before any work
+    dst = common.writable_folder(args.dst, '--dst')
+    summary = export_folder(args.src, dst, components_from=args.components_from,
+                            transformer_only=args.transformer_only, link=args.link,
+                            dtype=args.dtype, max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite, progress=not args.no_progress)
+  except (CheckpointError, FileExistsError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  kind = 'VAP' if summary['experts'] else 'base'
+  extra = ''
+  if 'components' in summary:
+    extra = (f' with {", ".join(summary["components"])} '
+             f'{"linked" if args.link else "copied"}')
+  print(f'exported the {summary["family"]} {kind} transformer ({summary["tensors"]} tensors, '
+        f'{summary["shards"]} shards, {summary["bytes"] / 1e6:.1f} MB {summary["dtype"]}) from '
+        f'{args.src} to {args.dst}{extra} in {time.time() - start:.1f} s')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
