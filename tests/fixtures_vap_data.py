@@ -43,8 +43,8 @@ def encode(path: Path, frames: np.ndarray, fps: int, codec='libx264', pix_fmt='y
   with av.open(str(path), 'w', options=options or {}) as out:
     s = out.add_stream(codec, rate=fps)
     s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-    if codec == 'libx264':
-      s.options = {'crf': str(crf)}
+    if codec == 'libx264':  # without mbtree x264 writes the same bytes on every run and machine
+      s.options = {'crf': str(crf), 'x264-params': 'no-mbtree=1'}
     for f in frames:
       out.mux(s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
     out.mux(s.encode())

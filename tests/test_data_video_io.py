@@ -213,7 +213,8 @@ def test_cut_files_are_errors_in_every_container(tmp_path, ext):
   """Cut inside a packet and (where the container states its length) exactly between two.
 
   mp4/mov/mkv/webm/avi: the file is shorter than its container says. FLV: the demuxer flags the
-  packet it read in part. MPEG-TS: the decoder flags the frame it had to conceal."""
+  packet it read in part. MPEG-TS: the file ends inside a 188-byte transport packet, or (cut
+  between two of them, inside a frame) the decoder flags the frame it had to conceal."""
   codec, pix_fmt, options = CONTAINERS[ext]
   frames = np.random.default_rng(0).integers(0, 255, (48, 48, 64, 3), np.uint8)
   path = tmp_path / f'v.{ext}'
@@ -222,10 +223,13 @@ def test_cut_files_are_errors_in_every_container(tmp_path, ext):
   data = path.read_bytes()
   with av.open(str(path)) as c:
     starts = [p.pos for p in c.demux(c.streams.video[0]) if p.size]
-  cuts = {'75%': len(data) * 3 // 4}
+  cuts = {f'{p}%': len(data) * p // 100 for p in (60, 75, 90)}
   if ext not in ('flv', 'ts'):  # these state no length: only a cut inside a packet shows
     cuts['between packets'] = starts[36]
-  expected = r'corrupt data: frame \d+ decoded with errors' if ext == 'ts' else 'truncated'
+  expected = 'truncated'
+  if ext == 'ts':
+    cuts['inside a frame, between transport packets'] = starts[36] + 3 * 188
+    expected = r'truncated: \d+ bytes end inside a 188-byte packet|corrupt data: frame \d+ decoded'
   for name, at in cuts.items():
     (tmp_path / f'cut.{ext}').write_bytes(data[:at])
     with pytest.raises(video_io.VideoError, match=expected) as e:

@@ -7,11 +7,13 @@ bicubic (`align_corners=False`, A=-0.75). Each step here reproduces one of those
 equals the reference numerically (indices exactly, pixels within float32 rounding). Files are
 decoded once, front to back; `max_frames` stops decoding early when only a prefix is needed.
 
-A damaged file is a `VideoError`, never a silently shorter clip. Decoding uses FFmpeg's frame
-threads, which end quietly at a cut instead of raising, so damage is found another way: the file
-is shorter than its container says (`_cut_short`), the demuxer flags a packet it could only read in
-part, or the decoder flags a frame it had to conceal. A header that merely over-reports its frame
-count (e.g. an mp4 edit list that skips the first frames) passes these checks and still decodes.
+A damaged file is a `VideoError`, never a silently shorter clip: the file is shorter than its
+container says (`_cut_short`), the demuxer flags a packet it could only read in part, or the decoder
+flags a frame it had to conceal. FFmpeg's frame threads are fastest but drop that last flag at
+random (they end quietly at a cut), so they decode only files whose length the container states
+(mp4/mov/mkv/webm/avi); length-less streams (MPEG-TS, FLV) decode with slice threads, whose flags
+are reliable. A header that merely over-reports its frame count (e.g. an mp4 edit list that skips
+the first frames) passes these checks and still decodes.
 """
 from __future__ import annotations
 
@@ -70,23 +72,42 @@ def _declared_end(path: Path, format_name: str) -> int | None:
   return None
 
 
-def _cut_short(path: Path, container, stream) -> str | None:
-  """Why the file ends before its container says it does, else None.
+def _partial_transport_packet(path: Path, format_name: str) -> str | None:
+  """Why an MPEG-TS file ends inside one of its fixed-size packets, else None.
+
+  TS (188 bytes), M2TS (192: a 4-byte timestamp first) and TS with FEC (204) are runs of packets
+  that each begin with the sync byte 0x47; a file whose size is not a whole number of them was cut.
+  """
+  if format_name != 'mpegts':
+    return None
+  with open(path, 'rb') as f:
+    head = f.read(3 * 204 + 4)
+  size = os.path.getsize(path)
+  for packet, sync in ((188, 0), (192, 4), (204, 0)):
+    if all(len(head) > k * packet + sync and head[k * packet + sync] == 0x47 for k in range(3)):
+      return None if size % packet == 0 else f'truncated: {size} bytes end inside a {packet}-byte packet'
+  return None
+
+
+def _cut_short(path: Path, container, stream) -> tuple[str | None, bool]:
+  """(why the file ends before its container says it does, or None; whether it says at all).
 
   mp4/mov (and AVI with its index) list every packet's byte range up front; Matroska/WebM and AVI
   state their total length. Either tells a cut file, even one cut between two packets, from a
-  header that over-reports frames. Costs one pass over the index, no decoding.
+  header that over-reports frames; MPEG-TS at least shows a cut inside a transport packet. Costs
+  one pass over the index, no decoding.
   """
   size = os.path.getsize(path)
   entries = stream.index_entries
   if len(entries):
     end = max(e.pos + e.size for e in entries)
     if end > size:
-      return f'truncated: {size} bytes, its index needs {end}'
+      return f'truncated: {size} bytes, its index needs {end}', True
   end = _declared_end(path, container.format.name)
   if end is not None and end > size:
-    return f'truncated: {size} bytes, its header declares {end}'
-  return None
+    return f'truncated: {size} bytes, its header declares {end}', True
+  return (_partial_transport_packet(path, container.format.name),
+          bool(len(entries)) or end is not None)
 
 
 def _decode_container(path: Path, max_frames: int | None = None, pick=None):
@@ -102,10 +123,11 @@ def _decode_container(path: Path, max_frames: int | None = None, pick=None):
     if not container.streams.video:
       raise VideoError(path, 'no video stream')
     stream = container.streams.video[0]
-    stream.thread_type = 'AUTO'  # frame threads: fastest, but they end quietly at a cut
-    damage = _cut_short(path, container, stream)
+    damage, length_known = _cut_short(path, container, stream)
     if damage:
       raise VideoError(path, damage)
+    # Frame threads lose the decoder's flag on a cut frame; without a stated length it is all we have.
+    stream.thread_type = 'AUTO' if length_known else 'SLICE'
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else 0.0
     planned = None
