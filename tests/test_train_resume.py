@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from conftest import DATA, assert_close, config_file
 from vap_jax.train.checkpoint import CheckpointError
@@ -154,6 +155,10 @@ def test_restore_onto_another_mesh(cog_latents, tmp_path, target):
 
 def test_a_checkpoint_of_another_run_is_refused_by_name(cog_latents, tmp_path):
   Trainer(_config(cog_latents), tmp_path).run(2, progress=False)
+  saved = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  with pytest.raises(ValueError, match=r'blocks.attn1.to_k.kernel of shape \(3, 32, 32\) '
+                                       r'cannot be sharded .* 32 is not divisible by 3'):
+    Trainer(_config(cog_latents, mesh=dict(data=1, fsdp=3)), tmp_path, devices=jax.devices()[:3])
   with pytest.raises(CheckpointError, match=r'made with other settings: '
                                             r'data.caption_dropout: saved 0.02, now 0.1'):
     Trainer(_config(cog_latents, data__caption_dropout=0.1), tmp_path)
@@ -164,6 +169,7 @@ def test_a_checkpoint_of_another_run_is_refused_by_name(cog_latents, tmp_path):
       json.dumps(dict(config, family='wan')))
   with pytest.raises(CheckpointError, match='is of a wan run, this run trains cogvideox'):
     Trainer(_config(cog_latents), tmp_path)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == saved
 
 
 def test_a_damaged_checkpoint_is_one_clear_error(cog_latents, tmp_path, capsys):
@@ -205,9 +211,40 @@ def test_two_processes_train_like_one_and_resume(cog_latents, uninterrupted, tmp
       _, err = p.communicate(timeout=600)
       assert p.returncode == 0, err[-3000:]
 
-  run_pair(2)
-  run_pair(4)  # resumes from step 2
+  run_pair(3)
+  run_pair(5)  # resumes from step 3
   ours, single = _metrics(work), _metrics(uninterrupted)
-  assert sorted(ours) == [1, 2, 3, 4]
+  assert sorted(ours) == [1, 2, 3, 4, 5]
   for step in ours:
     assert_close(ours[step]['loss'], single[step]['loss'], atol=0, rtol=1e-5, what=f'step {step}')
+
+
+def test_a_run_exports_to_the_pytorch_layout(cog_latents, tmp_path, capsys):
+  """vap-export --run: the trained expert from the checkpoint beside the base the run started
+  from, as a diffusers pipeline folder; loading it back gives the trainer's model exactly."""
+  from vap_jax.cli.export import main as vap_export
+  from vap_jax.weights import keymap as km
+  from vap_jax.weights.cogvideox import load_cogvideox
+  trainer = Trainer(_config(cog_latents), tmp_path / 'run')
+  trainer.run(2, progress=False)
+  trained = km.flat_variables(nnx.state(trainer.model()))
+  assert vap_export(['--run', str(tmp_path / 'run'), '--components-from', str(COMPONENTS),
+                     '--link', '--dst', str(tmp_path / 'out'), '--dtype', 'float32',
+                     '--no-progress']) == 0
+  assert 'exported the cogvideox VAP transformer' in capsys.readouterr().out
+  config = json.loads((tmp_path / 'out' / 'transformer' / 'config.json').read_text())
+  assert config['_class_name'] == 'CogVideoXTransformer3DMOTModel'
+  assert config['block_idx_with_mot_ref'] == list(trainer.model_config.block_idx_with_mot_ref)
+  exported = km.flat_variables(nnx.state(load_cogvideox(tmp_path / 'out', dtype='float32')))
+  assert sorted(exported) == sorted(trained)
+  experts = 0
+  for path, variable in trained.items():
+    np.testing.assert_array_equal(exported[path][...], variable[...], err_msg=str(path))
+    experts += path[0] == 'expert'
+  assert experts > 0
+
+  assert vap_export(['--run', str(tmp_path / 'run'), '--step', '3', '--dst',
+                     str(tmp_path / 'none')]) == 2
+  assert 'has no checkpoint of step 3 (it has [' in capsys.readouterr().err
+  assert vap_export(['--run', str(tmp_path), '--dst', str(tmp_path / 'none')]) == 2
+  assert 'holds no finished checkpoint' in capsys.readouterr().err

@@ -3,6 +3,7 @@
   vap-export --src ckpt/cogvideox_vap --dst out/Video-As-Prompt-CogVideoX-5B
   vap-export --src ckpt/wan_vap/transformer --dst out/transformer --dtype float32
   vap-export --src ckpt/wan_transformer --components-from Video-As-Prompt-Wan2.1-14B --dst out/wan
+  vap-export --run runs/cog --components-from CogVideoX-5b-I2V --dst out/my-vap-cogvideox
 
 ``--src`` is any folder the loaders take: a converted (vap-convert) or diffusers pipeline folder,
 or a transformer folder of either layout. The transformer is written as
@@ -18,6 +19,11 @@ A pipeline ``--src`` gives a whole pipeline folder: the new ``transformer/`` bes
 for a converted folder from the download it was converted from (its VAE and encoders are Orbax)
 -- or from ``--components-from``. A transformer ``--src`` gives a transformer folder unless
 ``--components-from`` is given; ``--transformer-only`` always writes only the transformer.
+
+``--run`` exports a vap-train run instead: its latest checkpoint (or ``--step``), the trained
+expert read straight into FSDP shards over this host's devices beside the base it started
+from (or ``--base``), every tensor then gathered and written one at a time. Run it where the
+model fits in device memory (on a CPU host, in host memory); multi-process like vap-train.
 """
 from __future__ import annotations
 
@@ -31,8 +37,15 @@ from vap_jax.cli import common
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='vap-export', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--src', required=True,
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--src',
                       help='converted or diffusers folder: pipeline root or transformer folder')
+  source.add_argument('--run', help='a vap-train workdir: export its trained model')
+  parser.add_argument('--step', type=int, default=None,
+                      help='with --run: the checkpoint step (default: the latest)')
+  parser.add_argument('--base', default=None,
+                      help="with --run: the base checkpoint folder, if not the run's "
+                           'model.checkpoint')
   parser.add_argument('--dst', required=True, help='output folder (must not exist, or be empty)')
   parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32', 'float16'],
                       help='dtype of the written tensors (default: bfloat16, as released)')
@@ -52,16 +65,21 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   common.setup_logging(args.verbose)
 
+  if args.src and (args.step is not None or args.base):
+    parser.error('--step and --base go with --run')
   from vap_jax.weights.export import export_folder, parse_size
   from vap_jax.weights.safetensors_io import CheckpointError
   start = time.time()
+  options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size,
+                 overwrite=args.overwrite, progress=not args.no_progress)
   try:
     parse_size(args.max_shard_size)  # a typo fails before any work
     dst = common.writable_folder(args.dst, '--dst')
-    summary = export_folder(args.src, dst, components_from=args.components_from,
-                            transformer_only=args.transformer_only, link=args.link,
-                            dtype=args.dtype, max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite, progress=not args.no_progress)
+    if args.run:
+      summary = _export_run(args, dst, options)
+    else:
+      summary = export_folder(args.src, dst, components_from=args.components_from,
+                              transformer_only=args.transformer_only, link=args.link, **options)
   except (CheckpointError, FileExistsError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -72,8 +90,19 @@ def main(argv=None) -> int:
              f'{"linked" if args.link else "copied"}')
   print(f'exported the {summary["family"]} {kind} transformer ({summary["tensors"]} tensors, '
         f'{summary["shards"]} shards, {summary["bytes"] / 1e6:.1f} MB {summary["dtype"]}) from '
-        f'{args.src} to {args.dst}{extra} in {time.time() - start:.1f} s')
+        f'{args.src or args.run} to {args.dst}{extra} in {time.time() - start:.1f} s')
   return 0
+
+
+def _export_run(args, dst, options) -> dict:
+  from vap_jax.parallel.distributed import initialize
+  from vap_jax.train.model import trained_model
+  from vap_jax.weights.export import export, export_pipeline
+  initialize()
+  model = trained_model(args.run, step=args.step, base=args.base)
+  if args.components_from and not args.transformer_only:
+    return export_pipeline(model, dst, args.components_from, link=args.link, **options)
+  return export(model, dst, **options)
 
 
 if __name__ == '__main__':

@@ -51,6 +51,13 @@ def _plain(value):
   return value
 
 
+def _leaf_shardings(shardings, tree) -> dict:
+  """``shardings`` is a prefix of ``tree`` (a sharding where the tree has a Variable): one
+  sharding per leaf, flattened like ``tree``."""
+  return flatten(jax.tree.map(lambda where, sub: jax.tree.map(lambda _: where, sub), shardings,
+                              tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)))[0]
+
+
 def _differences(saved: dict, current: dict, prefix='') -> list[str]:
   out = []
   for key in sorted(set(saved) | set(current)):
@@ -110,13 +117,9 @@ class Checkpointer:
     where = self.directory / str(step)
     self._check_config(where)
     flat, treedef = flatten(state)
-    # ``shardings`` is a prefix of ``state`` (a sharding where the state has a Variable): one
-    # sharding per leaf, in the state's own structure.
-    flat_shardings, _ = flatten(jax.tree.map(
-        lambda where, sub: jax.tree.map(lambda _: where, sub), shardings, state,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)))
-    saved = self._stored_keys(step)
-    if saved is not None and set(saved) != set(flat):
+    flat_shardings = _leaf_shardings(shardings, state)
+    saved = _stored_state(where)
+    if set(saved) != set(flat):
       missing, extra = sorted(set(flat) - set(saved)), sorted(set(saved) - set(flat))
       raise CheckpointError(
           f'checkpoint {where} does not hold this run\'s state (another model, expert layout or '
@@ -131,14 +134,6 @@ class Checkpointer:
       raise CheckpointError(f'checkpoint {where} cannot be restored: {_first_line(e)}') from e
     values = restored['state']
     return jax.tree_util.tree_unflatten(treedef, [values[k] for k in flat])
-
-  def _stored_keys(self, step: int) -> list[str] | None:
-    try:
-      meta = self.manager.item_metadata(step)
-      tree = meta['state'] if meta is not None and 'state' in meta else None
-    except Exception:  # older Orbax metadata layouts: the restore itself will check
-      return None
-    return None if tree is None else list(tree.keys())
 
   def _check_config(self, where: Path) -> None:
     try:  # the JSON item's file (read directly: restoring one item makes Orbax warn of the rest)
@@ -157,6 +152,61 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _stored_state(where: Path) -> dict:
+  """Key -> array metadata of the state saved in step folder ``where``."""
+  from orbax.checkpoint.experimental import v1 as ocp_v1
+  try:
+    return dict(ocp_v1.metadata(where, checkpointable_name='state').metadata)
+  except Exception as e:  # noqa: BLE001 - any Orbax/tensorstore read failure
+    raise CheckpointError(f'checkpoint {where} is damaged or partial: its state cannot be read '
+                          f'({_first_line(e)})') from e
+
+
+def saved_run(workdir: str | Path, step: int | None = None) -> tuple[int, dict]:
+  """(step, run config) of a finished checkpoint of the run in ``workdir`` (default: the
+  latest); a CheckpointError naming the folder when there is none."""
+  directory = Path(workdir).absolute() / 'checkpoints'
+  steps = sorted(int(p.name) for p in directory.glob('*')
+                 if p.name.isdigit() and (p / 'state').is_dir()) if directory.is_dir() else []
+  if not steps:
+    raise CheckpointError(f'{workdir} holds no finished checkpoint (expected a vap-train '
+                          f'workdir with {directory}/STEP/)')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f'{directory} has no checkpoint of step {step} (it has {steps})')
+  where = directory / str(step)
+  try:
+    config = json.loads((where / 'config' / 'metadata').read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'checkpoint {where} is damaged or partial: its config cannot be '
+                          f'read ({_first_line(e)})') from e
+  return step, config
+
+
+def restore_params(workdir: str | Path, step: int, params, shardings):
+  """The trained parameters alone of checkpoint ``step`` (no optimizer state), each array read
+  straight into its sharding in ``shardings`` (like ``params``, an abstract `nnx.State`)."""
+  from orbax.checkpoint.experimental import v1 as ocp_v1
+  where = Path(workdir).absolute() / 'checkpoints' / str(step)
+  flat, treedef = flatten(params)
+  flat_shardings = _leaf_shardings(shardings, params)
+  stored = _stored_state(where)
+  wanted = {f'params/{k}': k for k in flat}
+  missing = sorted(set(wanted) - set(stored))
+  if missing:
+    raise CheckpointError(f'checkpoint {where} does not hold this model\'s trained parameters: '
+                          f'missing {missing[:8]}{" ..." if len(missing) > 8 else ""}')
+  target = {k: (jax.ShapeDtypeStruct(flat[wanted[k]].shape, flat[wanted[k]].dtype,
+                                     sharding=flat_shardings[wanted[k]])
+                if k in wanted else ocp_v1.PLACEHOLDER) for k in stored}
+  try:
+    loaded = ocp_v1.load(where, target, checkpointable_name='state')
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f'checkpoint {where} cannot be restored: {_first_line(e)}') from e
+  return jax.tree_util.tree_unflatten(treedef, [loaded[f'params/{k}'] for k in flat])
 
 
 def _first_line(error: Exception) -> str:

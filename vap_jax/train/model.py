@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,39 @@ def build_model(family: str, model_config, *, mesh: Mesh | None, rules: Rules,
     fields['dtypes']['keep_fp32'] = KEEP_FP32
   config = config_cls(**fields)
   return _made_on_mesh(lambda: model_cls(config, rngs=nnx.Rngs(seed)), mesh, rules)
+
+
+def trained_model(workdir, *, step: int | None = None, base: str | None = None,
+                  mesh: Mesh | None = None, rules: Rules | None = None) -> MoTTransformer:
+  """The model a vap-train run in ``workdir`` has trained by checkpoint ``step`` (default: the
+  latest): the frozen base rebuilt as the run built it (``base`` overrides the run's
+  ``model.checkpoint`` folder, e.g. when the run was started elsewhere), the trained expert from
+  the checkpoint, each array straight into its sharding on ``mesh`` (default: FSDP over every
+  device)."""
+  import ml_collections
+
+  from vap_jax.parallel import make_mesh
+  from vap_jax.train.checkpoint import restore_params, saved_run
+  from vap_jax.train.step import split
+  step, config = saved_run(workdir, step)
+  config = ml_collections.ConfigDict(config)
+  if base is not None:
+    config.model.update(checkpoint=str(base), config='')
+  for field in ('checkpoint', 'config'):
+    value = str(config.model.get(field) or '')
+    if value and not Path(value.partition(':')[0]).exists():
+      raise ValueError(f'the run in {workdir} started from model.{field}={value}, which is not '
+                       'here (relative to the folder the run started in?): name the base '
+                       'checkpoint explicitly')
+  if mesh is None:
+    mesh = make_mesh({'fsdp': -1})
+  rules = tuple(tuple(r) for r in config.rules) if rules is None else rules
+  model = build_model(config.family, config.model, mesh=mesh, rules=rules, seed=config.seed)
+  graphdef, trainable, frozen = split(model)
+  del model
+  params = restore_params(workdir, step, trainable, param_shardings(trainable, mesh, rules))
+  log.info('restored the expert of step %d from %s', step, workdir)
+  return nnx.merge(graphdef, params, frozen)
 
 
 def _made_on_mesh(factory, mesh, rules):
