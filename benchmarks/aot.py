@@ -3,6 +3,7 @@
   python -m benchmarks.aot --model cogvideox-vap --target h100-80g-x1
   python -m benchmarks.aot --model wan-vap --target h100-80g-x8 --mesh fsdp=8
   python -m benchmarks.aot --model wan-vap --target h100-80g-x8 --train --remat full
+  python -m benchmarks.aot --model wan-vap --target tpu-v5p-8 --train --remat full   # libtpu
 
 Lowers and compiles the sharded inference step (one transformer call at the official shapes,
 CFG batch 2, one reference, bf16 weights) -- or with ``--train`` a forward and backward w.r.t.
@@ -15,6 +16,10 @@ figures are an estimate of the accelerator's: same shardings and buffers, a diff
 scheduler and fusion. Measured caveat: XLA:CPU converts bf16 matmul operands to float32, so its
 temporaries include float32 copies of the (gathered) bf16 weights -- up to 2x
 ``bf16_weight_bytes_unsharded`` -- that a GPU/TPU does not make.
+
+TPU targets compile with the TPU compiler itself, no TPU needed: with ``jax[tpu]`` installed
+(libtpu; not a dependency of vap_jax), ``jax.experimental.topologies`` describes the slice's
+devices and the figures are the TPU compiler's own memory plan, without the CPU caveat.
 """
 from __future__ import annotations
 
@@ -25,18 +30,30 @@ import os
 import sys
 import time
 
-TARGETS = {  # devices, memory per device in bytes
-    'h100-80g-x1': (1, 80 * 10**9),
-    'h100-80g-x8': (8, 80 * 10**9),
-    'h200-141g-x1': (1, 141 * 10**9),
-    'tpu-v5p-8': (4, 95 * 10**9),
+TARGETS = {  # devices, memory per device in bytes, TPU topology (None: fake CPU devices)
+    'h100-80g-x1': (1, 80 * 10**9, None),
+    'h100-80g-x8': (8, 80 * 10**9, None),
+    'h200-141g-x1': (1, 141 * 10**9, None),
+    'tpu-v5p-8': (4, 95 * 10**9, 'v5p:2x2x1'),
+    'tpu-v5p-64': (32, 95 * 10**9, 'v5p:4x4x2'),
 }
+
+
+def target_devices(target: str) -> list:
+  """The target's devices: a TPU slice's from its topology, else the (fake) host devices."""
+  import jax
+  count, _, topology = TARGETS[target]
+  if topology is None:
+    return jax.devices()[:count]
+  from jax.experimental import topologies
+  return list(topologies.get_topology_desc(platform='tpu', topology_name=topology).devices)
 
 
 def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwise',
             batch: int | None = None, train: bool = False, remat: str = 'none',
-            scan: bool = True) -> dict:
-  """Compile the sharded step for ``model`` on the current (fake) devices; memory per device."""
+            scan: bool = True, devices=None) -> dict:
+  """Compile the sharded step for ``model`` on ``devices`` (default: the current, fake, ones);
+  memory per device."""
   import dataclasses
 
   import jax
@@ -55,7 +72,8 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
   if train:  # float32 master weights for what trains
     cfg = dataclasses.replace(cfg, dtypes=dataclasses.replace(cfg.dtypes, trainable='float32'))
   build = CogVideoXTransformer if case.family == 'cogvideox' else WanTransformer
-  mesh = make_mesh(mesh_shape, devices=jax.devices()[:math.prod(mesh_shape.values())])
+  devices = jax.devices() if devices is None else devices
+  mesh = make_mesh(mesh_shape, devices=devices[:math.prod(mesh_shape.values())])
   if batch is None:  # CFG pair for inference; one video per data replica for training
     batch = mesh.shape['data'] * mesh.shape['fsdp'] if train else 2
   graphdef, state = nnx.split(abstract_model(lambda: build(cfg, rngs=nnx.Rngs(0))))
@@ -115,7 +133,8 @@ def _records(case, batch: int):
                condition=z(lat, dt), ref_condition=z((batch, n) + lat[1:], dt))
   out.update(latents_mean=z(lat, dt), latents_logvar=z(lat, dt),
              ref_latents_mean=z((batch, n) + lat[1:], dt),
-             ref_latents_logvar=z((batch, n) + lat[1:], dt), ref_mask=np.ones((batch, n), bool))
+             ref_latents_logvar=z((batch, n) + lat[1:], dt), ref_mask=np.ones((batch, n), bool),
+             index=np.arange(batch, dtype=np.int32))
   return out
 
 
@@ -167,14 +186,15 @@ def main(argv=None) -> dict:
   parser.add_argument('--remat', default='none', help='remat policy (vap_jax.models.stack)')
   parser.add_argument('--no-scan', action='store_true', help='unrolled blocks instead of scan')
   args = parser.parse_args(argv)
-  devices, capacity = TARGETS[args.target]
-  mesh = _parse_mesh(args.mesh) or {'fsdp': devices}
+  count, capacity, topology = TARGETS[args.target]
+  mesh = _parse_mesh(args.mesh) or {'fsdp': count}
   if 'jax' not in sys.modules:  # fake exactly the target's device count
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               f' --xla_force_host_platform_device_count={devices}')
+                               f' --xla_force_host_platform_device_count={count}')
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   result = analyze(args.model, mesh, attention=args.attention, train=args.train,
-                   remat=args.remat, scan=not args.no_scan)
+                   remat=args.remat, scan=not args.no_scan, devices=target_devices(args.target))
+  result['compiler'] = 'tpu' if topology else "cpu"
   result.update(target=args.target, capacity_bytes=capacity,
                 fits=result['per_device_bytes'] <= capacity)
   print(json.dumps(result))
@@ -183,9 +203,10 @@ def main(argv=None) -> dict:
   print(f"{args.model} {what} on {args.target} (mesh {mesh}, {args.attention} attention): per device "
         f"{gib(result['per_device_bytes'])} = weights+inputs {gib(result['argument_bytes'])} + "
         f"temporaries {gib(result['temp_bytes'])} + outputs {gib(result['output_bytes'])}; "
-        f"capacity {gib(capacity)} -> {'fits' if result['fits'] else 'DOES NOT FIT'} "
-        f"(CPU estimate; its temporaries hold float32 copies of up to "
-        f"{gib(2 * result['bf16_weight_bytes_unsharded'])} of bf16 weights)")
+        f"capacity {gib(capacity)} -> {'fits' if result['fits'] else 'DOES NOT FIT'} " +
+        ('(TPU compiler)' if topology else
+         f"(CPU estimate; its temporaries hold float32 copies of up to "
+         f"{gib(2 * result['bf16_weight_bytes_unsharded'])} of bf16 weights)"))
   return result
 
 

@@ -37,6 +37,8 @@ def test_aot_memory_analysis_on_fake_devices():
     assert r['argument_bytes'] > 0 and r['per_device_bytes'] >= r['argument_bytes']
   # Weights are sharded 8 ways: each device holds well under half of the one-device arguments.
   assert eight['argument_bytes'] < 0.5 * one['argument_bytes']
+  train = aot.analyze('wan-tiny', {'fsdp': 2}, train=True, remat='full')  # the real train step
+  assert train['train'] and train['temp_bytes'] > 0 and train['alias_bytes'] > 0
 
 
 def test_generate_harness_times_a_whole_video(tmp_path):

@@ -192,10 +192,10 @@ def run_blocks(runs: Sequence[Run], base: nnx.Module, expert: nnx.Module | None,
                  nnx.merge(expert_graphdef, slot_state), t, r)
     return _carry(t), _carry(r)
 
-  def base_run(t, start, count):
-    if not scan:
-      for i in range(start, start + count):
-        t = base_step(i, t)
+  def base_run(t, start, count, unrolled=not scan):
+    if unrolled:
+      for i in range(count):
+        t = base_step(start + i, t)
       return t
     if count == 0:
       return t
@@ -220,6 +220,8 @@ def run_blocks(runs: Sequence[Run], base: nnx.Module, expert: nnx.Module | None,
       g, slot_state = xs
       b = run.base_start + g * size
       t, r = expert_step(b, slot_state, *carry)
-      return (base_run(t, b + 1, run.gap), r), None
+      # A scan inside the group would stack the offloaded inputs over two loop axes, which TPU's
+      # host offload cannot stream (it slices one dimension): offloading, the group is unrolled.
+      return (base_run(t, b + 1, run.gap, unrolled=remat == 'offload_hidden'), r), None
     t, r = jax.lax.scan(group, (t, r), (jnp.arange(run.count, dtype=jnp.int32), slots))[0]
   return _with(target, t), _with(ref, r)
