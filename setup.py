@@ -33,6 +33,7 @@ setup(
         # CPU build here, a range would pull a multi-GB CUDA build.
         'test': [
             'pytest',
+            'pytest-xdist',
             'torch==2.13.0',
             'diffusers==0.42.1',
             'transformers==5.23.0',
@@ -49,6 +50,7 @@ setup(
             'vap-precompute=vap_jax.cli.precompute:main',
             'vap-train=vap_jax.cli.train:main',
             'vap-export=vap_jax.cli.export:main',
+            'vap-toy-data=vap_jax.data.toy:main',
         ],
     },
 )

@@ -1,10 +1,25 @@
-"""Test set-up: 8 host CPU devices for mesh tests, no network, float32 everywhere."""
+"""Test set-up: 8 host CPU devices for mesh tests, no network, float32 everywhere, and one
+compilation cache for the session."""
+import atexit
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# Tests compile hundreds of tiny programs: LLVM's optimisation passes cost more time than they
+# save at these sizes (about a third of a compile). Results move by float32 rounding only (a tiny
+# model's outputs within 2 ulp of the default level's), inside every float32 tolerance; runs that
+# are compared bit for bit are all compiled with these flags (`xla_flags` for subprocesses).
+XLA_TEST_FLAGS = '--xla_backend_optimization_level=0'
+os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {XLA_TEST_FLAGS}')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  # Many tests compile the same program again -- a new Trainer, a command in a subprocess (which
+  # inherits the variable): XLA's persistent cache compiles each once. A hit loads the very
+  # executable a compile would give, so results are unchanged.
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='vap-jax-xla-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 from pathlib import Path  # noqa: E402
 
@@ -12,6 +27,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 DATA = Path(__file__).parent / 'data'
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a subprocess with ``devices`` fake CPU devices (and the suite's settings)."""
+  return f'--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}'
 CONFIGS = Path(__file__).parent.parent / 'configs'
 
 

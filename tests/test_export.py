@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import DATA
+from conftest import DATA, xla_flags
 from tiny_checkpoint import COGVIDEOX_TRANSFORMER, WAN_TRANSFORMER, write_tiny_checkpoint
 from vap_jax.cli.convert import main as vap_convert
 from vap_jax.cli.export import main as vap_export
@@ -411,7 +411,7 @@ def test_two_processes_export_what_one_does(golden_models, tmp_path):
   here = Path(__file__).parent
   path = os.pathsep.join([str(here.parent), str(here), os.environ.get('PYTHONPATH', '')])
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=path,
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS=xla_flags(2))
   procs = [subprocess.Popen([sys.executable, str(here / 'export_worker.py'), str(GOLDEN['wan']),
                              str(tmp_path / 'multi'), str(port), str(i)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

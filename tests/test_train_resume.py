@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conftest import DATA, assert_close, config_file
+from conftest import DATA, assert_close, config_file, xla_flags
 from vap_jax.train.checkpoint import CheckpointError
 from vap_jax.train.trainer import EXIT_PREEMPTED, Trainer
 
@@ -34,7 +34,7 @@ def _command(latents, workdir, *extra):
 
 def _env(devices=8):
   return {**os.environ, 'JAX_PLATFORMS': 'cpu',
-          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+          'XLA_FLAGS': xla_flags(devices)}
 
 
 def _run(latents, workdir, steps, *extra):
@@ -120,11 +120,18 @@ def _config(latents, **changes):
   return config
 
 
-def test_a_crash_during_a_save_leaves_the_previous_checkpoint(cog_latents, tmp_path):
+@pytest.fixture(scope='module')
+def two_steps(cog_latents, tmp_path_factory):
+  """The workdir of a finished 2-step run (tests copy it)."""
+  work = tmp_path_factory.mktemp('two_steps')
+  Trainer(_config(cog_latents), work).run(2, progress=False)
+  return work
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint(cog_latents, two_steps, tmp_path):
   """What a kill mid-save leaves -- a half-written temporary step folder -- is ignored (and
   cleaned up); the run resumes from the last finished one."""
-  trainer = Trainer(_config(cog_latents), tmp_path)
-  trainer.run(2, progress=False)
+  shutil.copytree(two_steps, tmp_path, dirs_exist_ok=True)
   partial = tmp_path / 'checkpoints' / '4.orbax-checkpoint-tmp-1234'
   shutil.copytree(tmp_path / 'checkpoints' / '2', partial)
   (partial / 'state' / 'manifest.ocdbt').write_bytes(b'\x00' * 10)
@@ -133,16 +140,23 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(cog_latents, tmp_p
   assert not partial.exists()
 
 
+@pytest.fixture(scope='module')
+def fsdp8_run(cog_latents, tmp_path_factory):
+  """A run on fsdp=8: (the losses of 3 uninterrupted steps, a workdir stopped after step 2)."""
+  config = _config(cog_latents, mesh=dict(data=1, fsdp=8))
+  root = tmp_path_factory.mktemp('fsdp8')
+  losses = Trainer(config, root / 'straight').run(3, progress=False)['losses']
+  Trainer(config, root / 'stopped').run(2, progress=False)
+  return losses, root / 'stopped'
+
+
 @pytest.mark.parametrize('target', [dict(mesh=dict(data=2, fsdp=4)), dict(devices=4)],
                          ids=['data2-fsdp4', '4-devices'])
-def test_restore_onto_another_mesh(cog_latents, tmp_path, target):
+def test_restore_onto_another_mesh(cog_latents, fsdp8_run, tmp_path, target):
   """Saved on fsdp=8, resumed on data=2 x fsdp=4 or on 4 devices: the next step's loss equals the
   uninterrupted run's."""
-  config = _config(cog_latents, mesh=dict(data=1, fsdp=8))
-  straight = Trainer(config, tmp_path / 'straight')
-  losses = straight.run(3, progress=False)['losses']
-  first = Trainer(config, tmp_path / 'moved')
-  first.run(2, progress=False)
+  losses, stopped = fsdp8_run
+  shutil.copytree(stopped, tmp_path / 'moved')
   devices = jax.devices()[:target.get('devices', 8)]
   mesh = target.get('mesh', dict(data=1, fsdp=len(devices)))
   moved = Trainer(_config(cog_latents, mesh=mesh), tmp_path / 'moved', devices=devices)
@@ -153,8 +167,8 @@ def test_restore_onto_another_mesh(cog_latents, tmp_path, target):
   assert_close(loss, losses[-1], atol=0, rtol=1e-6, what='loss after the move')
 
 
-def test_a_checkpoint_of_another_run_is_refused_by_name(cog_latents, tmp_path):
-  Trainer(_config(cog_latents), tmp_path).run(2, progress=False)
+def test_a_checkpoint_of_another_run_is_refused_by_name(cog_latents, two_steps, tmp_path):
+  shutil.copytree(two_steps, tmp_path, dirs_exist_ok=True)
   saved = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
   with pytest.raises(ValueError, match=r'blocks.attn1.to_k.kernel of shape \(3, 32, 32\) '
                                        r'cannot be sharded .* 32 is not divisible by 3'):
@@ -172,8 +186,8 @@ def test_a_checkpoint_of_another_run_is_refused_by_name(cog_latents, tmp_path):
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == saved
 
 
-def test_a_damaged_checkpoint_is_one_clear_error(cog_latents, tmp_path, capsys):
-  Trainer(_config(cog_latents), tmp_path).run(2, progress=False)
+def test_a_damaged_checkpoint_is_one_clear_error(cog_latents, two_steps, tmp_path, capsys):
+  shutil.copytree(two_steps, tmp_path, dirs_exist_ok=True)
   for f in (tmp_path / 'checkpoints' / '2' / 'state').rglob('*'):
     if f.is_file() and f.stat().st_size > 1000:
       f.write_bytes(f.read_bytes()[:100])  # truncated array data
@@ -219,14 +233,14 @@ def test_two_processes_train_like_one_and_resume(cog_latents, uninterrupted, tmp
     assert_close(ours[step]['loss'], single[step]['loss'], atol=0, rtol=1e-5, what=f'step {step}')
 
 
-def test_a_run_exports_to_the_pytorch_layout(cog_latents, tmp_path, capsys):
+def test_a_run_exports_to_the_pytorch_layout(cog_latents, two_steps, tmp_path, capsys):
   """vap-export --run: the trained expert from the checkpoint beside the base the run started
   from, as a diffusers pipeline folder; loading it back gives the trainer's model exactly."""
   from vap_jax.cli.export import main as vap_export
   from vap_jax.weights import keymap as km
   from vap_jax.weights.cogvideox import load_cogvideox
-  trainer = Trainer(_config(cog_latents), tmp_path / 'run')
-  trainer.run(2, progress=False)
+  shutil.copytree(two_steps, tmp_path / 'run')
+  trainer = Trainer(_config(cog_latents), tmp_path / 'run')  # resumed at step 2
   trained = km.flat_variables(nnx.state(trainer.model()))
   assert vap_export(['--run', str(tmp_path / 'run'), '--components-from', str(COMPONENTS),
                      '--link', '--dst', str(tmp_path / 'out'), '--dtype', 'float32',
