@@ -20,6 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or '1node'
   c = ml_collections.ConfigDict()
   c.family = 'cogvideox'
+  c.task = 'vap'  # the VAP expert (configs/train_vae.py: 'vae')
   c.model = dict(
       checkpoint='CogVideoX-5b-I2V',        # base (expert copied in) or a VAP checkpoint
       config='',                            # or: a model config file for a random init

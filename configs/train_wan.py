@@ -21,6 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or 'd10'
   c = ml_collections.ConfigDict()
   c.family = 'wan'
+  c.task = 'vap'  # the VAP expert (configs/train_vae.py: 'vae')
   c.model = dict(
       checkpoint='Wan2.1-I2V-14B-480P-Diffusers', config='',
       block_idx_with_mot_ref=tuple(range(0, 40, 4)),

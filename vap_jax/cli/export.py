@@ -24,6 +24,12 @@ for a converted folder from the download it was converted from (its VAE and enco
 expert read straight into FSDP shards over this host's devices beside the base it started
 from (or ``--base``), every tensor then gathered and written one at a time. Run it where the
 model fits in device memory (on a CPU host, in host memory); multi-process like vap-train.
+
+A VAE run (``configs/train_vae.py``, task 'vae') is written as a converted ``vae`` component
+folder at ``--dst`` (config.json + Orbax state/, float32 unless ``--dtype``), which every VAE
+loader reads, e.g. ``vap-precompute cogvideox --vae DST``:
+
+  vap-export --run runs/toy_vae --dst toy/vae
 """
 from __future__ import annotations
 
@@ -47,8 +53,9 @@ def main(argv=None) -> int:
                       help="with --run: the base checkpoint folder, if not the run's "
                            'model.checkpoint')
   parser.add_argument('--dst', required=True, help='output folder (must not exist, or be empty)')
-  parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32', 'float16'],
-                      help='dtype of the written tensors (default: bfloat16, as released)')
+  parser.add_argument('--dtype', default=None, choices=['bfloat16', 'float32', 'float16'],
+                      help='dtype of the written tensors (default: bfloat16, as released; a '
+                           "VAE run's: float32)")
   parser.add_argument('--max-shard-size', default='10GB',
                       help='largest safetensors shard, bytes or e.g. 5GB, 500MB (default: 10GB)')
   parser.add_argument('--components-from', default=None,
@@ -70,11 +77,13 @@ def main(argv=None) -> int:
   from vap_jax.weights.export import export_folder, parse_size
   from vap_jax.weights.safetensors_io import CheckpointError
   start = time.time()
-  options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size,
+  options = dict(dtype=args.dtype or 'bfloat16', max_shard_size=args.max_shard_size,
                  overwrite=args.overwrite, progress=not args.no_progress)
   try:
     parse_size(args.max_shard_size)  # a typo fails before any work
     dst = common.writable_folder(args.dst, '--dst')
+    if args.run and _is_vae_run(args):
+      return _export_vae_run(args, dst, start)
     if args.run:
       summary = _export_run(args, dst, options)
     else:
@@ -91,6 +100,28 @@ def main(argv=None) -> int:
   print(f'exported the {summary["family"]} {kind} transformer ({summary["tensors"]} tensors, '
         f'{summary["shards"]} shards, {summary["bytes"] / 1e6:.1f} MB {summary["dtype"]}) from '
         f'{args.src or args.run} to {args.dst}{extra} in {time.time() - start:.1f} s')
+  return 0
+
+
+def _is_vae_run(args) -> bool:
+  from vap_jax.train.checkpoint import saved_run, task_of
+  if task_of(saved_run(args.run, args.step)[1]) != 'vae':
+    return False
+  if args.components_from or args.transformer_only or args.link:
+    raise ValueError(f'{args.run} trained a VAE: --components-from, --transformer-only and --link '
+                     'go with transformer runs')
+  return True
+
+
+def _export_vae_run(args, dst, start: float) -> int:
+  from vap_jax.parallel.distributed import initialize
+  from vap_jax.train.model import write_trained_vae
+  initialize()
+  summary = write_trained_vae(args.run, dst, step=args.step, base=args.base,
+                              dtype=args.dtype or 'float32', overwrite=args.overwrite)
+  print(f'wrote the {summary["family"]} VAE trained by {args.run} (step {summary["step"]}, '
+        f'{summary["tensors"]} tensors, {summary["dtype"]}) to {args.dst} as a converted vae '
+        f'folder in {time.time() - start:.1f} s')
   return 0
 
 

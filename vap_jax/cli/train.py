@@ -1,8 +1,10 @@
-"""``vap-train``: train the VAP expert on a frozen base, from `vap-precompute` shards.
+"""``vap-train``: train the VAP expert on a frozen base, from `vap-precompute` shards; or (config
+``task='vae'``) a CogVideoX-family VAE on the target clips of a VAP-Data table.
 
   vap-train --config configs/train_wan.py:d10 --workdir runs/wan \\
       --set model.checkpoint=Wan2.1-I2V-14B-480P-Diffusers --set data.latents=latents/wan
   vap-train --config configs/train_cogvideox.py:tiny --workdir /tmp/run --set steps=50
+  vap-train --config configs/train_vae.py:tiny --workdir runs/toy_vae   # then vap-export --run
 
 The config (a file read by path, ``PATH[:VARIANT]``) holds the model, data, optimizer, schedule,
 mesh, logging and checkpoint settings; ``--set dotted.key=VALUE`` (JSON values) changes any of
@@ -48,7 +50,11 @@ def apply_overrides(config, items: list[str]) -> None:
     old = node[parts[-1]]
     if isinstance(old, tuple) and isinstance(new, list):
       new = tuple(new)
-    node[parts[-1]] = new
+    try:
+      node[parts[-1]] = new
+    except TypeError:
+      raise ValueError(f'--set {key}: a {type(new).__name__} cannot replace its '
+                       f'{type(old).__name__} value') from None
 
 
 def parser() -> argparse.ArgumentParser:

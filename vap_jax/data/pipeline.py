@@ -124,7 +124,8 @@ class DecodeSample:
       return {'_error': e.reason, '_path': e.path, 'index': index}
     r = self.pairing.sample_ref_videos_num
     ref_videos = np.zeros((r,) + video.shape, video.dtype)
-    ref_videos[:len(refs)] = refs
+    if refs:  # none when sample_ref_videos_num is 0 (a VAE run's clips)
+      ref_videos[:len(refs)] = refs
     pad = [''] * (r - len(refs))
     out = {
         'video': video, 'ref_videos': ref_videos,
@@ -347,10 +348,21 @@ def pairing_config(cfg) -> PairingConfig:
       seed=int(cfg.seed))
 
 
-def make_loader(cfg, *, shard: tuple[int, int] | None = None) -> VapLoader:
+class SelectKeys(grain.transforms.Map):
+  """Keeps only ``keys`` of each sample (e.g. the trainer's arrays, not the captions)."""
+
+  def __init__(self, keys):
+    self.keys = tuple(keys)
+
+  def map(self, element: dict) -> dict:
+    return {k: element[k] for k in self.keys}
+
+
+def make_loader(cfg, *, shard: tuple[int, int] | None = None, keys=None) -> VapLoader:
   """Builds the per-process iterator from loader settings (`default_data_config`).
 
-  `shard` = (index, count) defaults to (jax.process_index(), jax.process_count()).
+  `shard` = (index, count) defaults to (jax.process_index(), jax.process_count()); `keys`: the
+  fields to keep (default all), e.g. ('video', 'index') for a VAE run.
   """
   if len(cfg.buckets) > 1 and cfg.batch_size > 1:
     raise ValueError(f'{len(cfg.buckets)} buckets need batch_size 1 per process (samples of '
@@ -376,7 +388,10 @@ def make_loader(cfg, *, shard: tuple[int, int] | None = None) -> VapLoader:
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(cfg.workers), per_worker_buffer_size=int(cfg.worker_buffer)))
   failures = FailureCounter(float(cfg.max_failure_fraction), int(cfg.min_samples_before_cap))
-  it = SkipFailures(it, failures).batch(int(cfg.batch_size), drop_remainder=True)
+  it = SkipFailures(it, failures)
+  if keys is not None:
+    it = it.map(SelectKeys(keys))
+  it = it.batch(int(cfg.batch_size), drop_remainder=True)
   return VapLoader(iter(it), failures, table, (index, count), len(rows) // count, dropped)
 
 

@@ -1,4 +1,5 @@
-"""Analytic forward FLOPs of one transformer call (2 FLOPs per multiply-add, matmuls only).
+"""Analytic forward FLOPs of one transformer (or video VAE) call (2 FLOPs per multiply-add,
+matmuls and convolutions only).
 
 Written out term by term so a reader can check it against the architecture; tests check it
 against the dot products in the traced program. Joint attention is counted over the concatenated
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 
 from vap_jax.models.cogvideox import CogVideoXConfig
+from vap_jax.models.vae_cogvideox import CogVideoXVAEConfig
 from vap_jax.models.wan import WanConfig
 
 
@@ -71,6 +73,45 @@ def wan_flops(cfg: WanConfig, *, batch: int, frames: int, height: int, width: in
   head = 2 * video * d * math.prod(cfg.patch_size) * cfg.out_channels
   expert = sum(n * (per_chunk_context + time + patch) for n in chunks[1:]) + expert_blocks
   return _parts(batch, dict(embed=embed, blocks_linear=linear, attention=attn, head=head), expert)
+
+
+def cogvideox_vae_flops(cfg: CogVideoXVAEConfig, *, batch: int, frames: int, height: int,
+                        width: int) -> dict[str, int]:
+  """encode + decode of (frames, height, width) clips. Counted on the whole clip: diffusers'
+  frame batches (first 1 + 8k frames, then 8s; 2-latent batches) add up to the same sizes at
+  every level, so the batching changes no count. Every weight trains: ``expert`` = ``total``."""
+  ch, z, lpb = cfg.block_out_channels, cfg.latent_channels, cfg.layers_per_block
+  levels = int(math.log2(cfg.temporal_compression_ratio))
+  conv = lambda k, cin, cout, n: 2 * k * cin * cout * n  # k taps at n output positions
+
+  def resnet(cin, cout, n, spatial=False):
+    norms = 2 * conv(1, z, cin, n) + 2 * conv(1, z, cout, n) if spatial else 0  # conv_y, conv_b
+    return conv(27, cin, cout, n) + conv(27, cout, cout, n) + norms + \
+        (conv(1, cin, cout, n) if cin != cout else 0)
+
+  t, h, w = frames, height, width
+  enc = conv(27, cfg.in_channels, ch[0], t * h * w)
+  for i, cout in enumerate(ch):
+    cin = ch[max(i - 1, 0)]
+    enc += sum(resnet(cin if j == 0 else cout, cout, t * h * w) for j in range(lpb))
+    if i < len(ch) - 1:
+      t = (1 + (t - 1) // 2 if t % 2 else t // 2) if i < levels else t
+      h, w = h // 2, w // 2
+      enc += conv(9, cout, cout, t * h * w)
+  enc += 2 * resnet(ch[-1], ch[-1], t * h * w) + conv(27, ch[-1], 2 * z, t * h * w)
+  up = ch[::-1]
+  dec = conv(27, z, up[0], t * h * w) + 2 * resnet(up[0], up[0], t * h * w, spatial=True)
+  for i, cout in enumerate(up):
+    cin = up[max(i - 1, 0)]
+    dec += sum(resnet(cin if j == 0 else cout, cout, t * h * w, spatial=True)
+               for j in range(lpb + 1))
+    if i < len(up) - 1:
+      if i < levels and t > 1:
+        t = 1 + 2 * (t - 1) if t % 2 else 2 * t
+      h, w = 2 * h, 2 * w
+      dec += conv(9, cout, cout, t * h * w)
+  dec += 2 * conv(1, z, up[-1], t * h * w) + conv(27, up[-1], cfg.out_channels, t * h * w)
+  return _parts(batch, dict(encoder=enc, decoder=dec, attention=0), enc + dec)
 
 
 def _parts(batch: int, parts: dict, expert: int) -> dict[str, int]:

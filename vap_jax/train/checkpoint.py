@@ -9,7 +9,8 @@ whole: a crash mid-save leaves the one before it to restore.
 Restoring reads every array straight into the *current* run's shardings (each process reads only
 its shards), so a run saved on one mesh resumes on another (fsdp=8 -> data=2,fsdp=4; 8 devices
 -> 4) without gathering the state anywhere. A saved state that does not fit the current run
-(another family, other expert layout, other optimizer) is refused by name before anything loads.
+(another family or task, other expert layout, other optimizer) is refused by name before anything
+loads.
 """
 from __future__ import annotations
 
@@ -25,6 +26,17 @@ log = logging.getLogger(__name__)
 # Run settings a resumed run may change (how it runs, not what it trains).
 CHANGEABLE = ('mesh', 'rules', 'log', 'steps', 'checkpoint', 'data.workers', 'model.remat',
               'model.attention', 'model.scan_layers', 'accumulation', 'data.batch_size')
+
+
+# What a run trains (its config's ``task``; runs from before tasks have none: 'vap').
+TASKS = {'vap': 'the VAP expert', 'vae': 'a VAE'}
+
+
+def task_of(config) -> str:
+  task = config.get('task') or 'vap'
+  if task not in TASKS:
+    raise ValueError(f'task {task!r}: expected one of {sorted(TASKS)} ({TASKS})')
+  return task
 
 
 class CheckpointError(ValueError):
@@ -141,10 +153,16 @@ class Checkpointer:
     except (OSError, ValueError) as e:
       raise CheckpointError(f'checkpoint {where} is damaged or partial: its config cannot be '
                             f'read ({_first_line(e)})') from e
+    saved = dict(saved, task=task_of(saved))
+    current = dict(self.config, task=task_of(self.config))
+    if saved['task'] != current['task']:
+      a, b = saved['task'], current['task']
+      raise CheckpointError(f'checkpoint {where} is of a run that trains {TASKS[a]} (task={a!r}), '
+                            f'this run trains {TASKS[b]} (task={b!r}): start a new workdir')
     if saved.get('family') != self.config.get('family'):
       raise CheckpointError(f'checkpoint {where} is of a {saved.get("family")} run, this run '
                             f'trains {self.config.get("family")}')
-    diff = _differences(saved, self.config)
+    diff = _differences(saved, current)
     if diff:
       raise CheckpointError(f'checkpoint {where} was made with other settings: '
                             + '; '.join(diff[:6]) + ('; ...' if len(diff) > 6 else '')

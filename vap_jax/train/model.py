@@ -1,10 +1,13 @@
 """The model a run starts from: a checkpoint (base or VAP, diffusers or converted) or a random
 init of a config, with the expert added as an exact copy of the base blocks it sits on (the
-official init, VAP_SPEC §5.2) when the checkpoint has none.
+official init, VAP_SPEC §5.2) when the checkpoint has none; for task 'vae', the CogVideoX-family
+VAE (a checkpoint's ``vae/`` or a random init of a vae ``config.json``). And what a finished run
+trained: `trained_model`, `write_trained_vae`.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -16,11 +19,13 @@ from jax.sharding import Mesh
 from vap_jax.config import load_config
 from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
 from vap_jax.models.mot import MoTTransformer
+from vap_jax.models.vae_cogvideox import AutoencoderKLCogVideoX
 from vap_jax.models.wan import WanConfig, WanTransformer
 from vap_jax.parallel import param_shardings
 from vap_jax.parallel.sharding import Rules
-from vap_jax.weights import keymap as km
+from vap_jax.weights import component, keymap as km
 from vap_jax.weights.loading import abstract_model, fill
+from vap_jax.weights.vae import COGVIDEOX_SPEC as VAE_SPEC, load_cogvideox_vae
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +78,56 @@ def build_model(family: str, model_config, *, mesh: Mesh | None, rules: Rules,
   return _made_on_mesh(lambda: model_cls(config, rngs=nnx.Rngs(seed)), mesh, rules)
 
 
+def vae_source_config(model_config) -> dict:
+  """The diffusers ``config.json`` dict of a VAE run's model: ``model.checkpoint``'s (a pipeline
+  or ``vae/`` folder, diffusers or converted) or ``model.config`` (a config.json path, or a
+  dict of its fields)."""
+  if model_config.get('checkpoint'):
+    return component.source_config(VAE_SPEC, model_config.get('checkpoint'))
+  config = model_config.get('config')
+  if not config:
+    raise ValueError('the run config needs model.checkpoint (a folder with a vae/) or '
+                     'model.config (a vae config.json, or its fields, for a random init)')
+  if isinstance(config, (str, Path)):
+    try:
+      config = json.loads(Path(config).read_text())
+    except (OSError, ValueError) as e:
+      raise ValueError(f'model.config {config}: not a readable vae config.json ({e})') from None
+  elif hasattr(config, 'to_dict'):
+    config = config.to_dict()
+  return {'_class_name': 'AutoencoderKLCogVideoX', **dict(config)}
+
+
+def build_vae(model_config, *, mesh: Mesh | None, rules: Rules, seed: int = 0,
+              abstract: bool = False) -> AutoencoderKLCogVideoX:
+  """The CogVideoX VAE of ``model_config.checkpoint`` (float32 master weights whatever the
+  folder stores), or a random init (``seed``) of ``model_config.config``; ``abstract``: shapes
+  only (nothing loaded or computed)."""
+  runtime = dict(dtype=model_config.get('dtype', 'float32'), param_dtype='float32')
+  checkpoint = model_config.get('checkpoint')
+  raw = vae_source_config(model_config)
+  if checkpoint:
+    config = component.model_config(VAE_SPEC, raw, VAE_SPEC.folder(checkpoint), **runtime)
+  else:
+    try:
+      config = VAE_SPEC.make_config(raw, **runtime)
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f'model.config: {e}') from None
+  factory = VAE_SPEC.factory(config, seed)
+  if abstract:
+    return abstract_model(factory)
+  if checkpoint:
+    return load_cogvideox_vae(checkpoint, mesh=mesh, rules=rules, **runtime)
+  return _made_on_mesh(factory, mesh, rules)
+
+
 def trained_model(workdir, *, step: int | None = None, base: str | None = None,
-                  mesh: Mesh | None = None, rules: Rules | None = None) -> MoTTransformer:
+                  mesh: Mesh | None = None, rules: Rules | None = None) -> nnx.Module:
   """The model a vap-train run in ``workdir`` has trained by checkpoint ``step`` (default: the
   latest): the frozen base rebuilt as the run built it (``base`` overrides the run's
   ``model.checkpoint`` folder, e.g. when the run was started elsewhere), the trained expert from
   the checkpoint, each array straight into its sharding on ``mesh`` (default: FSDP over every
-  device)."""
+  device). A VAE run's VAE is all trained: only its shape is rebuilt, every array restored."""
   import ml_collections
 
   from vap_jax.parallel import make_mesh
@@ -88,22 +136,49 @@ def trained_model(workdir, *, step: int | None = None, base: str | None = None,
   step, config = saved_run(workdir, step)
   config = ml_collections.ConfigDict(config)
   if base is not None:
-    config.model.update(checkpoint=str(base), config='')
+    config.model.checkpoint = str(base)
   for field in ('checkpoint', 'config'):
-    value = str(config.model.get(field) or '')
-    if value and not Path(value.partition(':')[0]).exists():
+    value = config.model.get(field) or ''
+    if field == 'config' and config.model.get('checkpoint'):
+      continue  # a checkpoint is what gets built
+    if isinstance(value, str) and value and not Path(value.partition(':')[0]).exists():
       raise ValueError(f'the run in {workdir} started from model.{field}={value}, which is not '
                        'here (relative to the folder the run started in?): name the base '
                        'checkpoint explicitly')
   if mesh is None:
     mesh = make_mesh({'fsdp': -1})
   rules = tuple(tuple(r) for r in config.rules) if rules is None else rules
-  model = build_model(config.family, config.model, mesh=mesh, rules=rules, seed=config.seed)
-  graphdef, trainable, frozen = split(model)
+  task = config.get('task', 'vap')
+  if task == 'vae':
+    model = build_vae(config.model, mesh=mesh, rules=rules, abstract=True)
+  else:
+    model = build_model(config.family, config.model, mesh=mesh, rules=rules, seed=config.seed)
+  graphdef, trainable, frozen = split(model, task)
   del model
   params = restore_params(workdir, step, trainable, param_shardings(trainable, mesh, rules))
-  log.info('restored the expert of step %d from %s', step, workdir)
+  log.info('restored the trained parameters of step %d from %s', step, workdir)
   return nnx.merge(graphdef, params, frozen)
+
+
+def write_trained_vae(workdir, dst, *, step: int | None = None, base: str | None = None,
+                      dtype: str = 'float32', overwrite: bool = False) -> dict:
+  """The VAE a task 'vae' run in ``workdir`` trained by checkpoint ``step`` (default: the
+  latest) written as a converted ``vae`` component folder ``dst`` (config.json + Orbax state/,
+  what vap-convert writes), parameters in ``dtype``: every VAE loader reads it
+  (``load_cogvideox_vae(dst)``, ``vap-precompute --vae dst``). Returns a summary."""
+  from vap_jax.train.checkpoint import saved_run
+  step, config = saved_run(workdir, step)
+  if config.get('task', 'vap') != 'vae':
+    raise ValueError(f'the run in {workdir} trains {config.get("task", "vap")!r}, not a VAE')
+  model_config = dict(config['model'], **({} if base is None else {'checkpoint': str(base)}))
+  raw = vae_source_config(model_config)
+  vae = trained_model(workdir, step=step, base=base)
+  graphdef, state = nnx.split(vae)
+  vae = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
+  source = str(Path(workdir).absolute() / 'checkpoints' / str(step))
+  tensors = component.save(VAE_SPEC, vae, raw, dst, param_dtype=dtype, source=source,
+                           overwrite=overwrite)
+  return dict(family=config['family'], step=step, tensors=tensors, dtype=dtype)
 
 
 def _made_on_mesh(factory, mesh, rules):

@@ -105,6 +105,9 @@ class Objective:
   schedule: CogVideoXSchedule | None = None    # CogVideoX's training schedule
   mask_references: bool = False                # drop the references batch['ref_mask'] drops
 
+  def draws(self, key: jax.Array, batch: dict) -> Draws:
+    return draws(key, batch, self.family)
+
   def _mask(self, batch) -> dict:
     return {'ref_mask': batch['ref_mask']} if self.mask_references else {}
 

@@ -1,10 +1,11 @@
-"""The train state and the one jitted train step.
+"""The train state and the one jitted train step, for every task (`TRAINED`).
 
-Only the trainable parameters (`vap_jax.models.common.TRAINABLE`: the expert) are in the state,
-differentiated and given optimizer moments; the frozen base is an argument the step reads and
-never differentiates. The step draws its random numbers from the state's key (or takes injected
-ones), accumulates gradients over micro-batches with a `lax.scan`, applies the optimizer, and
-returns the next state (the old one is donated) and its metrics. On a mesh the state is sharded
+Only the trainable parameters (task 'vap': `vap_jax.models.common.TRAINABLE`, the expert; task
+'vae': every parameter) are in the state, differentiated and given optimizer moments; the rest
+(the frozen base) is an argument the step reads and never differentiates. The step draws its
+random numbers from the state's key (or takes injected ones), accumulates gradients over
+micro-batches with a `lax.scan`, applies the optimizer, and returns the next state (the old one
+is donated) and its metrics. On a mesh the state is sharded
 like the parameters (Adam's moments like their parameters), the batch over the data axes.
 """
 from __future__ import annotations
@@ -21,7 +22,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vap_jax.models.common import TRAINABLE
 from vap_jax.parallel import logical_to_spec, param_shardings
 from vap_jax.parallel.sharding import Rules
-from vap_jax.train import objectives
 from vap_jax.train.optimizer import global_norm
 
 
@@ -36,9 +36,13 @@ class TrainState:
   rng: jax.Array
 
 
-def split(model: nnx.Module):
-  """(graphdef, trainable state, frozen state) of a VAP transformer."""
-  return nnx.split(model, TRAINABLE, ...)
+# What each task trains: the VAP expert of a transformer, or the whole VAE.
+TRAINED = {'vap': TRAINABLE, 'vae': nnx.Param}
+
+
+def split(model: nnx.Module, task: str = 'vap'):
+  """(graphdef, trainable state, frozen state) of the model a ``task`` run trains."""
+  return nnx.split(model, TRAINED[task], ...)
 
 
 def init_state(params: nnx.State, optimizer: optax.GradientTransformation, seed: int
@@ -63,47 +67,53 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(('activation_batch',), rules, mesh))
 
 
-def make_train_step(graphdef, objective: objectives.Objective,
-                    optimizer: optax.GradientTransformation, *, accumulation: int = 1,
-                    lr_schedule: optax.Schedule | None = None) -> Callable:
+def make_train_step(graphdef, objective, optimizer: optax.GradientTransformation, *,
+                    accumulation: int = 1, lr_schedule: optax.Schedule | None = None) -> Callable:
   """``step(state, frozen, batch, draws=None) -> (state, metrics)``, not yet jitted.
 
+  ``objective(model, batch, draws) -> (loss, per-sample losses, aux)`` with ``objective.draws(
+  key, batch)``; scalars in ``aux['metrics']`` (e.g. the VAE's recon and kl) join the metrics.
   ``batch`` holds ``accumulation`` micro-batches along its leading axis; ``draws`` (optional,
-  `objectives.Draws` for the whole batch) replaces the random draws. ``step.loss_and_grads(
+  the objective's draws for the whole batch) replaces the random draws. ``step.loss_and_grads(
   params, frozen, batch, draws) -> ((loss, per-sample losses), grads)`` is its gradient part.
   """
   def loss_fn(params, frozen, batch, d):
     model = nnx.merge(graphdef, params, frozen)
-    loss, per_sample, _ = objective(model, batch, d)
-    return loss, per_sample
+    loss, per_sample, aux = objective(model, batch, d)
+    return loss, (per_sample, aux.get('metrics', {}))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def loss_and_grads(params, frozen, batch, d):
+    (loss, (per_sample, _)), grads = grad_fn(params, frozen, batch, d)
+    return (loss, per_sample), grads
 
   def step(state: TrainState, frozen, batch, draws=None):
     key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     if draws is None:
-      draws = objectives.draws(key, batch, objective.family)
+      draws = objective.draws(key, batch)
     if accumulation == 1:
-      (loss, per_sample), grads = grad_fn(state.params, frozen, batch, draws)
+      (loss, (per_sample, extra)), grads = grad_fn(state.params, frozen, batch, draws)
     else:
       micro = lambda x: x.reshape(accumulation, x.shape[0] // accumulation, *x.shape[1:])
       batches, micro_draws = jax.tree.map(micro, (batch, draws))
 
       def one(total, xs):
-        (loss, per_sample), grads = grad_fn(state.params, frozen, *xs)
-        return jax.tree.map(jnp.add, total, grads), (loss, per_sample)
+        (loss, aux), grads = grad_fn(state.params, frozen, *xs)
+        return jax.tree.map(jnp.add, total, grads), (loss, aux)
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      grads, (losses, per_sample) = jax.lax.scan(one, zeros, (batches, micro_draws))
+      grads, (losses, (per_sample, extra)) = jax.lax.scan(one, zeros, (batches, micro_draws))
       grads = jax.tree.map(lambda g: g / accumulation, grads)
       loss, per_sample = losses.mean(), per_sample.reshape(-1)
+      extra = jax.tree.map(jnp.mean, extra)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=loss, per_sample_loss=per_sample, grad_norm=global_norm(grads))
+    metrics = dict(extra, loss=loss, per_sample_loss=per_sample, grad_norm=global_norm(grads))
     if lr_schedule is not None:
       metrics['learning_rate'] = lr_schedule(state.step)
     return TrainState(state.step + 1, params, opt_state, jax.random.key_data(next_key)), metrics
 
-  step.loss_and_grads = grad_fn
+  step.loss_and_grads = loss_and_grads
   return step
 
 

@@ -1,10 +1,16 @@
 """A training run: config -> mesh, model, data, optimizer, the jitted step, and the loop with its
 metrics (what ``vap-train`` runs).
 
-The run config is a big_vision-style file (``configs/train_<family>.py``): ``family``, ``model``
-(checkpoint or config, expert placement, dtypes, attention, remat, scan), ``data`` (the
+The run config is a big_vision-style file (``configs/train_<family>.py``): ``family``, ``task``,
+``model`` (checkpoint or config, expert placement, dtypes, attention, remat, scan), ``data`` (the
 `vap-precompute` folder, global batch, dropouts, workers), ``optimizer``, ``schedule``,
 ``steps``, ``accumulation``, ``mesh``, ``rules``, ``log``, ``seed``.
+
+``task`` says what trains: 'vap' (default) the VAP expert on a frozen transformer, from
+precomputed latents; 'vae' (``configs/train_vae.py``) every parameter of a CogVideoX-family VAE,
+from the target clips of a VAP-Data table (``data`` is a `vap_jax.data.make_loader` block, its
+``batch_size`` global, its seed the run's), objective `vae_objective.VAEObjective`
+(``vae.kl_weight``). Both run the same step, loop, checkpoints and metrics.
 """
 from __future__ import annotations
 
@@ -14,20 +20,23 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from vap_jax.data.latent_source import LatentSource, make_latent_loader
+from vap_jax.data.pipeline import make_loader
 from vap_jax.diffusion import CogVideoXDDIMScheduler
-from vap_jax.models.flops import cogvideox_flops, training_flops, wan_flops
+from vap_jax.models.flops import cogvideox_flops, cogvideox_vae_flops, training_flops, wan_flops
 from vap_jax.parallel import make_mesh, sharding_context
 from vap_jax.train import objectives
 from vap_jax.train import optimizer as opt
-from vap_jax.train.checkpoint import Checkpointer
+from vap_jax.train.checkpoint import Checkpointer, task_of
 from vap_jax.train.metrics import MetricWriter, StepMetrics, peak_tflops
-from vap_jax.train.model import build_model
+from vap_jax.train.model import build_model, build_vae
 from vap_jax.train.step import (batch_sharding, init_state, jit_train_step, make_train_step, split,
                                 state_shardings)
+from vap_jax.train.vae_objective import VAEObjective
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,9 @@ def optimizer_for(config, trainable, unreachable):
 
 
 def _forward_flops(family, model_config, batch: dict) -> dict:
+  if 'video' in batch:  # a VAE run
+    b, f, h, w, _ = np.shape(batch['video'])
+    return cogvideox_vae_flops(model_config, batch=b, frames=f, height=h, width=w)
   b, _, t, h, w = np.shape(batch['latents_mean'])
   refs, text = np.shape(batch['ref_latents_mean'])[1], np.shape(batch['text'])[1]
   if family == 'cogvideox':
@@ -73,7 +85,7 @@ class Trainer:
 
   def __init__(self, config, workdir: str | Path, *, devices=None):
     self.config, self.workdir = config, Path(workdir).absolute()
-    self.family = config.family
+    self.family, self.task = config.family, task_of(config)
     self.mesh = make_mesh(dict(config.mesh), devices=devices)
     self.rules = tuple(tuple(r) for r in config.rules)
     data = config.data
@@ -81,13 +93,21 @@ class Trainer:
     if data.batch_size % (count * config.accumulation):
       raise ValueError(f'data.batch_size {data.batch_size} must divide over {count} processes '
                        f'and {config.accumulation} accumulation steps')
-    self.objective = objective_for(self.family, data.latents,
-                                   mask_references=data.reference_dropout > 0)
-    model = build_model(self.family, config.model, mesh=self.mesh, rules=self.rules,
-                        seed=config.seed)
+    if self.task == 'vae':
+      if self.family != 'cogvideox':
+        raise ValueError(f"task 'vae' trains the CogVideoX-family VAE: family must be "
+                         f"'cogvideox', not {self.family!r}")
+      model = build_vae(config.model, mesh=self.mesh, rules=self.rules, seed=config.seed)
+      self.objective = VAEObjective.of(model, config.vae.kl_weight)
+      self.unreachable = ()
+    else:
+      self.objective = objective_for(self.family, data.latents,
+                                     mask_references=data.reference_dropout > 0)
+      model = build_model(self.family, config.model, mesh=self.mesh, rules=self.rules,
+                          seed=config.seed)
+      self.unreachable = model.unreachable()
     self.model_config = model.config
-    self.unreachable = model.unreachable()
-    self.graphdef, trainable, self.frozen = split(model)
+    self.graphdef, trainable, self.frozen = split(model, self.task)
     del model
     self.optimizer, self.lr = optimizer_for(config, trainable, self.unreachable)
     shardings = state_shardings(jax.eval_shape(lambda p: init_state(p, self.optimizer,
@@ -100,11 +120,16 @@ class Trainer:
     self._step = jit_train_step(step, self.state, self.frozen, self.optimizer, self.mesh,
                                 self.rules)
     self.batch_sharding = batch_sharding(self.mesh, self.rules)
-    self.loader = make_latent_loader(
-        data.latents, batch_size=data.batch_size // count, seed=config.seed, keys='train',
-        caption_dropout=data.caption_dropout, reference_dropout=data.reference_dropout,
-        workers=data.workers, max_failure_fraction=data.max_failure_fraction,
-        min_samples_before_cap=data.min_samples_before_cap)
+    if self.task == 'vae':  # the target clips alone (no references decoded), this process's part
+      clips = ml_collections.ConfigDict(data.to_dict())
+      clips.update(batch_size=data.batch_size // count, seed=config.seed, sample_ref_videos_num=0)
+      self.loader = make_loader(clips, keys=('video', 'index'))
+    else:
+      self.loader = make_latent_loader(
+          data.latents, batch_size=data.batch_size // count, seed=config.seed, keys='train',
+          caption_dropout=data.caption_dropout, reference_dropout=data.reference_dropout,
+          workers=data.workers, max_failure_fraction=data.max_failure_fraction,
+          min_samples_before_cap=data.min_samples_before_cap)
     c = config.checkpoint
     self.checkpoints = Checkpointer(self.workdir, config, every=c.every, keep=c.keep,
                                     async_save=c.get('async_save', True))
@@ -153,7 +178,7 @@ class Trainer:
         waited = time.perf_counter() - waited
         if meter is None:
           forward = _forward_flops(self.family, self.model_config, batch)
-          per_step = training_flops(forward, self.model_config.remat)
+          per_step = training_flops(forward, getattr(self.model_config, 'remat', 'none'))
           meter = StepMetrics(flops_per_step=per_step * jax.process_count(),
                               samples_per_step=self.config.data.batch_size,
                               peak_tflops_per_device=self.config.log.get('peak_tflops') or

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from vap_jax.models.stack import checkpoint_slots
 from vap_jax.parallel import DEFAULT_RULES
 from vap_jax.parallel.sharding import Rules
-from vap_jax.weights import integrity, orbax_io
+from vap_jax.weights import integrity, keymap as km, orbax_io
 from vap_jax.weights.keymap import KeyMap
 from vap_jax.weights.loading import component_dir, load_model
 from vap_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
@@ -153,11 +153,31 @@ def convert_checkpoint(spec: ModelSpec, checkpoint: SafetensorsCheckpoint, raw: 
   count = orbax_io.convert_safetensors(checkpoint, keymap, spec.factory(config), dst,
                                        group_bytes=group_bytes, overwrite=overwrite,
                                        progress=progress, slot_of=_slot_of(config))
-  dst = Path(dst)
-  orbax_io.write_config(dst, {'model': spec.name, 'param_dtype': param_dtype,
-                              'source': str(Path(checkpoint.path).resolve()), 'source_config': raw,
-                              'files': integrity.record(dst, dst / orbax_io.STATE_DIR)})
+  _write_config(spec, dst, param_dtype, str(Path(checkpoint.path).resolve()), raw)
   return count
+
+
+def _write_config(spec: ModelSpec, dst: str | Path, param_dtype: str, source: str, raw: dict):
+  """The converted ``config.json``, written last: its presence marks a finished folder."""
+  dst = Path(dst)
+  orbax_io.write_config(dst, {'model': spec.name, 'param_dtype': param_dtype, 'source': source,
+                              'source_config': raw,
+                              'files': integrity.record(dst, dst / orbax_io.STATE_DIR)})
+
+
+def save(spec: ModelSpec, model: nnx.Module, raw: dict, dst: str | Path, *, param_dtype: str,
+         source: str, overwrite: bool = False) -> int:
+  """A live ``spec`` model (e.g. a trained one) -> a converted component folder ``dst``, the
+  layout `load` reads; ``raw`` is its source config.json dict, ``source`` where it came from.
+  Returns the number of arrays written."""
+  dst = Path(dst).absolute()
+  if (dst / orbax_io.STATE_DIR).exists() and not overwrite:
+    raise FileExistsError(f'{dst / orbax_io.STATE_DIR} exists; pass overwrite=True '
+                          '(--overwrite) to replace it')
+  (dst / orbax_io.CONFIG_FILE).unlink(missing_ok=True)  # a cut rewrite must not look complete
+  orbax_io.save_model(model, dst, overwrite=overwrite)
+  _write_config(spec, dst, param_dtype, source, raw)
+  return len(km.flat_variables(nnx.state(model)))
 
 
 def convert(spec: ModelSpec, src: str | Path, dst: str | Path, *, param_dtype: str = 'bfloat16',
