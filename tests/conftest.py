@@ -32,9 +32,9 @@ DATA = Path(__file__).parent / 'data'
 # The slowest files, slowest first (measured serially): xdist hands files to its two workers in
 # collection order, so starting with these keeps one worker from finishing alone on a long file.
 SLOWEST_FIRST = ('test_convert_reliability.py', 'test_train_resume.py', 'test_stack.py',
-                 'test_train.py', 'test_train_golden.py', 'test_pipeline_wan.py',
-                 'test_precompute.py', 'test_export.py', 'test_generate.py',
-                 'test_pipeline_cogvideox.py', 'test_benchmarks.py')
+                 'test_train.py', 'test_train_golden.py', 'test_train_vae.py',
+                 'test_pipeline_wan.py', 'test_precompute.py', 'test_export.py',
+                 'test_generate.py', 'test_pipeline_cogvideox.py', 'test_benchmarks.py')
 
 
 def pytest_collection_modifyitems(items):
