@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 DATA = Path(__file__).parent / 'data'
+CONFIGS = Path(__file__).parent.parent / 'configs'
 
 
 # The slowest files, slowest first (measured serially): xdist hands files to its two workers in
@@ -45,7 +46,6 @@ def pytest_collection_modifyitems(items):
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a subprocess with ``devices`` fake CPU devices (and the suite's settings)."""
   return f'--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}'
-CONFIGS = Path(__file__).parent.parent / 'configs'
 
 
 def config_file(spec: str):
