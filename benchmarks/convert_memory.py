@@ -131,6 +131,16 @@ def run_sampled(script: str, *args: str) -> dict:
               baseline_rss=baseline, seconds=time.time() - start)
 
 
+def memory_fields(result: dict, largest: int) -> dict:
+  """The peak-memory columns of a result row, in MB (and the peak above baseline / largest)."""
+  above = result['peak_rss'] - result['baseline_rss']
+  mb = lambda b: round(b / 2**20, 1)  # noqa: E731
+  return dict(baseline_rss_mb=mb(result['baseline_rss']), peak_rss_mb=mb(result['peak_rss']),
+              peak_anon_mb=mb(result['peak_anon']), peak_file_backed_mb=mb(result['peak_file']),
+              peak_above_baseline_mb=mb(above),
+              peak_above_baseline_over_largest=round(above / largest, 2))
+
+
 def measure(src: Path, dst: Path, dtype: str, group_mb: str) -> dict:
   """Run the conversion in a child; sample its RSS every 10 ms."""
   result = run_sampled(_CHILD, str(src), str(dst), dtype, group_mb)
@@ -156,15 +166,9 @@ def main(argv=None):
     total, largest = write_checkpoint(src, config, dtype, int(args.shard_mb * 2**20))
     result = measure(src, Path(tmp) / 'orbax', args.dtype, args.group_mb)
     shards = len(list(src.glob('*.safetensors')))
-  above = result['peak_rss'] - result['baseline_rss']
   row = dict(checkpoint_mb=round(total / 2**20, 1), shards=shards,
              largest_tensor_mb=round(largest / 2**20, 1), dtype=args.dtype, group_mb=args.group_mb,
-             baseline_rss_mb=round(result['baseline_rss'] / 2**20, 1),
-             peak_rss_mb=round(result['peak_rss'] / 2**20, 1),
-             peak_anon_mb=round(result['peak_anon'] / 2**20, 1),
-             peak_file_backed_mb=round(result['peak_file'] / 2**20, 1),
-             peak_above_baseline_mb=round(above / 2**20, 1),
-             peak_above_baseline_over_largest=round(above / largest, 2),
+             **memory_fields(result, largest),
              convert_seconds=round(result['convert_seconds'], 1))
   print(json.dumps(row))
   return row

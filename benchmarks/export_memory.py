@@ -24,7 +24,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from benchmarks.convert_memory import run_sampled, write_checkpoint
+from benchmarks.convert_memory import memory_fields, run_sampled, write_checkpoint
 
 _CHILD = r'''
 import ctypes, gc, json, os, sys
@@ -85,16 +85,9 @@ def main(argv=None):
       dst = Path(tmp) / f'export_{case}'
       result = run_sampled(_CHILD, case, str(source), str(dst), str(shard))
       tensors = check_same(src, dst)
-      above = result['peak_rss'] - result['baseline_rss']
       row = dict(case=case, checkpoint_mb=round(total / 2**20, 1), tensors=tensors,
                  shards=len(list(dst.glob('*.safetensors'))),
-                 largest_tensor_mb=round(largest / 2**20, 1),
-                 baseline_rss_mb=round(result['baseline_rss'] / 2**20, 1),
-                 peak_rss_mb=round(result['peak_rss'] / 2**20, 1),
-                 peak_anon_mb=round(result['peak_anon'] / 2**20, 1),
-                 peak_file_backed_mb=round(result['peak_file'] / 2**20, 1),
-                 peak_above_baseline_mb=round(above / 2**20, 1),
-                 peak_above_baseline_over_largest=round(above / largest, 2),
+                 largest_tensor_mb=round(largest / 2**20, 1), **memory_fields(result, largest),
                  export_seconds=round(result['seconds'], 1))
       print(json.dumps(row), flush=True)
       rows.append(row)
