@@ -8,6 +8,8 @@ setup(
     python_requires='>=3.10',
     # Only the library is installed: configs/ are files read by path, convert/ is documentation.
     packages=find_packages(include=['vap_jax', 'vap_jax.*']),
+    # The trained VAP-Toy checkpoint and its example inputs (vap-toy demo; launch/train_toy.sh).
+    package_data={'vap_jax.toy': ['checkpoint/*', 'checkpoint/**/*']},
     install_requires=[
         'jax>=0.10.2',
         'flax>=0.12.8',
@@ -51,6 +53,8 @@ setup(
             'vap-train=vap_jax.cli.train:main',
             'vap-export=vap_jax.cli.export:main',
             'vap-toy-data=vap_jax.data.toy:main',
+            'vap-toy=vap_jax.cli.toy:main',
+            'vap-eval=vap_jax.cli.eval:main',
         ],
     },
 )

@@ -59,10 +59,14 @@ def test_captions_are_stable_and_strip_to_the_description():
   texts = [toy.caption(s, c) for s in toy.SUBJECTS for c in toy.CONDITIONS]
   starts = [t.startswith('The video shows') + 2 * t.startswith('In this video') for t in texts]
   assert set(starts) == {0, 1, 2}  # every template in use
+  named = 0
   for s in toy.SUBJECTS[:4]:
     for c in toy.CONDITIONS:
       text = remove_llm_prefix(toy.caption(s, c)).lower()
-      assert s.description in text and c.phrase in text
+      assert text.endswith((f'{s.description} {c.phrase}.', f'{s.description}.'))
+      named += c.phrase in text
+  assert 0.3 < named / (4 * len(toy.CONDITIONS)) < 0.7  # about half name the condition
+  assert toy.subject_caption(s).lower() == f'{s.description}.'
 
 
 def test_default_split_keeps_every_part_and_a_multiple_of_48():

@@ -135,3 +135,35 @@ def test_reference_dropout_keeps_at_least_one_reference_last(latents):
                               shard=(0, 1))
   mask = next(loader)['ref_mask']
   assert mask.shape == (4, 2) and (mask.sum(1) == 1).all() and mask[:, -1].all()
+
+
+def test_base_task_trains_a_whole_base_model_that_a_vap_run_starts_from(latents, tmp_path):
+  """task 'base' (the stage before VAP): every parameter of a transformer without an expert
+  trains on the same latents, the references unread; written as a converted transformer it is
+  the frozen base of a 'vap' run, whose expert starts as a copy of its blocks."""
+  from vap_jax.train.model import write_trained
+  from vap_jax.weights.cogvideox import load_cogvideox
+  base = dict(task='base', model__checkpoint='', model__block_idx_with_mot_ref=(),
+              model__config='configs/cogvideox_tiny.py:base')
+  trainer = Trainer(_config(latents, **base), tmp_path / 'base')
+  assert not trainer.objective.references
+  trained = {path for path, _ in nnx.to_flat_state(trainer.state.params)}
+  assert trained == {path for path, _ in nnx.to_flat_state(nnx.state(trainer.model(), nnx.Param))}
+  before = jax.tree.map(np.asarray, trainer.state.params)
+  summary = trainer.run(2, progress=False)
+  assert np.isfinite(summary['losses']).all()
+  changed = [not np.array_equal(a[...], b[...]) for (_, a), (_, b) in
+             zip(nnx.to_flat_state(before), nnx.to_flat_state(trainer.state.params))]
+  assert sum(changed) > 0.9 * len(changed)
+  written = write_trained(tmp_path / 'base', tmp_path / 'transformer')
+  assert written['component'] == 'transformer' and written['task'] == 'base'
+  loaded = load_cogvideox(tmp_path / 'transformer', dtype='float32', param_dtype='float32')
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(loaded, nnx.Param)),
+                               nnx.to_flat_state(trainer.state.params)):
+    np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+  vap = Trainer(_config(latents, model__checkpoint=str(tmp_path / 'transformer')), tmp_path / 'v')
+  expert = vap.model().expert.blocks
+  np.testing.assert_array_equal(expert.attn1.to_q.kernel[...][1],
+                                loaded.blocks.attn1.to_q.kernel[...][1])
+  with pytest.raises(ValueError, match="task 'base' trains a transformer without an expert"):
+    Trainer(_config(latents, task='base'), tmp_path / 'refused')

@@ -140,31 +140,13 @@ def _write_transformer(folder: Path, family: str, shard_size) -> None:
 
 
 def _write_tokenizer(folder: Path) -> None:
-  """A unigram sentencepiece model (pad 0, eos 1, unk 2) and the JSON files transformers'
-  ``T5Tokenizer.save_pretrained`` wrote before version 5 (the official folders' layout)."""
-  import sentencepiece
-  folder.mkdir(parents=True)
+  """A unigram sentencepiece model trained on random sentences of `_WORDS` (plus every character
+  a prompt may use), in the official ``tokenizer/`` layout."""
+  from vap_jax.text.tokenizer import train_sentencepiece
   rng = np.random.default_rng(0)
-  corpus = folder / 'corpus.txt'
-  corpus.write_text('\n'.join(' '.join(rng.choice(_WORDS, 8)) for _ in range(300)) +
-                    '\nABCDEFGHIJKLMNOPQRSTUVWXYZ .,:;!?&<>\'"-()0123456789\n')
-  sentencepiece.SentencePieceTrainer.train(
-      input=str(corpus), model_prefix=str(folder / 'spiece'), vocab_size=TOKENIZER_VOCAB,
-      model_type='unigram', pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-      num_threads=1, minloglevel=2)
-  corpus.unlink()
-  (folder / 'spiece.vocab').unlink()
-  special = {'eos_token': '</s>', 'pad_token': '<pad>', 'unk_token': '<unk>'}
-  token = dict(lstrip=False, normalized=False, rstrip=False, single_word=False)
-  _write_json(folder / 'special_tokens_map.json',
-              {k: {'content': v, **token} for k, v in special.items()})
-  _write_json(folder / 'tokenizer_config.json', {
-      'add_prefix_space': True,
-      'added_tokens_decoder': {str(i): {'content': t, **token, 'special': True}
-                               for i, t in enumerate(('<pad>', '</s>', '<unk>'))},
-      'additional_special_tokens': [], 'clean_up_tokenization_spaces': False, 'extra_ids': 0,
-      'extra_special_tokens': {}, 'legacy': True, 'model_max_length': 512, 'sp_model_kwargs': {},
-      'tokenizer_class': 'T5Tokenizer', **special})
+  texts = [' '.join(rng.choice(_WORDS, 8)) for _ in range(300)]
+  texts.append('ABCDEFGHIJKLMNOPQRSTUVWXYZ .,:;!?&<>\'"-()0123456789')
+  train_sentencepiece(texts, folder, TOKENIZER_VOCAB)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -25,11 +25,13 @@ expert read straight into FSDP shards over this host's devices beside the base i
 from (or ``--base``), every tensor then gathered and written one at a time. Run it where the
 model fits in device memory (on a CPU host, in host memory); multi-process like vap-train.
 
-A VAE run (``configs/train_vae.py``, task 'vae') is written as a converted ``vae`` component
-folder at ``--dst`` (config.json + Orbax state/, float32 unless ``--dtype``), which every VAE
-loader reads, e.g. ``vap-precompute cogvideox --vae DST``:
+``--converted`` writes a run's trained model as a converted component folder instead (config.json
++ Orbax state/, what vap-convert writes, float32 unless ``--dtype``), which every loader reads
+(a run's ``model.checkpoint``, ``vap-precompute --vae``, `vap_jax.weights.checkpoint.
+seal_pipeline`); a VAE run (``configs/train_vae.py``, task 'vae') is always written so:
 
   vap-export --run runs/toy_vae --dst toy/vae
+  vap-export --run runs/toy_base --converted --dst toy/base/transformer
 """
 from __future__ import annotations
 
@@ -49,13 +51,16 @@ def main(argv=None) -> int:
   source.add_argument('--run', help='a vap-train workdir: export its trained model')
   parser.add_argument('--step', type=int, default=None,
                       help='with --run: the checkpoint step (default: the latest)')
+  parser.add_argument('--converted', action='store_true',
+                      help='with --run: write the trained model as a converted component folder '
+                           "(a VAE run's always is)")
   parser.add_argument('--base', default=None,
                       help="with --run: the base checkpoint folder, if not the run's "
                            'model.checkpoint')
   parser.add_argument('--dst', required=True, help='output folder (must not exist, or be empty)')
   parser.add_argument('--dtype', default=None, choices=['bfloat16', 'float32', 'float16'],
-                      help='dtype of the written tensors (default: bfloat16, as released; a '
-                           "VAE run's: float32)")
+                      help='dtype of the written tensors (default: bfloat16, as released; '
+                           'with --converted or for a VAE run: float32)')
   parser.add_argument('--max-shard-size', default='10GB',
                       help='largest safetensors shard, bytes or e.g. 5GB, 500MB (default: 10GB)')
   parser.add_argument('--components-from', default=None,
@@ -72,8 +77,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   common.setup_logging(args.verbose)
 
-  if args.src and (args.step is not None or args.base):
-    parser.error('--step and --base go with --run')
+  if args.src and (args.step is not None or args.base or args.converted):
+    parser.error('--step, --base and --converted go with --run')
   from vap_jax.weights.export import export_folder, parse_size
   from vap_jax.weights.safetensors_io import CheckpointError
   start = time.time()
@@ -82,8 +87,8 @@ def main(argv=None) -> int:
   try:
     parse_size(args.max_shard_size)  # a typo fails before any work
     dst = common.writable_folder(args.dst, '--dst')
-    if args.run and _is_vae_run(args):
-      return _export_vae_run(args, dst, start)
+    if args.run and (args.converted or _is_vae_run(args)):
+      return _export_converted(args, dst, start)
     if args.run:
       summary = _export_run(args, dst, options)
     else:
@@ -105,23 +110,24 @@ def main(argv=None) -> int:
 
 def _is_vae_run(args) -> bool:
   from vap_jax.train.checkpoint import saved_run, task_of
-  if task_of(saved_run(args.run, args.step)[1]) != 'vae':
-    return False
-  if args.components_from or args.transformer_only or args.link:
-    raise ValueError(f'{args.run} trained a VAE: --components-from, --transformer-only and --link '
-                     'go with transformer runs')
-  return True
+  return task_of(saved_run(args.run, args.step)[1]) == 'vae'
 
 
-def _export_vae_run(args, dst, start: float) -> int:
+def _export_converted(args, dst, start: float) -> int:
   from vap_jax.parallel.distributed import initialize
-  from vap_jax.train.model import write_trained_vae
+  from vap_jax.train.model import write_trained
+  if args.components_from or args.transformer_only or args.link:
+    why = '--converted writes one component folder' if args.converted else \
+        f'{args.run} trained a VAE'
+    raise ValueError(f'{why}: --components-from, --transformer-only and --link go with the '
+                     'diffusers layout of transformer runs')
   initialize()
-  summary = write_trained_vae(args.run, dst, step=args.step, base=args.base,
-                              dtype=args.dtype or 'float32', overwrite=args.overwrite)
-  print(f'wrote the {summary["family"]} VAE trained by {args.run} (step {summary["step"]}, '
-        f'{summary["tensors"]} tensors, {summary["dtype"]}) to {args.dst} as a converted vae '
-        f'folder in {time.time() - start:.1f} s')
+  summary = write_trained(args.run, dst, step=args.step, base=args.base,
+                          dtype=args.dtype or 'float32', overwrite=args.overwrite)
+  print(f'wrote the {summary["family"]} {summary["component"]} trained by {args.run} (task '
+        f'{summary["task"]}, step {summary["step"]}, {summary["tensors"]} tensors, '
+        f'{summary["dtype"]}) to {args.dst} as a converted component folder in '
+        f'{time.time() - start:.1f} s')
   return 0
 
 

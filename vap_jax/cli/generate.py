@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vap_jax import toy
 from vap_jax.cli import common as cli
 from vap_jax.data.video_io import (VideoError, read_video, select_frames, write_gif, write_mp4,
                                    write_png_strip)
@@ -34,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
       prog='vap-generate', description=__doc__.split('\n\n')[0], epilog=EXAMPLES,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--ckpt', required=True,
-                 help='VAP checkpoint: a downloaded diffusers folder or a vap-convert folder')
+                 help="VAP checkpoint: a downloaded diffusers folder, a vap-convert folder, or "
+                      "'toy' (the tiny VAP-Toy model that ships with vap_jax; vap-toy demo)")
   p.add_argument('--image', required=True, help='image of the subject (first frame)')
   p.add_argument('--ref-video', action='append', required=True, metavar='PATH',
                  help='reference video (mp4/webm/mov/gif or a folder of images); repeat for '
@@ -193,6 +195,7 @@ def main(argv=None) -> int:
   from vap_jax.pipelines import Pipeline
   from vap_jax.weights.checkpoint import check_components, verify
   try:
+    args.ckpt = toy.resolve(args.ckpt)
     _check_numbers(args)
     for name, path in _outputs(args).items():
       cli.writable_file(path, name)

@@ -374,15 +374,25 @@ def condition_by_kind(kind: str) -> Condition:
 
 # ---------------------------------------------------------------------------------- captions
 
-_TEMPLATES = ('{S} {p}.', 'The video shows {s} {p}.', 'In this video, we see {s} {p}.')
+_TEMPLATES = ('{S}{p}.', 'The video shows {s}{p}.', 'In this video, we see {s}{p}.')
 
 
 def caption(subject: Subject, condition: Condition) -> str:
   """One of a few templates, chosen by a stable hash of (subject, condition). Two carry the
-  LLM prefixes that the pairing strips (`remove_llm_prefixes`), as the official captions do."""
+  LLM prefixes that the pairing strips (`remove_llm_prefixes`), as the official captions do.
+  Half of the captions name the subject only (no condition phrase): a model then has to take
+  the condition from somewhere else -- for the VAP expert, its reference video -- and a prompt
+  that names only the subject (`subject_caption`) is one it has seen in training."""
   d = subject.description
-  i = zlib.crc32(f'{subject.name}/{condition.kind}'.encode()) % len(_TEMPLATES)
-  return _TEMPLATES[i].format(S=d[0].upper() + d[1:], s=d, p=condition.phrase)
+  i = zlib.crc32(f'{subject.name}/{condition.kind}'.encode()) % (2 * len(_TEMPLATES))
+  phrase = f' {condition.phrase}' if i < len(_TEMPLATES) else ''
+  return _TEMPLATES[i % len(_TEMPLATES)].format(S=d[0].upper() + d[1:], s=d, p=phrase)
+
+
+def subject_caption(subject: Subject) -> str:
+  """'A red striped triangle on a navy background.': a prompt that names the subject only."""
+  d = subject.description
+  return f'{d[0].upper()}{d[1:]}.'
 
 
 # ---------------------------------------------------------------------------------- dataset

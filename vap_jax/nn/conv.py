@@ -60,12 +60,32 @@ class Conv3d(nnx.Module):
     kt, kh, kw = self.kernel_size
     if spatial_pad is None:
       spatial_pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride,
-        ((0, 0), *spatial_pad), dimension_numbers=_DN3)
+    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    if kt > 1 and jax.default_backend() == 'cpu':
+      y = _as_2d_convs(x, kernel, self.stride, spatial_pad)
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, self.stride, ((0, 0), *spatial_pad),
+                                       dimension_numbers=_DN3)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+def _as_2d_convs(x, kernel, stride, spatial_pad):
+  """The 3D convolution (valid in time) as ``kt`` 2D convolutions of time-shifted frames,
+  summed: XLA:CPU runs 3D convolutions several times slower than the same work as 2D ones
+  (a 3x3x3 conv of (2, 11, 64, 64, 16): forward 5.5x, forward + backward 2.8x). Same sums,
+  in another order (float32 rounding apart, the same result)."""
+  kt, st = kernel.shape[0], stride[0]
+  b, t, h, w, c = x.shape
+  frames = (t - kt) // st + 1
+  y = None
+  for k in range(kt):
+    shifted = x[:, k:k + st * (frames - 1) + 1:st].reshape(b * frames, h, w, c)
+    part = jax.lax.conv_general_dilated(shifted, kernel[k], stride[1:], spatial_pad,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = part if y is None else y + part
+  return y.reshape(b, frames, *y.shape[1:])
 
 
 class CausalConv3d(Conv3d):

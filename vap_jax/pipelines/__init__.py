@@ -1,6 +1,7 @@
 """The two VAP pipelines: (reference videos, image, prompts) -> video.
 
-``Pipeline.from_pretrained(path)`` picks the backbone from the checkpoint folder.
+``Pipeline.from_pretrained(path)`` picks the backbone from the checkpoint folder ('toy': the
+VAP-Toy model that ships with the package).
 """
 from pathlib import Path
 
@@ -17,6 +18,9 @@ class Pipeline:
 
   @staticmethod
   def from_pretrained(path: str | Path, **kwargs) -> CogVideoXVAPPipeline | WanVAPPipeline:
+    """``path``: a diffusers or converted folder, or 'toy' (the shipped VAP-Toy model)."""
+    from vap_jax import toy
+    path = toy.resolve(str(path))
     return PIPELINES[check_components(path)].from_pretrained(path, **kwargs)
 
 

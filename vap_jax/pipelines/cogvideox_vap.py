@@ -66,7 +66,7 @@ class CogVideoXVAPPipeline:
     embed = lambda texts: encode_cogvideox(self.tokenizer, self.text_encoder, texts, max_length)
     text = embed([negative_prompt, prompt])
     refs = [embed([negative_ref_prompt, p]) for p in ref_prompts]
-    return text, jnp.concatenate(refs, axis=1)
+    return text, jnp.concatenate(refs, axis=1) if refs else None
 
   def _latent_sample(self, frames: np.ndarray, key, noise=None) -> jax.Array:
     """uint8 frames -> scaling_factor * posterior sample, (1, F', C, h, w)."""
@@ -79,7 +79,7 @@ class CogVideoXVAPPipeline:
   def encode_latents(self, image: np.ndarray, ref_frames: Sequence[np.ndarray], num_frames: int,
                      key: jax.Array, noise: dict | None = None) -> dict:
     """Initial noise and the clean conditioning latents, all (1, F', C, h, w) ((1, n*F', ...) for
-    the references). ``noise`` may hold the draws to use: ``latents``, ``image``, ``ref_video``
+    the references; None without any). ``noise`` may hold the draws to use: ``latents``, ``image``, ``ref_video``
     (one per reference) and ``ref_image`` (one per reference), in the VAE's posterior layout."""
     noise = noise or {}
     scale = self.vae.config.scaling_factor
@@ -102,6 +102,8 @@ class CogVideoXVAPPipeline:
                else jnp.asarray(initial, jnp.float32))
     if initial.shape != shape:
       raise ValueError(f'initial noise must be {shape}, got {initial.shape}')
+    if not refs:
+      return dict(latents=initial, image=image_latents, ref=None, ref_image=None)
     return dict(latents=initial, image=image_latents, ref=jnp.concatenate(refs, 1),
                 ref_image=jnp.concatenate(ref_images, 1))
 
@@ -117,9 +119,10 @@ class CogVideoXVAPPipeline:
       guidance = np.full(len(timesteps), guidance_scale, np.float64)
     pair = common.cfg_pair
     image = pair(lat['image'])
+    refs = None if lat['ref'] is None else pair(  # references along frames
+        conditioning.cogvideox_inputs(lat['ref'], lat['ref_image']))
     cond = self._condition(conditioning.cogvideox_inputs(pair(lat['latents']), image), text,
-                           pair(conditioning.cogvideox_inputs(lat['ref'], lat['ref_image'])),
-                           ref_text)  # references along frames
+                           refs, ref_text)
     step = lambda x, state, plan, i, g, key: self._step(x, state, plan, i, g, key, image, cond)
     return common.denoise(step, lat['latents'], plan, guidance, key,
                           sharding=self._latent_sharding, progress=progress,
@@ -141,16 +144,19 @@ class CogVideoXVAPPipeline:
                seed: int = 42, noise: dict | None = None, progress: bool = True,
                on_step: Callable | None = None) -> VideoOutput:
     """``image`` uint8 (H, W, 3); ``ref_videos`` uint8 (F_i, H_i, W_i, 3) each, with one entry of
-    ``ref_prompts`` per reference. Defaults are the official demo's (dynamic CFG on); the text
-    length defaults to the transformer's ``max_text_seq_length`` (226)."""
+    ``ref_prompts`` per reference; no references (``[]``, ``[]``) runs the base model alone, the
+    expert off. Defaults are the official demo's (dynamic CFG on); the text length defaults to
+    the transformer's ``max_text_seq_length`` (226)."""
     image = common.check_image(image)
     if isinstance(ref_prompts, str):
       ref_prompts = [ref_prompts]
     common.check_size(height, width, num_frames, self.vae.temporal_ratio,
                       self.vae.spatial_ratio * self.transformer.config.patch_size)
     key = jax.random.key(seed)
-    refs = common.check_references(ref_videos, ref_prompts, num_frames, frames_selection,
-                                   np.random.default_rng(seed))
+    refs = []
+    if len(ref_videos) or len(ref_prompts):
+      refs = common.check_references(ref_videos, ref_prompts, num_frames, frames_selection,
+                                     np.random.default_rng(seed))
     refs = [common.resize_frames(r, height, width) for r in refs]
     image = common.resize_frames(image[None], height, width)[0]
     text, ref_text = self.encode_prompts(
@@ -162,7 +168,7 @@ class CogVideoXVAPPipeline:
                           guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
                           key=sample_key, progress=progress, on_step=on_step)
     video, frames = common.postprocess(self.decode(latents))
-    return VideoOutput(frames, video, np.asarray(latents), np.stack(refs))
+    return VideoOutput(frames, video, np.asarray(latents), np.stack(refs) if refs else None)
 
 
 def _nth(items, i):

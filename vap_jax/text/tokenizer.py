@@ -90,6 +90,47 @@ class Tokenizer:
     return self._sp.decode(ids[max_length - 1:]) if len(ids) >= max_length else ''
 
 
+def train_sentencepiece(texts: Sequence[str], folder: str | Path, vocab_size: int,
+                        model_type: str = 'unigram') -> Path:
+  """Train a sentencepiece model (``model_type`` 'unigram' as T5's, or 'bpe', which finds whole
+  words in a small corpus where unigram falls back to letters) on ``texts`` into ``folder``
+  (created), in the layout of
+  the official T5 ``tokenizer/`` folders: ``spiece.model`` (pad 0, eos 1, unk 2, no bos) beside
+  the ``special_tokens_map.json`` and ``tokenizer_config.json`` that transformers'
+  ``T5Tokenizer`` wrote before version 5, so both `Tokenizer` and transformers read it.
+  ``vocab_size`` is an upper bound when the texts have fewer pieces. Deterministic (one thread).
+  """
+  import sentencepiece
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  corpus = folder / 'corpus.txt'
+  corpus.write_text('\n'.join(texts) + '\n')
+  try:
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / 'spiece'), vocab_size=vocab_size,
+        model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+  finally:
+    corpus.unlink()
+    (folder / 'spiece.vocab').unlink(missing_ok=True)
+  special = {'eos_token': '</s>', 'pad_token': '<pad>', 'unk_token': '<unk>'}
+  token = dict(lstrip=False, normalized=False, rstrip=False, single_word=False)
+  _write_json(folder / 'special_tokens_map.json',
+              {k: {'content': v, **token} for k, v in special.items()})
+  _write_json(folder / 'tokenizer_config.json', {
+      'add_prefix_space': True,
+      'added_tokens_decoder': {str(i): {'content': t, **token, 'special': True}
+                               for i, t in enumerate(('<pad>', '</s>', '<unk>'))},
+      'additional_special_tokens': [], 'clean_up_tokenization_spaces': False, 'extra_ids': 0,
+      'extra_special_tokens': {}, 'legacy': True, 'model_max_length': 512, 'sp_model_kwargs': {},
+      'tokenizer_class': 'T5Tokenizer', **special})
+  return folder
+
+
+def _write_json(path: Path, data: dict) -> None:
+  path.write_text(json.dumps(data, indent=2, sort_keys=True) + '\n')
+
+
 def _special_tokens(folder: Path) -> dict:
   """pad/eos token strings from tokenizer_config.json or special_tokens_map.json, when present."""
   out = {}

@@ -29,7 +29,7 @@ CHANGEABLE = ('mesh', 'rules', 'log', 'steps', 'checkpoint', 'data.workers', 'mo
 
 
 # What a run trains (its config's ``task``; runs from before tasks have none: 'vap').
-TASKS = {'vap': 'the VAP expert', 'vae': 'a VAE'}
+TASKS = {'vap': 'the VAP expert', 'base': 'a whole base transformer', 'vae': 'a VAE'}
 
 
 def task_of(config) -> str:

@@ -2,7 +2,7 @@
 init of a config, with the expert added as an exact copy of the base blocks it sits on (the
 official init, VAP_SPEC §5.2) when the checkpoint has none; for task 'vae', the CogVideoX-family
 VAE (a checkpoint's ``vae/`` or a random init of a vae ``config.json``). And what a finished run
-trained: `trained_model`, `write_trained_vae`.
+trained: `trained_model`, `write_trained`.
 """
 from __future__ import annotations
 
@@ -160,25 +160,31 @@ def trained_model(workdir, *, step: int | None = None, base: str | None = None,
   return nnx.merge(graphdef, params, frozen)
 
 
-def write_trained_vae(workdir, dst, *, step: int | None = None, base: str | None = None,
-                      dtype: str = 'float32', overwrite: bool = False) -> dict:
-  """The VAE a task 'vae' run in ``workdir`` trained by checkpoint ``step`` (default: the
-  latest) written as a converted ``vae`` component folder ``dst`` (config.json + Orbax state/,
-  what vap-convert writes), parameters in ``dtype``: every VAE loader reads it
-  (``load_cogvideox_vae(dst)``, ``vap-precompute --vae dst``). Returns a summary."""
-  from vap_jax.train.checkpoint import saved_run
+def write_trained(workdir, dst, *, step: int | None = None, base: str | None = None,
+                  dtype: str = 'float32', overwrite: bool = False) -> dict:
+  """The model a run in ``workdir`` trained by checkpoint ``step`` (default: the latest) written
+  as a converted component folder ``dst`` (config.json + Orbax state/, what vap-convert writes;
+  parameters in ``dtype``): a VAE run's ``vae``, a transformer run's ``transformer`` (the base
+  with the trained expert, or the trained base). Every loader reads it (``load_cogvideox_vae(dst)``,
+  ``vap-precompute --vae dst``, a run's ``model.checkpoint``). Returns a summary."""
+  from vap_jax.train.checkpoint import saved_run, task_of
+  from vap_jax.weights.checkpoint import model_specs
+  from vap_jax.weights.export import diffusers_config
   step, config = saved_run(workdir, step)
-  if config.get('task', 'vap') != 'vae':
-    raise ValueError(f'the run in {workdir} trains {config.get("task", "vap")!r}, not a VAE')
-  model_config = dict(config['model'], **({} if base is None else {'checkpoint': str(base)}))
-  raw = vae_source_config(model_config)
-  vae = trained_model(workdir, step=step, base=base)
-  graphdef, state = nnx.split(vae)
-  vae = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
+  model = trained_model(workdir, step=step, base=base)
+  if task_of(config) == 'vae':
+    spec = VAE_SPEC
+    model_config = dict(config['model'], **({} if base is None else {'checkpoint': str(base)}))
+    raw = vae_source_config(model_config)
+  else:
+    spec, raw = model_specs(config['family'])['transformer'], diffusers_config(model.config)
+  graphdef, state = nnx.split(model)
+  model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
   source = str(Path(workdir).absolute() / 'checkpoints' / str(step))
-  tensors = component.save(VAE_SPEC, vae, raw, dst, param_dtype=dtype, source=source,
+  tensors = component.save(spec, model, raw, dst, param_dtype=dtype, source=source,
                            overwrite=overwrite)
-  return dict(family=config['family'], step=step, tensors=tensors, dtype=dtype)
+  return dict(family=config['family'], task=task_of(config), component=spec.subfolder,
+              step=step, tensors=tensors, dtype=dtype)
 
 
 def _made_on_mesh(factory, mesh, rules):

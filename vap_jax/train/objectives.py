@@ -104,12 +104,20 @@ class Objective:
   vae: dict                                    # scaling_factor (CogVideoX) or latents_mean/std
   schedule: CogVideoXSchedule | None = None    # CogVideoX's training schedule
   mask_references: bool = False                # drop the references batch['ref_mask'] drops
+  references: bool = True                      # False: the base model alone (task 'base')
 
   def draws(self, key: jax.Array, batch: dict) -> Draws:
     return draws(key, batch, self.family)
 
-  def _mask(self, batch) -> dict:
-    return {'ref_mask': batch['ref_mask']} if self.mask_references else {}
+  def _refs(self, batch, ref_latents, **ref_inputs) -> dict:
+    """The model's reference inputs: none for the base model, else the references (merged
+    along the sequence) and the mask of the kept ones."""
+    if not self.references:
+      return {}
+    refs = dict(ref_latents=ref_latents, **{k: _merge_refs(v) for k, v in ref_inputs.items()})
+    if self.mask_references:
+      refs['ref_mask'] = batch['ref_mask']
+    return refs
 
   def __call__(self, model: Callable, batch: dict, d: Draws):
     return (self._cogvideox if self.family == 'cogvideox' else self._wan)(model, batch, d)
@@ -122,8 +130,7 @@ class Objective:
     x_t = self.schedule.add_noise(x0, d.noise, t)
     hidden = conditioning.cogvideox_inputs(x_t, lat['image_latents'])
     refs = conditioning.cogvideox_reference_inputs(lat['ref_latents'], lat['ref_image_latents'])
-    ref_text = _merge_refs(batch['ref_text'])
-    v = model(hidden, t, batch['text'], ref_latents=refs, ref_text=ref_text, **self._mask(batch))
+    v = model(hidden, t, batch['text'], **self._refs(batch, refs, ref_text=batch['ref_text']))
     pred_x0 = self.schedule.get_velocity(v.astype(jnp.float32), x_t, t)
     acp = jnp.asarray(self.schedule.alphas_cumprod.astype(np.float32))[t]
     weights = (1.0 / (1.0 - acp)).reshape(-1, 1, 1, 1, 1)
@@ -140,9 +147,8 @@ class Objective:
     x_t = (1.0 - s) * x0 + s * d.noise
     hidden = conditioning.wan_inputs(x_t, lat['condition'])
     refs = conditioning.wan_reference_inputs(lat['ref_latents'], lat['ref_condition'])
-    pred = model(hidden, t, batch['text'], image=batch['clip'], ref_latents=refs,
-                 ref_text=_merge_refs(batch['ref_text']), ref_image=_merge_refs(batch['ref_clip']),
-                 ref_timestep=1, **self._mask(batch))
+    refs = self._refs(batch, refs, ref_text=batch['ref_text'], ref_image=batch['ref_clip'])
+    pred = model(hidden, t, batch['text'], image=batch['clip'], **refs)  # references at t = 1
     per_sample = _per_sample_mean(jnp.square(pred.astype(jnp.float32) - (d.noise - x0)))
     return jnp.mean(per_sample), per_sample, dict(timesteps=t, prediction=pred)
 

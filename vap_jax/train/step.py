@@ -1,7 +1,7 @@
 """The train state and the one jitted train step, for every task (`TRAINED`).
 
-Only the trainable parameters (task 'vap': `vap_jax.models.common.TRAINABLE`, the expert; task
-'vae': every parameter) are in the state, differentiated and given optimizer moments; the rest
+Only the trainable parameters (task 'vap': `vap_jax.models.common.TRAINABLE`, the expert; tasks
+'base' and 'vae': every parameter) are in the state, differentiated and given optimizer moments; the rest
 (the frozen base) is an argument the step reads and never differentiates. The step draws its
 random numbers from the state's key (or takes injected ones), accumulates gradients over
 micro-batches with a `lax.scan`, applies the optimizer, and returns the next state (the old one
@@ -36,8 +36,9 @@ class TrainState:
   rng: jax.Array
 
 
-# What each task trains: the VAP expert of a transformer, or the whole VAE.
-TRAINED = {'vap': TRAINABLE, 'vae': nnx.Param}
+# What each task trains: the VAP expert of a transformer, a whole base transformer (no expert),
+# or a whole VAE.
+TRAINED = {'vap': TRAINABLE, 'base': nnx.Param, 'vae': nnx.Param}
 
 
 def split(model: nnx.Module, task: str = 'vap'):

@@ -7,10 +7,12 @@ The run config is a big_vision-style file (``configs/train_<family>.py``): ``fam
 ``steps``, ``accumulation``, ``mesh``, ``rules``, ``log``, ``seed``.
 
 ``task`` says what trains: 'vap' (default) the VAP expert on a frozen transformer, from
-precomputed latents; 'vae' (``configs/train_vae.py``) every parameter of a CogVideoX-family VAE,
-from the target clips of a VAP-Data table (``data`` is a `vap_jax.data.make_loader` block, its
-``batch_size`` global, its seed the run's), objective `vae_objective.VAEObjective`
-(``vae.kl_weight``). Both run the same step, loop, checkpoints and metrics.
+precomputed latents; 'base' every parameter of a transformer without an expert (an image-to-video
+base model, the stage before VAP: same latents, the references unread); 'vae'
+(``configs/train_vae.py``) every parameter of a CogVideoX-family VAE, from the target clips of a
+VAP-Data table (``data`` is a `vap_jax.data.make_loader` block, its ``batch_size`` global, its
+seed the run's), objective `vae_objective.VAEObjective` (``vae.kl_weight``). All run the same
+step, loop, checkpoints and metrics.
 """
 from __future__ import annotations
 
@@ -41,15 +43,16 @@ from vap_jax.train.vae_objective import VAEObjective
 log = logging.getLogger(__name__)
 
 
-def objective_for(family: str, data_folder, *, mask_references: bool = False
-                  ) -> objectives.Objective:
-  """The family's objective with the VAE statistics `vap-precompute` recorded."""
+def objective_for(family: str, data_folder, *, references: bool = True,
+                  mask_references: bool = False) -> objectives.Objective:
+  """The family's objective with the VAE statistics `vap-precompute` recorded; without
+  ``references``, the base model's (the references of the data are not read)."""
   info = LatentSource(data_folder, allow_incomplete=True).info
   if info['settings']['family'] != family:
     raise ValueError(f'data {data_folder} was precomputed for {info["settings"]["family"]}, '
                      f'the run trains {family}')
   schedule = CogVideoXDDIMScheduler() if family == 'cogvideox' else None
-  return objectives.Objective(family, info['vae'], schedule, mask_references)
+  return objectives.Objective(family, info['vae'], schedule, mask_references, references)
 
 
 def optimizer_for(config, trainable, unreachable):
@@ -101,10 +104,17 @@ class Trainer:
       self.objective = VAEObjective.of(model, config.vae.kl_weight)
       self.unreachable = ()
     else:
-      self.objective = objective_for(self.family, data.latents,
-                                     mask_references=data.reference_dropout > 0)
+      base = self.task == 'base'
+      if base and config.model.get('block_idx_with_mot_ref'):
+        raise ValueError("task 'base' trains a transformer without an expert: "
+                         'model.block_idx_with_mot_ref must be empty')
+      self.objective = objective_for(self.family, data.latents, references=not base,
+                                     mask_references=data.reference_dropout > 0 and not base)
       model = build_model(self.family, config.model, mesh=self.mesh, rules=self.rules,
                           seed=config.seed)
+      if base and model.expert is not None:
+        raise ValueError(f"task 'base' trains a transformer without an expert, but "
+                         f'{config.model.checkpoint} has one')
       self.unreachable = model.unreachable()
     self.model_config = model.config
     self.graphdef, trainable, self.frozen = split(model, self.task)

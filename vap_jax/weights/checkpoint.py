@@ -243,6 +243,40 @@ def _write_manifest(dst: Path, manifest: dict) -> None:
   tmp.replace(dst / MANIFEST)
 
 
+def _add_entry(dst: Path, name: str, manifest: dict) -> None:
+  """Record component ``name`` of the converted folder ``dst`` in ``manifest``: a model's
+  spec name, dtype and source config; a file component's files (and their checksums)."""
+  out = dst / name
+  if name in FILE_COMPONENTS:
+    entry = dict(kind='files', files=sorted(p.name for p in out.iterdir()))
+    manifest.setdefault('files', {}).update(integrity.record(dst, out))
+  else:
+    config = orbax_io.read_config(out)
+    entry = dict(kind='model', model=config['model'], param_dtype=config['param_dtype'],
+                 config=config['source_config'])
+  manifest['components'][name] = entry
+
+
+def seal_pipeline(dst: str | Path, family: str, *, source: str, model_index: dict) -> dict:
+  """Make ``dst``, a folder of converted component folders (e.g. written by
+  `vap_jax.weights.component.save` from trained models) and the file components, a converted
+  pipeline folder: checks every component of ``family`` is there, then writes the manifest.
+  Returns it."""
+  dst = Path(dst)
+  problems = [f'{name}: {why}' for name in COMPONENTS.get(family, ())
+              if (why := _problem(dst, name, converted=True))]
+  if family not in FAMILIES or problems:
+    raise CheckpointError(f'{dst} is not a complete {family} pipeline: ' +
+                          ('; '.join(problems) or f'family must be one of {FAMILIES}'))
+  manifest = dict(format='vap_jax pipeline checkpoint', format_version=FORMAT_VERSION,
+                  complete=True, family=family, source=source, vap_jax_version=_version(),
+                  model_index=model_index, components={})
+  for name in COMPONENTS[family]:
+    _add_entry(dst, name, manifest)
+  _write_manifest(dst, manifest)
+  return manifest
+
+
 def convert_pipeline(src: str | Path, dst: str | Path, *, dtype: str = 'bfloat16',
                      dtypes: dict[str, str] | None = None, overwrite: bool = False,
                      group_bytes: int | None = None, progress: bool = True) -> dict:
@@ -286,18 +320,13 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, dtype: str = 'bfloat16
       if out.exists():
         shutil.rmtree(out)
       shutil.copytree(src / name, out)
-      entry = dict(kind='files', files=sorted(p.name for p in out.iterdir()))
-      manifest.setdefault('files', {}).update(integrity.record(dst, out))
+    elif keep[name]:
+      log.info('%s: already converted in %s, kept', name, out)
     else:
-      if keep[name]:
-        log.info('%s: already converted in %s, kept', name, out)
-      else:
-        log.info('%s: converting %s to %s (%s)', name, src / name, out, dtypes[name])
-        component.convert(specs[name], src / name, out, param_dtype=dtypes[name],
-                          group_bytes=group_bytes, overwrite=True, progress=progress)
-      entry = dict(kind='model', model=specs[name].name, param_dtype=dtypes[name],
-                   config=orbax_io.read_config(out)['source_config'])
-    manifest['components'][name] = entry
+      log.info('%s: converting %s to %s (%s)', name, src / name, out, dtypes[name])
+      component.convert(specs[name], src / name, out, param_dtype=dtypes[name],
+                        group_bytes=group_bytes, overwrite=True, progress=progress)
+    _add_entry(dst, name, manifest)
     _write_manifest(dst, manifest)
   manifest['complete'] = True
   _write_manifest(dst, manifest)
