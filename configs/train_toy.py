@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer = dict(learning_rate=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4,
                      max_grad_norm=1.0)
   c.schedule = dict(kind='cosine', warmup_steps=100, end_value=1e-5)
-  c.steps = 1500
+  c.steps = 3000 if variant == 'base' else 1500
   c.accumulation = 1
   c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)
   c.rules = DEFAULT_RULES

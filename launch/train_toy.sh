@@ -2,7 +2,8 @@
 # VAP-Toy from nothing, with the project's own commands, on CPU (fixed seeds):
 #   bash launch/train_toy.sh [WORK] [DST]     # defaults: toy, vap_jax/toy/checkpoint
 # 1 the dataset (vap-toy-data)            2 tokenizer + random T5 + scheduler (vap-toy frozen)
-# 3 the VAE (vap-train, task 'vae')       4 latents and caption embeddings (vap-precompute)
+# 3 the VAE (vap-train, task 'vae': frames, then clips; vap-toy scale: its latent scale)
+# 4 latents and caption embeddings (vap-precompute)
 # 5 the I2V base transformer (task 'base') 6 the VAP expert on the frozen base (task 'vap')
 # 7 one converted pipeline folder + example inputs (vap-toy pack)  8 the score (vap-eval)
 # Each stage is skipped when its output is complete, so a rerun resumes (vap-train and
@@ -26,10 +27,18 @@ json() { printf '"%s"' "$1"; }  # a --set value that is a path
 
 stage data "$work/data/toy.json" vap-toy-data --out "$work/data"
 stage frozen "$work/frozen/scheduler" vap-toy frozen --data "$work/data" --dst "$work/frozen"
-stage vae_train "$work/runs/vae/done" bash -c "vap-train --config configs/train_vae.py:tiny \
-  --workdir $work/runs/vae --set data.root='$(json "$work/data")' && touch $work/runs/vae/done"
+stage vae_frames "$work/runs/vae_frames/done" bash -c "vap-train \
+  --config configs/train_vae.py:toy_frames --workdir $work/runs/vae_frames \
+  --set data.root='$(json "$work/data")' && touch $work/runs/vae_frames/done"
+stage vae_frames_export "$work/vae_frames/config.json" vap-export --run "$work/runs/vae_frames" \
+  --dst "$work/vae_frames" --no-progress
+stage vae_clips "$work/runs/vae/done" bash -c "vap-train --config configs/train_vae.py:toy_clips \
+  --workdir $work/runs/vae --set data.root='$(json "$work/data")' \
+  --set model.checkpoint='$(json "$work/vae_frames")' && touch $work/runs/vae/done"
 stage vae_export "$work/vae/config.json" vap-export --run "$work/runs/vae" --dst "$work/vae" \
   --no-progress
+stage vae_scale "$work/vae/scaled" bash -c "vap-toy scale --vae $work/vae --data $work/data \
+  && touch $work/vae/scaled"
 stage precompute "$work/latents/done" bash -c "vap-precompute cogvideox --model $work/frozen \
   --vae $work/vae --data $work/data --out $work/latents --set 'buckets=[[17,64,64]]' \
   --text-max-length 32 --store-dtype float32 --text-dtype float32 --workers 0 \

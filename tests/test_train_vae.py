@@ -24,8 +24,8 @@ COMPONENTS = DATA / 'cogvideox_pipeline' / 'components'  # its vae/ is what trai
 
 
 def _config(root, *extra):
-  config = config_file('train_vae.py:tiny')
-  apply_overrides(config, [
+  config = config_file('train_vae.py:toy_clips')
+  apply_overrides(config, ['log.every=1', 'checkpoint.keep=2',
       f'model.checkpoint="{COMPONENTS}"', f'data.root="{root}"', 'data.buckets=[[9, 32, 32]]',
       'data.batch_size=2', 'data.max_failure_fraction=0.5', 'data.min_samples_before_cap=10',
       'optimizer.learning_rate=1e-2', 'schedule.warmup_steps=0', 'checkpoint.every=2',
@@ -128,7 +128,7 @@ def test_the_trained_vae_is_written_as_a_folder_the_loaders_read(run, tmp_path, 
   from vap_jax.weights.vae import load_cogvideox_vae
   out = tmp_path / 'vae'
   assert vap_export(['--run', str(run['work']), '--dst', str(out)]) == 0
-  assert 'wrote the cogvideox VAE trained by' in capsys.readouterr().out
+  assert 'wrote the cogvideox vae trained by' in capsys.readouterr().out
   assert json.loads((out / 'config.json').read_text())['model'] == 'cogvideox_vae'
   verify(out)  # checksums recorded as vap-convert records them
   loaded = _flat(nnx.state(load_cogvideox_vae(out)))
@@ -155,6 +155,20 @@ def test_a_checkpoint_of_the_other_task_is_refused_by_name(run, tmp_path):
   with pytest.raises(CheckpointError, match=r"trains the VAP expert \(task='vap'\), this run "
                                             r"trains a VAE \(task='vae'\)"):
     Trainer(_config(run['root'] / 'data'), work, devices=jax.devices()[:1])
+
+
+def test_a_random_init_starts_from_the_given_log_variance():
+  """vae.init_logvar: the encoder's log-variance outputs start there, its means as initialised."""
+  from vap_jax.parallel import DEFAULT_RULES
+  from vap_jax.train.model import build_vae
+  config = config_file('train_vae.py:toy_frames')
+  plain = build_vae(config.model, mesh=None, rules=DEFAULT_RULES, seed=3)
+  vae = build_vae(config.model, mesh=None, rules=DEFAULT_RULES, seed=3, init_logvar=-8.0)
+  c = vae.config.latent_channels
+  bias, before = vae.encoder.conv_out.bias[...], plain.encoder.conv_out.bias[...]
+  np.testing.assert_array_equal(bias[c:], np.full(c, -8.0, np.float32))
+  np.testing.assert_array_equal(bias[:c], before[:c])
+  assert config.vae.init_logvar == -8.0 and config.data.buckets == [[1, 64, 64]]
 
 
 def _traced_flops(fn, *args) -> int:

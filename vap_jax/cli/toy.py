@@ -1,9 +1,11 @@
-"""``vap-toy``: the VAP-Toy model -- see it work (``demo``), or build it (``frozen``, ``pack``;
+"""``vap-toy``: the VAP-Toy model -- see it work (``demo``), or build it (``frozen``, ``scale``,
+``pack``;
 ``launch/train_toy.sh`` runs the whole recipe with vap-toy-data, vap-train, vap-export,
 vap-precompute and vap-eval).
 
   vap-toy demo demo                 # the shipped checkpoint on its example -> demo/vap_toy.mp4
   vap-toy frozen --data toy/data --dst toy/frozen
+  vap-toy scale --vae toy/vae --data toy/data
   vap-toy pack --transformer toy/vap/transformer --vae toy/vae --frozen toy/frozen \\
       --examples-from toy/data --dst vap_jax/toy/checkpoint --overwrite
 """
@@ -35,6 +37,11 @@ def parser() -> argparse.ArgumentParser:
   f.add_argument('--data', required=True, help='VAP-Toy dataset root (vap-toy-data --out)')
   f.add_argument('--dst', required=True, help='output folder')
   f.add_argument('--seed', type=int, default=0, help='of the random T5 (default 0)')
+  c = sub.add_parser('scale', help="set a trained VAE's scaling_factor to 1 / std of its "
+                                   'latents on the toy clips (before vap-precompute)')
+  c.add_argument('--vae', required=True, help='converted vae folder (vap-export --run ...)')
+  c.add_argument('--data', required=True, help='VAP-Toy dataset root')
+  c.add_argument('--clips', type=int, default=64, help='training clips to measure (default 64)')
   k = sub.add_parser('pack', help='one converted pipeline folder from the trained components')
   k.add_argument('--transformer', required=True,
                  help='converted transformer folder (vap-export --run ... --converted)')
@@ -45,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
   k.add_argument('--examples', type=int, default=4, help='how many (default 4)')
   k.add_argument('--dst', required=True, help='output folder')
   k.add_argument('--overwrite', action='store_true', help='replace --dst')
-  for q in (d, f, k):
+  for q in (d, f, c, k):
     common.add_verbose(q)
   return p
 
@@ -54,7 +61,7 @@ def main(argv=None) -> int:
   args = parser().parse_args(argv)
   common.setup_logging(args.verbose)
   try:
-    return {'demo': _demo, 'frozen': _frozen, 'pack': _pack}[args.command](args)
+    return {'demo': _demo, 'frozen': _frozen, 'scale': _scale, 'pack': _pack}[args.command](args)
   except (FileExistsError, FileNotFoundError, ValueError) as e:
     return common.error(e)
 
@@ -75,6 +82,7 @@ def _demo(args) -> int:
           '--prompt', example['prompt'], '--frames', str(DEMO['frames']),
           '--height', str(DEMO['height']), '--width', str(DEMO['width']),
           '--steps', str(DEMO['steps']), '--guidance', str(DEMO['guidance']), '--static-cfg',
+          '--negative-prompt', '', '--negative-ref-prompt', '',  # what caption dropout taught
           '--dtype', 'float32', '--seed', str(args.seed), '--side-by-side', '--preview', 'gif',
           '--out', str(out)]
   print(f'VAP-Toy example {args.example}: the subject of {folder / "image.png"} '
@@ -85,7 +93,7 @@ def _demo(args) -> int:
 
 
 def _quoted(arg: str) -> str:
-  return f'"{arg}"' if ' ' in arg else arg
+  return f'"{arg}"' if ' ' in arg or not arg else arg
 
 
 def _frozen(args) -> int:
@@ -97,6 +105,14 @@ def _frozen(args) -> int:
         f'captions, longest {summary["longest_caption_tokens"]} tokens), a random T5 '
         f'({summary["text_encoder_params"]} parameters) and the scheduler to {args.dst} in '
         f'{time.time() - start:.1f} s')
+  return 0
+
+
+def _scale(args) -> int:
+  from vap_jax.toy.build import fit_latent_scale
+  stats = fit_latent_scale(args.vae, args.data, clips=args.clips)
+  print(f'{args.vae}: latent std {stats["latent_std"]:.4f} over {stats["clips"]} clips -> '
+        f'scaling_factor {stats["scaling_factor"]} (was {stats["previous"]})')
   return 0
 
 

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vap_jax.data import toy as toy_data
@@ -19,7 +21,7 @@ from vap_jax.data.vap_data import read_benchmark_csv, read_vap_csv
 # The toy T5 (transformers T5Config field names): random and frozen, as T5 is frozen in VAP; its
 # vocabulary is the sentencepiece model trained on the toy captions.
 TEXT_ENCODER = dict(
-    model_type='t5', architectures=['T5EncoderModel'], vocab_size=256, d_model=64, d_kv=16,
+    model_type='t5', architectures=['T5EncoderModel'], vocab_size=512, d_model=64, d_kv=16,
     d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=16,
     relative_attention_max_distance=32, feed_forward_proj='gated-gelu', layer_norm_epsilon=1e-6,
     dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False,
@@ -82,6 +84,32 @@ def write_frozen_components(root, dst, *, seed: int = 0) -> dict:
               text_encoder_params=params)
 
 
+def fit_latent_scale(vae_folder, root, *, clips: int = 64, seed: int = 0) -> dict:
+  """Set the converted VAE at ``vae_folder``'s ``scaling_factor`` to 1 / std of its posterior
+  means over ``clips`` training clips of the VAP-Toy dataset at ``root`` (the latent-diffusion
+  recipe's rule: the diffusion model then sees unit-variance latents). Run it before
+  vap-precompute, which records the factor. Returns the statistics."""
+  from vap_jax.data.video_io import read_video, to_unit_range
+  from vap_jax.weights import orbax_io
+  from vap_jax.weights.vae import load_cogvideox_vae
+  root = Path(root)
+  rows = [r for r in read_vap_csv(root / 'vap_data.csv') if r['split'] == 'train']
+  pick = np.random.default_rng(seed).choice(len(rows), min(clips, len(rows)), replace=False)
+  vae = load_cogvideox_vae(vae_folder, dtype='float32')
+  encode = jax.jit(lambda x: vae.encode(x).mean)
+  means = []
+  for i in pick:
+    video = to_unit_range(read_video(root / rows[i]['video_paths'])[0])  # (F, H, W, 3)
+    means.append(np.asarray(encode(jnp.asarray(video)[None].transpose(0, 4, 1, 2, 3))))
+  std = float(np.std(np.concatenate([m.ravel() for m in means])))
+  config = orbax_io.read_config(vae_folder)
+  old = config['source_config'].get('scaling_factor')
+  config['source_config']['scaling_factor'] = round(1.0 / std, 4)
+  orbax_io.write_config(vae_folder, config)
+  return dict(clips=len(pick), latent_std=std, scaling_factor=config['source_config'][
+      'scaling_factor'], previous=old)
+
+
 def pack(dst, *, transformer, vae, frozen, examples=None, overwrite: bool = False) -> dict:
   """One converted CogVideoX-VAP pipeline folder ``dst`` from the converted ``transformer`` and
   ``vae`` component folders and the ``frozen`` folder of `write_frozen_components`, plus the
@@ -109,8 +137,11 @@ def write_examples(root, dst, *, count: int = 1) -> list[dict]:
   """Example inputs from the benchmark of the VAP-Toy dataset at ``root``: for the first
   ``count`` rows whose subject is held out of training, ``<i>/image.png`` (the subject's first
   frame), ``<i>/ref.mp4`` (the reference: another subject under the row's condition) and
-  ``<i>/example.json`` (subject-only prompts, the condition, the captions)."""
+  ``<i>/example.json`` (subject-only prompts, the condition, the subjects); ``split.json``: the
+  dataset's summary (which subjects and pairs training never saw)."""
   root, dst = Path(root), Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  shutil.copyfile(root / 'toy.json', dst / 'split.json')
   held = set(json.loads((root / 'toy.json').read_text())['held_out_subjects'])
   rows = [r for r in read_benchmark_csv(root / 'benchmark' / 'benchmark.csv')
           if r['subject'] in held]

@@ -37,6 +37,8 @@ from vap_jax.data.vap_data import read_benchmark_csv
 log = logging.getLogger(__name__)
 
 SETTINGS = ('vap', 'shuffled', 'no_expert')
+# CFG's unconditional prompts: the empty caption, what caption dropout trained the toy model on.
+UNCONDITIONAL = dict(negative_prompt='', negative_ref_prompt='')
 
 
 def benchmark_rows(root, limit: int | None = None, seed: int = 0) -> list[dict]:
@@ -103,7 +105,7 @@ def evaluate(ckpt, root, *, settings=SETTINGS, steps: int = 20, guidance: float 
       ref_prompts = [toy.subject_caption(toy.subject_by_name(ref_subject))]
     out = pipe(image, refs, toy.subject_caption(subject), ref_prompts, height=size, width=size,
                num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
-               use_dynamic_cfg=False, seed=seed + i, progress=False)
+               use_dynamic_cfg=False, seed=seed + i, progress=False, **UNCONDITIONAL)
     predicted, dist = toy.nearest_condition(out.frames, subject)
     results[setting].append(dict(
         subject=row['subject'], kind=row['kind'], reference_kind=ref_kind,

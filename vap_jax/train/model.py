@@ -99,10 +99,12 @@ def vae_source_config(model_config) -> dict:
 
 
 def build_vae(model_config, *, mesh: Mesh | None, rules: Rules, seed: int = 0,
-              abstract: bool = False) -> AutoencoderKLCogVideoX:
+              abstract: bool = False, init_logvar: float | None = None) -> AutoencoderKLCogVideoX:
   """The CogVideoX VAE of ``model_config.checkpoint`` (float32 master weights whatever the
   folder stores), or a random init (``seed``) of ``model_config.config``; ``abstract``: shapes
-  only (nothing loaded or computed)."""
+  only (nothing loaded or computed). ``init_logvar`` (random init only): the posterior's
+  log-variance starts there (the encoder's output bias) instead of at 0, where std-1 samples
+  drown the encoder's means and a from-scratch VAE is slow to learn anything but luminance."""
   runtime = dict(dtype=model_config.get('dtype', 'float32'), param_dtype='float32')
   checkpoint = model_config.get('checkpoint')
   raw = vae_source_config(model_config)
@@ -118,7 +120,11 @@ def build_vae(model_config, *, mesh: Mesh | None, rules: Rules, seed: int = 0,
     return abstract_model(factory)
   if checkpoint:
     return load_cogvideox_vae(checkpoint, mesh=mesh, rules=rules, **runtime)
-  return _made_on_mesh(factory, mesh, rules)
+  vae = _made_on_mesh(factory, mesh, rules)
+  if init_logvar is not None:
+    bias = vae.encoder.conv_out.bias  # [means, log-variances]
+    bias[...] = bias[...].at[config.latent_channels:].set(init_logvar)
+  return vae
 
 
 def trained_model(workdir, *, step: int | None = None, base: str | None = None,

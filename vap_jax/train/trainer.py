@@ -100,7 +100,8 @@ class Trainer:
       if self.family != 'cogvideox':
         raise ValueError(f"task 'vae' trains the CogVideoX-family VAE: family must be "
                          f"'cogvideox', not {self.family!r}")
-      model = build_vae(config.model, mesh=self.mesh, rules=self.rules, seed=config.seed)
+      model = build_vae(config.model, mesh=self.mesh, rules=self.rules, seed=config.seed,
+                        init_logvar=config.vae.get('init_logvar'))
       self.objective = VAEObjective.of(model, config.vae.kl_weight)
       self.unreachable = ()
     else:
