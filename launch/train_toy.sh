@@ -52,7 +52,7 @@ stage vap_train "$work/runs/vap/done" bash -c "vap-train --config configs/train_
   --workdir $work/runs/vap --set data.latents='$(json "$work/latents")' \
   --set model.checkpoint='$(json "$work/base/transformer")' && touch $work/runs/vap/done"
 stage vap_export "$work/vap/transformer/config.json" vap-export --run "$work/runs/vap" \
-  --converted --dst "$work/vap/transformer" --no-progress
+  --converted --dtype float16 --dst "$work/vap/transformer" --no-progress  # ships: half the bytes
 stage pack "$work/packed" bash -c "vap-toy pack --transformer $work/vap/transformer \
   --vae $work/vae --frozen $work/frozen --examples-from $work/data --dst $dst --overwrite \
   && touch $work/packed"

@@ -1,5 +1,6 @@
 """``vap-eval``: the semantic-following score of a VAP checkpoint on the held-out pairs of a
-VAP-Toy dataset, with the shuffled-reference and no-expert baselines (`vap_jax.toy.evaluate`).
+VAP-Toy dataset, with the shuffled-reference and no-expert baselines and the base model told the
+condition in words (`vap_jax.toy.evaluate`).
 
   vap-eval --ckpt toy --data toy/data --out toy/eval.json
   vap-eval --ckpt toy --data toy/data --limit 16 --settings vap     # a quick look
@@ -23,8 +24,8 @@ def main(argv=None) -> int:
   p.add_argument('--guidance', type=float, default=2.0, help='constant CFG scale (default 2)')
   p.add_argument('--limit', type=int, default=None,
                  help='score this many rows, spread over the conditions (default: all)')
-  p.add_argument('--settings', default='vap,shuffled,no_expert',
-                 help='comma-separated, of vap, shuffled, no_expert (default all three)')
+  p.add_argument('--settings', default='vap,shuffled,no_expert,caption',
+                 help='comma-separated, of vap, shuffled, no_expert, caption (default all)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--no-progress', action='store_true')
   common.add_verbose(p)
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
   for s in settings:
     r = report[s]
     cats = ' '.join(f'{c} {a:.2f}' for c, a in r['category_accuracy'].items())
-    print(f'  {s:10s} accuracy {r["accuracy"]:.3f}  follows its reference '
+    print(f'  {s:9s} accuracy {r["accuracy"]:.3f}  follows its reference '
           f'{r["follows_reference"]:.3f}  subject fidelity {r["subject_fidelity"]:.3f}  ({cats})')
   return 0
 

@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog='vap-precompute', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('family', choices=['cogvideox', 'wan'], help='which base model\'s encoders')
-  p.add_argument('--model', required=True, help='diffusers pipeline folder')
+  p.add_argument('--model', required=True,
+                 help="diffusers pipeline folder (or a converted one; 'toy': the shipped VAP-Toy)")
   p.add_argument('--data', required=True, help='VAP-Data root (holds vap_data.csv)')
   p.add_argument('--out', required=True, help='output folder (created; a rerun resumes it)')
   g = p.add_argument_group('what is stored')
@@ -122,8 +123,9 @@ def main(argv=None) -> int:
       if not sep or key not in data:
         raise ValueError(f'--set {item!r}: expected KEY=VALUE with KEY one of {sorted(data)}')
       data[key] = _value(value)
+    from vap_jax import toy
     cfg = PrecomputeConfig(
-        args.family, args.model, args.out, samples_per_shard=args.samples_per_shard,
+        args.family, toy.resolve(args.model), args.out, samples_per_shard=args.samples_per_shard,
         batch_per_device=args.batch_per_device, draws=args.draws,
         text_max_length=args.text_max_length, store_dtype=args.store_dtype,
         vae_dtype=args.vae_dtype, text_dtype=args.text_dtype, image_dtype=args.image_dtype,

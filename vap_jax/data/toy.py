@@ -332,7 +332,7 @@ def first_frame(subject: Subject, size: int = 64) -> np.ndarray:
   return render_scene(subject, Scene(), size)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)  # every subject of the dataset: 24 x 3.3 MB at 17x64x64
 def renders(subject: Subject, frames: int = 17, size: int = 64) -> np.ndarray:
   """Every condition's clip of `subject`, uint8 (len(CONDITIONS), F, S, S, 3), read-only
   (cached: an evaluation asks for the same subject once per generated video)."""

@@ -16,8 +16,9 @@ NAME = 'toy'  # what --ckpt accepts for CHECKPOINT
 
 
 def resolve(ckpt: str) -> str:
-  """``ckpt`` with the name 'toy' replaced by the shipped checkpoint's folder."""
-  if ckpt == NAME and not Path(ckpt).exists():
+  """``ckpt`` with the name 'toy' replaced by the shipped checkpoint's folder (always: a local
+  folder of that name is ``./toy``)."""
+  if ckpt == NAME:
     if not (CHECKPOINT / 'manifest.json').is_file():
       raise FileNotFoundError(f'the toy checkpoint is not installed ({CHECKPOINT} has no '
                               'manifest.json): build it with launch/train_toy.sh')

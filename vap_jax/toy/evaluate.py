@@ -17,7 +17,9 @@ Three settings, on the same rows, noise seeds and prompts:
   condition sits near chance when the model follows its reference, and ``follows_reference``
   (against the condition of the reference it was given) stays high;
 - ``no_expert``: no reference, the base model alone (the expert off): near chance, since the
-  prompt does not name the condition.
+  prompt does not name the condition;
+- ``caption``: no reference either, but a prompt that names the condition too: what the base
+  model learned to do from words, for comparison.
 
 Subject fidelity: the generated clip is nearer to the rendering of its own subject (under the
 classified condition) than to that of any other subject of the dataset.
@@ -36,7 +38,7 @@ from vap_jax.data.vap_data import read_benchmark_csv
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ('vap', 'shuffled', 'no_expert')
+SETTINGS = ('vap', 'shuffled', 'no_expert', 'caption')
 # CFG's unconditional prompts: the empty caption, what caption dropout trained the toy model on.
 UNCONDITIONAL = dict(negative_prompt='', negative_ref_prompt='')
 
@@ -67,10 +69,11 @@ def subject_rank(video: np.ndarray, subject: toy.Subject, condition: toy.Conditi
   """How many other ``subjects`` render (under ``condition``) nearer to ``video`` than its own
   ``subject`` does (0: the subject is kept)."""
   f, s = video.shape[:2]
-  dist = lambda o: np.abs(toy.render(o, condition, frames=f, size=s).astype(np.float32)
+  k = toy.KINDS.index(condition.kind)
+  dist = lambda o: np.abs(toy.renders(o, f, s)[k].astype(np.float32)  # cached per subject
                           - video.astype(np.float32)).mean()
   own = dist(subject)
-  return sum(dist(o) < own for o in subjects if o != subject)
+  return int(sum(dist(o) < own for o in subjects if o != subject))
 
 
 def evaluate(ckpt, root, *, settings=SETTINGS, steps: int = 20, guidance: float = 2.0,
@@ -99,11 +102,13 @@ def evaluate(ckpt, root, *, settings=SETTINGS, steps: int = 20, guidance: float 
     if setting == 'shuffled':
       ref_path, ref_subject, ref_kind = (row['shuffled_ref'], row['shuffled_subject'],
                                          row['shuffled_kind'])
-    refs, ref_prompts = [], []
-    if setting != 'no_expert':
+    refs, ref_prompts, prompt = [], [], toy.subject_caption(subject)
+    if setting == 'caption':
+      prompt = f'{prompt[:-1]} {toy.condition_by_kind(row["kind"]).phrase}.'
+    elif setting != 'no_expert':
       refs = [read_video(root / ref_path)[0]]
       ref_prompts = [toy.subject_caption(toy.subject_by_name(ref_subject))]
-    out = pipe(image, refs, toy.subject_caption(subject), ref_prompts, height=size, width=size,
+    out = pipe(image, refs, prompt, ref_prompts, height=size, width=size,
                num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
                use_dynamic_cfg=False, seed=seed + i, progress=False, **UNCONDITIONAL)
     predicted, dist = toy.nearest_condition(out.frames, subject)
