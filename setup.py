@@ -39,6 +39,7 @@ setup(
             'torch==2.13.0',
             'diffusers==0.42.1',
             'transformers==5.23.0',
+            'peft==0.21.2',
         ],
     },
     entry_points={

@@ -63,7 +63,8 @@ def buffer(make: Callable[[], jax.Array], shape, dtype, axes: Axes) -> Buffer:
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel + bias, computed in ``dtype``; kernel is (in, out)."""
+  """y = x @ kernel + bias, computed in ``dtype``; kernel is (in, out). ``lora`` (None, or a
+  `vap_jax.nn.lora.LoRA`) adds a low-rank adapter's output."""
 
   def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True,
                dtype, param_dtype, rngs: nnx.Rngs):
@@ -72,11 +73,14 @@ class Linear(nnx.Module):
                          param_dtype, axes)
     self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, (axes[1],))
                  if use_bias else None)
+    self.lora = nnx.data(None)  # data, not static: an adapter can be attached later
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      y = y + self.lora(x, self.dtype)
     return y
 
 
