@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 from conftest import DATA
 from vap_jax.diffusion import CogVideoXDDIMScheduler
 from vap_jax.models.stack import checkpoint_slots
-from vap_jax.train import objectives, optimizer as opt
+from vap_jax.train import dpo, objectives, optimizer as opt
 from vap_jax.train.step import init_state, make_train_step, split
 from vap_jax.weights import keymap as km
 from vap_jax.weights.cogvideox import COGVIDEOX, load_cogvideox
@@ -158,3 +158,53 @@ def test_two_clipped_adamw_steps_equal_official(family, case, max_norm):
     np.testing.assert_array_equal(_ours(state.params, slot), _ours(start, slot))
   for (path, a), (_, b) in zip(nnx.to_flat_state(frozen_before), nnx.to_flat_state(s['frozen'])):
     np.testing.assert_array_equal(a[...], b[...])
+
+
+def _dpo_setup():
+  """The official DPO case: the pair as two rows sharing the reference and the timestep draw;
+  the reference model is the policy with the golden perturbed expert, read through the key map."""
+  s = _setup('cogvideox')
+  golden = s['golden'] / 'dpo'
+  i = load_file(golden / 'inputs.safetensors')
+  repeat = lambda x: np.repeat(x, 2, axis=0)  # the one reference, on both rows
+  inputs = dict(i, u=np.repeat(i['u'], 2), ref_latents_vae=repeat(i['ref_latents_vae']),
+                ref_image_latents_vae=repeat(i['ref_image_latents_vae']))
+  batch, draws = _cogvideox_batch(inputs)
+  batch['dpo_weight'] = np.ones(2, np.float32)
+  reference = nnx.clone(s['model'])
+  flat = dict(nnx.to_flat_state(nnx.state(reference)))
+  for key, value in load_file(golden / 'ref_model_mot_ref.safetensors').items():
+    (path, layer), transform = s['by_key'][key]
+    var = flat[path]
+    var[...] = (var[...].at[layer].set(transform.array(value)) if layer is not None
+                else jnp.asarray(transform.array(value)))
+  objective = dpo.DPOObjective(s['objective'], reference=lambda _: reference)
+  step = make_train_step(s['graphdef'], objective, s['optimizer'])
+  return s, golden, batch, draws, objective, step
+
+
+def test_dpo_loss_and_gradients_equal_official():
+  s, golden, batch, draws, objective, step = _dpo_setup()
+  outputs = load_file(golden / 'outputs.safetensors')
+  model = nnx.merge(s['graphdef'], s['trainable'], s['frozen'])
+  loss, per_pair, aux = jax.jit(lambda b, d: objective(model, b, d))(batch, draws)
+  m = aux['metrics']
+  for ours, name in ((m['win_loss'], 'Lw'), (m['lose_loss'], 'Ll'), (m['win_loss_ref'], 'Lw_ref'),
+                     (m['lose_loss_ref'], 'Ll_ref')):
+    np.testing.assert_allclose(ours, outputs[name][0], rtol=1e-5, err_msg=name)
+  # The logit is 250 x a difference of losses that agree to three digits: the official value,
+  # a difference of float32 means, carries 250 x a few ulp(0.94) (6e-8) of its own rounding.
+  np.testing.assert_allclose(m['logit'], outputs['inside_term'][0], atol=250 * 2 * 6e-8)
+  np.testing.assert_allclose(loss, outputs['loss'], rtol=1e-5)
+  (loss, _), grads = jax.jit(step.loss_and_grads)(s['trainable'], s['frozen'], batch, draws)
+  np.testing.assert_allclose(loss, outputs['loss'], rtol=1e-5)
+  golden_grads = load_file(golden / 'grads.safetensors')
+  assert {s['by_key'][k][0] for k in golden_grads} == set(km.slots(s['trainable']))
+  _compare(grads, golden_grads, s, 1e-4, 'DPO gradient')
+
+
+def test_dpo_pair_shares_its_timestep_draw():
+  s, _, batch, _, objective, _ = _dpo_setup()
+  d = objective.draws(jax.random.key(0), dict(batch, index=np.arange(4)[:2]))
+  assert d.u[0] == d.u[1] and d.noise.shape[0] == 2
+  assert not np.array_equal(d.noise[0], d.noise[1])

@@ -99,7 +99,9 @@ def _per_sample_mean(x: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """One family's objective: ``loss(model, batch, draws) -> (mean loss, per-sample losses,
-  aux)``; the model is called with the keyword inputs of the one model API."""
+  aux)``; the model is called with the keyword inputs of the one model API. ``aux`` holds the
+  timesteps, the prediction, and ``error`` and ``weights``: the per-sample loss is the mean of
+  ``weights * error**2``."""
   family: str
   vae: dict                                    # scaling_factor (CogVideoX) or latents_mean/std
   schedule: CogVideoXSchedule | None = None    # CogVideoX's training schedule
@@ -134,8 +136,10 @@ class Objective:
     pred_x0 = self.schedule.get_velocity(v.astype(jnp.float32), x_t, t)
     acp = jnp.asarray(self.schedule.alphas_cumprod.astype(np.float32))[t]
     weights = (1.0 / (1.0 - acp)).reshape(-1, 1, 1, 1, 1)
-    per_sample = _per_sample_mean(weights * jnp.square(pred_x0 - x0))
-    return jnp.mean(per_sample), per_sample, dict(timesteps=t, prediction=v)
+    error = pred_x0 - x0
+    per_sample = _per_sample_mean(weights * jnp.square(error))
+    return jnp.mean(per_sample), per_sample, dict(timesteps=t, prediction=v, error=error,
+                                                  weights=weights)
 
   def _wan(self, model, batch, d: Draws):
     lat = conditioning.wan_latents(batch, d.posterior, self.vae['latents_mean'],
@@ -149,8 +153,10 @@ class Objective:
     refs = conditioning.wan_reference_inputs(lat['ref_latents'], lat['ref_condition'])
     refs = self._refs(batch, refs, ref_text=batch['ref_text'], ref_image=batch['ref_clip'])
     pred = model(hidden, t, batch['text'], image=batch['clip'], **refs)  # references at t = 1
-    per_sample = _per_sample_mean(jnp.square(pred.astype(jnp.float32) - (d.noise - x0)))
-    return jnp.mean(per_sample), per_sample, dict(timesteps=t, prediction=pred)
+    error = pred.astype(jnp.float32) - (d.noise - x0)
+    per_sample = _per_sample_mean(jnp.square(error))
+    return jnp.mean(per_sample), per_sample, dict(timesteps=t, prediction=pred, error=error,
+                                                  weights=jnp.ones((), jnp.float32))
 
 
 def _merge_refs(x):
