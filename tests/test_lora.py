@@ -14,7 +14,7 @@ import torch
 from flax import nnx
 
 from conftest import DATA, assert_close
-from test_cogvideox_diffusers import TINY, _diffusers_folder, _inputs, _torch_forward
+from test_cogvideox_diffusers import _diffusers_folder, _inputs, _torch_forward
 from vap_jax.nn import lora
 from vap_jax.nn.layers import Linear
 from vap_jax.weights import lora as lora_files

@@ -32,6 +32,9 @@ seal_pipeline`); a VAE run (``configs/train_vae.py``, task 'vae') is always writ
 
   vap-export --run runs/toy_vae --dst toy/vae
   vap-export --run runs/toy_base --converted --dst toy/base/transformer
+
+A LoRA run (task 'lora' or 'dpo') writes its adapters: ``--dst``/pytorch_lora_weights.safetensors,
+the file diffusers' ``load_lora_weights`` and ``vap-generate --lora`` read.
 """
 from __future__ import annotations
 
@@ -87,7 +90,10 @@ def main(argv=None) -> int:
   try:
     parse_size(args.max_shard_size)  # a typo fails before any work
     dst = common.writable_folder(args.dst, '--dst')
-    if args.run and (args.converted or _is_vae_run(args)):
+    task = _run_task(args) if args.run else None
+    if task in ('lora', 'dpo'):
+      return _export_adapters(args, dst, start)
+    if args.run and (args.converted or task == 'vae'):
       return _export_converted(args, dst, start)
     if args.run:
       summary = _export_run(args, dst, options)
@@ -108,9 +114,23 @@ def main(argv=None) -> int:
   return 0
 
 
-def _is_vae_run(args) -> bool:
+def _run_task(args) -> str:
   from vap_jax.train.checkpoint import saved_run, task_of
-  return task_of(saved_run(args.run, args.step)[1]) == 'vae'
+  return task_of(saved_run(args.run, args.step)[1])
+
+
+def _export_adapters(args, dst, start: float) -> int:
+  from vap_jax.parallel.distributed import initialize
+  from vap_jax.train.model import trained_model
+  from vap_jax.weights import lora as lora_files
+  if args.converted or args.components_from or args.transformer_only or args.link:
+    raise ValueError(f'{args.run} trained LoRA adapters, written as one adapter file: '
+                     '--converted, --components-from, --transformer-only and --link do not apply')
+  initialize()
+  file = lora_files.save(trained_model(args.run, step=args.step, base=args.base), dst)
+  print(f'wrote the LoRA adapters trained by {args.run} to {file} (diffusers/PEFT layout) in '
+        f'{time.time() - start:.1f} s')
+  return 0
 
 
 def _export_converted(args, dst, start: float) -> int:

@@ -78,6 +78,13 @@ class LatentSource:
     record = decode_record((self.folder / EMPTY_TEXT_FILE).read_bytes())
     return self._finish(record)['text']
 
+  def videos(self) -> list[tuple[str, str]]:
+    """(video path, kind) of every record, in index order: from the shard manifests, or (a
+    folder precomputed before they listed them) read from the records."""
+    if all('videos' in m for m in self.manifests):
+      return [(p, k) for m in self.manifests for p, k in m['videos']]
+    return [(str(r['path']), str(r['kind'])) for r in map(self.__getitem__, range(len(self)))]
+
   @property
   def failures(self) -> list[dict]:
     """Samples skipped while precomputing: {'index', 'path', 'reason'}."""

@@ -35,7 +35,8 @@ Layout of the output folder:
                                        table rows dropped as bad (`dropped_rows`)
   empty_text.msgpack                   the '' caption embedding (same record format)
   shard-00000-of-00008.array_record    records in index order (see `records.py` for the bytes)
-  shard-00000-of-00008.json            written (atomically) only once its shard is complete
+  shard-00000-of-00008.json            written (atomically) only once its shard is complete;
+                                       lists each record's (path, kind) under `videos`
 
 Sample i (i < draws * rows; row i % rows, pairing seeded by i) lives in shard
 i // samples_per_shard; shard s belongs to process s % process_count. A rerun skips shards whose
@@ -323,9 +324,11 @@ class _ShardWriter:
     self.tmp = out / f'{self.name}.array_record.partial'
     self.writer = ArrayRecordWriter(str(self.tmp), options)
     self.count, self.failed, self.replaced, self.start = 0, [], [], time.time()
+    self.videos = []  # (path, kind) of each record, for readers that pick records by video
 
   def write(self, record: dict) -> None:
     self.writer.write(encode_record(record))
+    self.videos.append([str(record['path']), str(record['kind'])])
     self.count += 1
 
   def abort(self) -> None:
@@ -338,7 +341,8 @@ class _ShardWriter:
     os.replace(self.tmp, final)
     manifest = dict(shard=self.shard, num_shards=self.num_shards, file=final.name,
                     indices=[self.indices.start, self.indices.stop], num_records=self.count,
-                    failed=self.failed, replaced=self.replaced, bytes=final.stat().st_size,
+                    failed=self.failed, replaced=self.replaced, videos=self.videos,
+                    bytes=final.stat().st_size,
                     process=process,
                     seconds=round(time.time() - self.start, 2))
     _atomic_write(self.out / f'{self.name}.json', json.dumps(manifest, indent=1).encode())

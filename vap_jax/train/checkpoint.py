@@ -29,7 +29,8 @@ CHANGEABLE = ('mesh', 'rules', 'log', 'steps', 'checkpoint', 'data.workers', 'mo
 
 
 # What a run trains (its config's ``task``; runs from before tasks have none: 'vap').
-TASKS = {'vap': 'the VAP expert', 'base': 'a whole base transformer', 'vae': 'a VAE'}
+TASKS = {'vap': 'the VAP expert', 'base': 'a whole base transformer', 'vae': 'a VAE',
+         'lora': 'LoRA adapters (SFT)', 'dpo': 'LoRA adapters by DPO'}
 
 
 def task_of(config) -> str:

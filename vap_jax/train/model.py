@@ -78,6 +78,26 @@ def build_model(family: str, model_config, *, mesh: Mesh | None, rules: Rules,
   return _made_on_mesh(lambda: model_cls(config, rngs=nnx.Rngs(seed)), mesh, rules)
 
 
+def add_adapters(model: MoTTransformer, config) -> list[str]:
+  """A 'lora' or 'dpo' run's adapters on ``model``: new ones on the layers ``config.lora.target``
+  names (rank, alpha; seeded by the run), or those of the adapter file ``config.lora.init``."""
+  from vap_jax.weights import lora as lora_files
+  settings = config.lora
+  if settings.get('init'):
+    return lora_files.load(model, settings.init)
+  return lora_files.add(model, settings.target, rank=settings.rank, alpha=settings.alpha,
+                        seed=config.seed)
+
+
+def unreachable_adapters(model: MoTTransformer) -> list[tuple[tuple, int]]:
+  """(path, slot) of the adapters no loss reaches: those on the layers `MoTTransformer.
+  unreachable` lists (PyTorch gives them no gradient, so AdamW neither moves nor decays them)."""
+  from vap_jax.nn.lora import adapted
+  layers = {path for path, _ in adapted(model)}
+  return [(path[:-1] + ('lora', n), slot) for path, slot in model.unreachable()
+          if path[-1] == 'kernel' and path[:-1] in layers for n in ('a', 'b')]
+
+
 def vae_source_config(model_config) -> dict:
   """The diffusers ``config.json`` dict of a VAE run's model: ``model.checkpoint``'s (a pipeline
   or ``vae/`` folder, diffusers or converted) or ``model.config`` (a config.json path, or a
@@ -159,6 +179,8 @@ def trained_model(workdir, *, step: int | None = None, base: str | None = None,
     model = build_vae(config.model, mesh=mesh, rules=rules, abstract=True)
   else:
     model = build_model(config.family, config.model, mesh=mesh, rules=rules, seed=config.seed)
+    if task in ('lora', 'dpo'):
+      add_adapters(model, config)
   graphdef, trainable, frozen = split(model, task)
   del model
   params = restore_params(workdir, step, trainable, param_shardings(trainable, mesh, rules))

@@ -1,8 +1,9 @@
 """The train state and the one jitted train step, for every task (`TRAINED`).
 
 Only the trainable parameters (task 'vap': `vap_jax.models.common.TRAINABLE`, the expert; tasks
-'base' and 'vae': every parameter) are in the state, differentiated and given optimizer moments; the rest
-(the frozen base) is an argument the step reads and never differentiates. The step draws its
+'base' and 'vae': every parameter; 'lora' and 'dpo': the LoRA adapters) are in the state,
+differentiated and given optimizer moments; the rest (the frozen base) is an argument the step
+reads and never differentiates. The step draws its
 random numbers from the state's key (or takes injected ones), accumulates gradients over
 micro-batches with a `lax.scan`, applies the optimizer, and returns the next state (the old one
 is donated) and its metrics. On a mesh the state is sharded
@@ -37,8 +38,9 @@ class TrainState:
 
 
 # What each task trains: the VAP expert of a transformer, a whole base transformer (no expert),
-# or a whole VAE.
-TRAINED = {'vap': TRAINABLE, 'base': nnx.Param, 'vae': nnx.Param}
+# a whole VAE, or the LoRA adapters of a transformer (SFT or DPO).
+TRAINED = {'vap': TRAINABLE, 'base': nnx.Param, 'vae': nnx.Param, 'lora': nnx.LoRAParam,
+           'dpo': nnx.LoRAParam}
 
 
 def split(model: nnx.Module, task: str = 'vap'):

@@ -11,8 +11,12 @@ precomputed latents; 'base' every parameter of a transformer without an expert (
 base model, the stage before VAP: same latents, the references unread); 'vae'
 (``configs/train_vae.py``) every parameter of a CogVideoX-family VAE, from the target clips of a
 VAP-Data table (``data`` is a `vap_jax.data.make_loader` block, its ``batch_size`` global, its
-seed the run's), objective `vae_objective.VAEObjective` (``vae.kl_weight``). All run the same
-step, loop, checkpoints and metrics.
+seed the run's), objective `vae_objective.VAEObjective` (``vae.kl_weight``); 'lora' LoRA
+adapters (``lora``: target regex, rank, alpha, or ``init`` an adapter file) on a frozen
+transformer, SFT on the same latents; 'dpo' the same adapters by the official DPO
+(``configs/dpo_cogvideox.py``: `vap_jax.train.dpo`, pairs from `vap_jax.data.dpo` with the
+scores of ``dpo.table``, ``data.batch_size`` pairs a step). All run the same step, loop,
+checkpoints and metrics.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from vap_jax.data.dpo import make_dpo_loader
 from vap_jax.data.latent_source import LatentSource, make_latent_loader
 from vap_jax.data.pipeline import make_loader
 from vap_jax.diffusion import CogVideoXDDIMScheduler
@@ -35,7 +40,8 @@ from vap_jax.train import objectives
 from vap_jax.train import optimizer as opt
 from vap_jax.train.checkpoint import Checkpointer, task_of
 from vap_jax.train.metrics import MetricWriter, StepMetrics, peak_tflops
-from vap_jax.train.model import build_model, build_vae
+from vap_jax.train.dpo import DPOObjective
+from vap_jax.train.model import add_adapters, build_model, build_vae, unreachable_adapters
 from vap_jax.train.step import (batch_sharding, init_state, jit_train_step, make_train_step, split,
                                 state_shardings)
 from vap_jax.train.vae_objective import VAEObjective
@@ -109,14 +115,22 @@ class Trainer:
       if base and config.model.get('block_idx_with_mot_ref'):
         raise ValueError("task 'base' trains a transformer without an expert: "
                          'model.block_idx_with_mot_ref must be empty')
-      self.objective = objective_for(self.family, data.latents, references=not base,
-                                     mask_references=data.reference_dropout > 0 and not base)
       model = build_model(self.family, config.model, mesh=self.mesh, rules=self.rules,
                           seed=config.seed)
       if base and model.expert is not None:
         raise ValueError(f"task 'base' trains a transformer without an expert, but "
                          f'{config.model.checkpoint} has one')
+      # The references are read by a model with an expert (LoRA on a base model: none).
+      references = not base and model.expert is not None
+      self.objective = objective_for(self.family, data.latents, references=references,
+                                     mask_references=data.reference_dropout > 0 and references)
       self.unreachable = model.unreachable()
+      if self.task in ('lora', 'dpo'):
+        names = add_adapters(model, config)
+        log.info('LoRA adapters on %d linear layers (%s, ...)', len(names), names[0])
+        self.unreachable = unreachable_adapters(model)
+      if self.task == 'dpo':
+        self.objective = DPOObjective(self.objective, beta=config.dpo.beta)
     self.model_config = model.config
     self.graphdef, trainable, self.frozen = split(model, self.task)
     del model
@@ -135,6 +149,13 @@ class Trainer:
       clips = ml_collections.ConfigDict(data.to_dict())
       clips.update(batch_size=data.batch_size // count, seed=config.seed, sample_ref_videos_num=0)
       self.loader = make_loader(clips, keys=('video', 'index'))
+    elif self.task == 'dpo':
+      d = config.dpo
+      self.loader = make_dpo_loader(
+          data.latents, d.table, batch_size=data.batch_size // count, seed=config.seed,
+          workers=data.workers, max_failure_fraction=data.max_failure_fraction,
+          min_samples_before_cap=data.min_samples_before_cap, stages=d.stages,
+          caption_dropout=data.caption_dropout, reweight=d.reweight)
     else:
       self.loader = make_latent_loader(
           data.latents, batch_size=data.batch_size // count, seed=config.seed, keys='train',
@@ -190,6 +211,10 @@ class Trainer:
         if meter is None:
           forward = _forward_flops(self.family, self.model_config, batch)
           per_step = training_flops(forward, getattr(self.model_config, 'remat', 'none'))
+          if self.task in ('lora', 'dpo'):  # no expert weight gradients (adapters': ~0)
+            per_step -= forward['expert']
+          if self.task == 'dpo':  # + the reference model's forward
+            per_step += forward['total']
           meter = StepMetrics(flops_per_step=per_step * jax.process_count(),
                               samples_per_step=self.config.data.batch_size,
                               peak_tflops_per_device=self.config.log.get('peak_tflops') or
