@@ -191,3 +191,19 @@ def test_a_dpo_step_on_a_mesh_equals_one_device(dpo_one_device, tmp_path, mesh_s
   assert_close(metrics8['logit'], metrics['logit'], atol=5e-5, rtol=0, what='logit')
   for (path, a), (_, b) in zip(nnx.to_flat_state(state8.params), nnx.to_flat_state(state.params)):
     assert_close(a[...], b[...], atol=1e-6, rtol=1e-5, what='.'.join(map(str, path)))
+
+
+def test_cogvideox_lora_sft_run_exports_adapters(cog_latents, tmp_path):
+  """task 'lora' through vap-train on the precomputed fixture: adapters on the attention
+  projections of the base blocks, written as a diffusers LoRA file."""
+  from vap_jax.cli.export import main as vap_export
+  from vap_jax.train.trainer import Trainer
+  from vap_jax.weights import lora as lora_files
+  config = config_file('lora_sft.py:cogvideox_tiny')
+  config.data.latents = str(cog_latents)
+  config.steps = 2
+  summary = Trainer(config, tmp_path / 'run').run(progress=False)
+  assert summary['steps'] == 2 and all(np.isfinite(summary['losses']))
+  assert vap_export(['--run', str(tmp_path / 'run'), '--dst', str(tmp_path / 'lora')]) == 0
+  modules, settings, _ = lora_files.read(tmp_path / 'lora')
+  assert settings['r'] == 4 and all('attn1.' in m and '_mot_ref' not in m for m in modules)

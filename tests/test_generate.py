@@ -156,3 +156,35 @@ def test_outputs_are_checked_before_loading(converted, inputs, tmp_path, capsys)
         f'{tmp_path / name}: is a folder, expected a file name\n') and err.count('\n') == 1
     (tmp_path / name).rmdir()
   assert not (tmp_path / 'o.mp4').exists()
+
+
+def test_generate_with_lora_merged_or_not(converted, inputs, tmp_path, capsys):
+  """--lora: adapters change the video; merged into the weights or run beside them, the same
+  video; a bad adapter file fails before the model loads."""
+  from vap_jax.weights import lora as lora_files
+  from vap_jax.weights.cogvideox import load_cogvideox
+  import jax
+  transformer = load_cogvideox(converted['cogvideox'], dtype='float32')
+  lora_files.add(transformer, rank=2, alpha=2)
+  from vap_jax.nn.lora import adapted
+  for i, (_, layer) in enumerate(adapted(transformer)):
+    layer.lora.b[...] = 0.5 * jax.random.normal(jax.random.key(i), layer.lora.b.shape)
+  file = lora_files.save(transformer, tmp_path / 'lora')
+  plain, lora = (tmp_path / f'{name}.mp4' for name in ('plain', 'lora'))
+  assert main(_argv(inputs, converted['cogvideox'], out=plain)) == 0
+  assert main(_argv(inputs, converted['cogvideox'], out=lora) + ['--lora', str(file)]) == 0
+  assert np.abs(read_video(lora)[0].astype(int) - read_video(plain)[0]).mean() > 1.0
+  # merged into the weights or beside them: the same frames, up to a pixel rounding the other way
+  from PIL import Image
+  image = np.asarray(Image.open(inputs / 'image.png').convert('RGB'))
+  ref = read_video(inputs / 'ref.mp4')[0][:9]
+  frames = [Pipeline.from_pretrained(converted['cogvideox'], dtype='float32', lora=file,
+                                     lora_merge=merge)(
+      image, [ref], 'a square moves', ['a square moves too'], num_frames=9, height=64, width=96,
+      num_inference_steps=2, progress=False).frames.astype(int) for merge in (True, False)]
+  assert np.abs(frames[0] - frames[1]).max() <= 1
+  (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
+  capsys.readouterr()
+  assert main(_argv(inputs, converted['cogvideox'], out=tmp_path / 'x.mp4') +
+              ['--lora', str(tmp_path / 'bad.safetensors')]) != 0
+  assert 'bad.safetensors' in capsys.readouterr().err

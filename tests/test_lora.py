@@ -186,3 +186,34 @@ def test_adapters_are_sharded_like_their_kernels():
   kernel, a, b = (flat[q + n].spec for n in (('kernel',), ('lora', 'a'), ('lora', 'b')))
   assert a[:2] == kernel[:2] and b[0] == kernel[0] and b[2] == kernel[2]
   assert a[2] is None and b[1] is None
+
+
+def test_wan_lora_sft_trains_only_its_adapters():
+  """LoRA SFT of the Wan base (the expert unused): DiffSynth-Studio's targets, the SFT objective
+  without references, two steps of the real train step on the golden Wan batch."""
+  from safetensors.numpy import load_file
+  from test_train_golden import _wan_batch
+  from vap_jax.config import load_config
+  from vap_jax.train import objectives, optimizer as opt
+  from vap_jax.train.step import init_state, make_train_step, split
+  from vap_jax.weights.wan import load_wan
+  model = load_wan(DATA / 'wan_mot', dtype='float32')
+  target = load_config('configs/lora_sft.py:wan_tiny').lora.target
+  names = lora_files.add(model, target, rank=4, alpha=4)
+  parts = ('attn1.to_q', 'attn1.to_k', 'attn1.to_v', 'attn1.to_out.0', 'attn2.to_q', 'attn2.to_k',
+           'attn2.to_v', 'attn2.to_out.0', 'ffn.net.0.proj', 'ffn.net.2')
+  assert sorted(names) == sorted(f'blocks.{i}.{p}' for i in range(model.config.num_layers)
+                                 for p in parts)
+  graphdef, trainable, frozen = split(model, 'lora')
+  channels = model.config.out_channels
+  objective = objectives.Objective('wan', {'latents_mean': [0.0] * channels,
+                                           'latents_std': [1.0] * channels}, references=False)
+  optimizer = opt.adamw(opt.schedule(1e-2))
+  step = jax.jit(make_train_step(graphdef, objective, optimizer))
+  batch, draws = _wan_batch(load_file(DATA / 'wan_train' / 'sft' / 'inputs.safetensors'))
+  state = init_state(trainable, optimizer, seed=0)
+  state, first = step(state, frozen, batch, draws)
+  state, second = step(state, frozen, batch, draws)
+  assert np.isfinite(first['loss']) and second['loss'] < first['loss']
+  b = [np.asarray(v[...]) for path, v in nnx.to_flat_state(state.params) if path[-1] == 'b']
+  assert len(b) == len(parts) and all(np.abs(x).max() > 0 for x in b)

@@ -73,6 +73,13 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--mesh', default=None, metavar='AXIS=N,...',
                  help='shard over a device mesh, e.g. fsdp=8 or fsdp=4,tensor=2 (default: one '
                       'device)')
+  p.add_argument('--lora', default=None, metavar='PATH',
+                 help='LoRA adapters for the transformer: a diffusers pytorch_lora_weights.'
+                      'safetensors or PEFT adapter folder/file (vap-export of a lora/dpo run)')
+  p.add_argument('--lora-scale', type=float, default=1.0,
+                 help='strength of the --lora adapters (default 1.0)')
+  p.add_argument('--lora-unmerged', action='store_true',
+                 help='run the adapters beside the weights instead of merging them in')
   p.add_argument('--verify', action='store_true',
                  help='check the sha256 of every file of a converted --ckpt before loading '
                       '(by default only their sizes are checked)')
@@ -202,6 +209,9 @@ def main(argv=None) -> int:
     family = check_components(args.ckpt)
     if args.verify:
       verify(args.ckpt)  # every byte against the checksums recorded at conversion
+    if args.lora is not None:
+      from vap_jax.weights import lora as lora_files
+      lora_files.read(args.lora)  # a bad file fails before the model loads
     image = _read_image(args.image)
     refs, ref_fps = _read_references(args.ref_video, args.ref_prompt, args.frames,
                                      args.frames_selection, args.seed)
@@ -210,7 +220,9 @@ def main(argv=None) -> int:
     start = time.time()
     pipe = Pipeline.from_pretrained(args.ckpt, dtype=args.dtype, vae_dtype=args.vae_dtype,
                                     mesh=mesh, attention=args.attention,
-                                    vae_tiling=args.vae_tiling)
+                                    vae_tiling=args.vae_tiling, lora=args.lora,
+                                    lora_scale=args.lora_scale,
+                                    lora_merge=not args.lora_unmerged)
     print(f'loaded the {family} pipeline from {args.ckpt} in {time.time() - start:.1f} s')
     loaded = time.time()
     options = dict(num_frames=args.frames, num_inference_steps=args.steps,

@@ -15,12 +15,15 @@ log = logging.getLogger(__name__)
 
 def load_components(path: str | Path, family: str, *, dtype: str = 'bfloat16',
                     vae_dtype: str = 'float32', image_encoder_dtype: str = 'float32', mesh=None,
-                    attention: str = 'xla', vae_tiling: bool = False) -> dict:
+                    attention: str = 'xla', vae_tiling: bool = False, lora: str | Path | None = None,
+                    lora_scale: float = 1.0, lora_merge: bool = True) -> dict:
   """Keyword arguments for the family's pipeline constructor: every component, loaded.
 
   ``dtype`` is the transformer's and text encoder's; the VAE and (Wan) CLIP image encoder run in
   float32 unless ``vae_dtype`` / ``image_encoder_dtype`` say otherwise, for both families.
-  ``mesh`` shards every component; ``attention`` picks the attention op.
+  ``mesh`` shards every component; ``attention`` picks the attention op. ``lora``: a diffusers
+  or PEFT LoRA file (or folder) for the transformer, at ``lora_scale``, merged into its weights
+  (the base model's speed) unless ``lora_merge`` is False.
   """
   from vap_jax.weights.encoders import load_image_encoder, load_text_encoder
   path = Path(path)
@@ -46,4 +49,12 @@ def load_components(path: str | Path, family: str, *, dtype: str = 'bfloat16',
     parts['image_encoder'] = load_image_encoder(path, mesh=mesh, dtype=image_encoder_dtype,
                                                 attention=attention)
     parts['image_processor'] = checkpoint.image_processor_config(path)
+  if lora is not None:
+    from vap_jax.nn.lora import merge
+    from vap_jax.weights import lora as lora_files
+    names = lora_files.load(parts['transformer'], lora, scale=lora_scale)
+    log.info('LoRA %s on %d layers at scale %g%s', lora, len(names), lora_scale,
+             ', merged' if lora_merge else '')
+    if lora_merge:
+      merge(parts['transformer'])
   return parts

@@ -162,9 +162,12 @@ def read(path: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dict, Path
   """({module: {'A': (r, in), 'B': (out, r)}}, the LoraConfig fields, the file) of an adapter
   file or folder, diffusers or PEFT."""
   file = _adapter_file(Path(path))
-  with safe_open(str(file), 'np') as f:
-    metadata = f.metadata() or {}
-    raw = {k: f.get_tensor(k) for k in f.keys()}
+  try:
+    with safe_open(str(file), 'np') as f:
+      metadata = f.metadata() or {}
+      raw = {k: f.get_tensor(k) for k in f.keys()}
+  except Exception as e:  # safetensors raises its own error type for a damaged file
+    raise ValueError(f'{file}: not a readable safetensors file ({e})') from None
   config = {}
   if METADATA_KEY in metadata:
     config = {k.removeprefix(PREFIX + '.'): v for k, v in json.loads(metadata[METADATA_KEY]).items()
