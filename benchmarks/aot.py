@@ -4,10 +4,13 @@
   python -m benchmarks.aot --model wan-vap --target h100-80g-x8 --mesh fsdp=8
   python -m benchmarks.aot --model wan-vap --target h100-80g-x8 --train --remat full
   python -m benchmarks.aot --model wan-vap --target tpu-v5p-8 --train --remat full   # libtpu
+  python -m benchmarks.aot --model cogvideox-vap --target h100-80g-x8 --train dpo --remat full
 
 Lowers and compiles the sharded inference step (one transformer call at the official shapes,
 CFG batch 2, one reference, bf16 weights) -- or with ``--train`` a forward and backward w.r.t.
-the expert parameters (batch 1 per data replica, float32 expert weights) under a remat policy --
+the expert parameters (batch 1 per data replica, float32 expert weights) under a remat policy
+(``--train dpo``: the DPO step, LoRA rank 32 on the official target, one win/lose pair per data
+replica, the reference pass the same weights with the adapters off) --
 for the target's device count, using that many fake host devices, and prints XLA's per-device
 memory analysis against the target's memory. The blocks are scanned (``--no-scan`` unrolls).
 Attention defaults to ``blockwise`` (bounded score memory, like the fused kernels on the real
@@ -50,7 +53,7 @@ def target_devices(target: str) -> list:
 
 
 def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwise',
-            batch: int | None = None, train: bool = False, remat: str = 'none',
+            batch: int | None = None, train: bool | str = False, remat: str = 'none',
             scan: bool = True, devices=None) -> dict:
   """Compile the sharded step for ``model`` on ``devices`` (default: the current, fake, ones);
   memory per device."""
@@ -69,7 +72,7 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
 
   case = CASES[model]()
   cfg = dataclasses.replace(case.config, attention=attention, scan_layers=scan, remat=remat)
-  if train:  # float32 master weights for what trains
+  if train is True:  # float32 master weights for what trains (DPO: the frozen expert stays bf16)
     cfg = dataclasses.replace(cfg, dtypes=dataclasses.replace(cfg.dtypes, trainable='float32'))
   build = CogVideoXTransformer if case.family == 'cogvideox' else WanTransformer
   devices = jax.devices() if devices is None else devices
@@ -90,7 +93,8 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
     return jax.ShapeDtypeStruct(a.shape, a.dtype,
                                 sharding=NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
   if train:
-    compiled, seconds = _compile_train_step(case, cfg, build, mesh, batch, arg)
+    compiled, seconds = _compile_train_step(case, cfg, build, mesh, batch, arg,
+                                            task='dpo' if train == 'dpo' else 'vap')
   else:
     args, kw = jax.tree.map(arg, inputs(case, batch))
     step = lambda s, a, k: nnx.merge(graphdef, s)(*a, **k)
@@ -138,9 +142,10 @@ def _records(case, batch: int):
   return out
 
 
-def _compile_train_step(case, cfg, build, mesh, batch, arg):
+def _compile_train_step(case, cfg, build, mesh, batch, arg, task: str = 'vap'):
   """The real train step (objective, clipped AdamW, donated state, explicit shardings) for an
-  abstract model: (compiled, seconds)."""
+  abstract model: (compiled, seconds). ``task`` 'dpo': the DPO step on ``batch`` pairs."""
+  import numpy as np
   import jax
   from flax import nnx
 
@@ -151,18 +156,29 @@ def _compile_train_step(case, cfg, build, mesh, batch, arg):
   from vap_jax.weights.loading import abstract_model
 
   model = abstract_model(lambda: build(cfg, rngs=nnx.Rngs(0)))
-  graphdef, trainable, frozen = split(model)
+  unreachable = model.unreachable()
+  if task == 'dpo':
+    from vap_jax.train.model import unreachable_adapters
+    from vap_jax.weights import lora as lora_files
+    lora_files.add(model, rank=32, alpha=32)
+    unreachable = unreachable_adapters(model)
+  graphdef, trainable, frozen = split(model, task)
   if case.family == 'cogvideox':
     objective = objectives.Objective('cogvideox', {'scaling_factor': 0.7}, CogVideoXDDIMScheduler())
   else:
     c = cfg.out_channels
     objective = objectives.Objective('wan', {'latents_mean': [0.0] * c, 'latents_std': [1.0] * c})
   lr = opt.schedule(1e-5, warmup_steps=1000)
-  optimizer = opt.adamw(lr, decay=opt.decay_scales(trainable, model.unreachable()))
+  optimizer = opt.adamw(lr, decay=opt.decay_scales(trainable, unreachable))
+  records = _records(case, batch)
+  if task == 'dpo':
+    from vap_jax.train.dpo import DPOObjective
+    objective = DPOObjective(objective)
+    records = dict(_records(case, 2 * batch), dpo_weight=np.ones(2 * batch, np.float32))
   step = make_train_step(graphdef, objective, optimizer, lr_schedule=lr)
   state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), trainable)
   compiled_step = jit_train_step(step, state, frozen, optimizer, mesh, DEFAULT_RULES)
-  records = jax.tree.map(arg, _records(case, batch))
+  records = jax.tree.map(arg, records)
   with sharding_context(mesh, DEFAULT_RULES):
     start = time.perf_counter()
     compiled = compiled_step.lower(state, frozen, records, None).compile()
@@ -181,8 +197,12 @@ def main(argv=None) -> dict:
   parser.add_argument('--mesh', default='', help="e.g. 'fsdp=8' or 'fsdp=2,tensor=4' "
                       "(default: all devices on fsdp)")
   parser.add_argument('--attention', default='blockwise', choices=['blockwise', 'xla'])
-  parser.add_argument('--train', action='store_true',
-                      help='forward + backward w.r.t. the expert (float32 expert weights)')
+  parser.add_argument('--train', nargs='?', const=True, default=False, choices=[True, 'dpo'],
+                      help='forward + backward w.r.t. the expert (float32 expert weights); '
+                           "'--train dpo': the DPO step with LoRA adapters")
+  parser.add_argument('--batch', type=int, default=None,
+                      help='videos (DPO: pairs) per step (default: the CFG pair for inference, '
+                           'one per data replica for training)')
   parser.add_argument('--remat', default='none', help='remat policy (vap_jax.models.stack)')
   parser.add_argument('--no-scan', action='store_true', help='unrolled blocks instead of scan')
   args = parser.parse_args(argv)
@@ -192,14 +212,15 @@ def main(argv=None) -> dict:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={count}')
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  result = analyze(args.model, mesh, attention=args.attention, train=args.train,
+  result = analyze(args.model, mesh, attention=args.attention, train=args.train, batch=args.batch,
                    remat=args.remat, scan=not args.no_scan, devices=target_devices(args.target))
   result['compiler'] = 'tpu' if topology else "cpu"
   result.update(target=args.target, capacity_bytes=capacity,
                 fits=result['per_device_bytes'] <= capacity)
   print(json.dumps(result))
   gib = lambda b: f'{b / 2**30:.1f} GiB'
-  what = f'train step, remat {args.remat}' if args.train else 'inference step'
+  what = ((f'{"DPO" if args.train == "dpo" else "train"} step, remat {args.remat}')
+          if args.train else 'inference step')
   print(f"{args.model} {what} on {args.target} (mesh {mesh}, {args.attention} attention): per device "
         f"{gib(result['per_device_bytes'])} = weights+inputs {gib(result['argument_bytes'])} + "
         f"temporaries {gib(result['temp_bytes'])} + outputs {gib(result['output_bytes'])}; "

@@ -39,6 +39,8 @@ def test_aot_memory_analysis_on_fake_devices():
   assert eight['argument_bytes'] < 0.5 * one['argument_bytes']
   train = aot.analyze('wan-tiny', {'fsdp': 2}, train=True, remat='full')  # the real train step
   assert train['train'] and train['temp_bytes'] > 0 and train['alias_bytes'] > 0
+  dpo = aot.analyze('cogvideox-tiny', {'fsdp': 2}, train='dpo', remat='full')  # LoRA + DPO
+  assert dpo['train'] == 'dpo' and dpo['batch'] == 2 and dpo['temp_bytes'] > 0
 
 
 def test_generate_harness_times_a_whole_video(tmp_path):
