@@ -66,17 +66,24 @@ def test_diffusers_adapters_load_in_ours(diffusers_base, tmp_path):
                       init_lora_weights=False)
   torch_model.add_adapter(config)
   try:
+    state = get_peft_model_state_dict(torch_model)
     CogVideoXImageToVideoPipeline.save_lora_weights(
-        tmp_path, transformer_lora_layers=get_peft_model_state_dict(torch_model),
+        tmp_path / 'diffusers', transformer_lora_layers=state,
         transformer_lora_adapter_metadata=config.to_dict())
+    # PEFT's save_pretrained layout: adapter_model.safetensors + adapter_config.json
+    from safetensors.torch import save_file
+    config.save_pretrained(tmp_path / 'peft')
+    save_file({f'base_model.model.{k}': v.contiguous() for k, v in state.items()},
+              tmp_path / 'peft' / 'adapter_model.safetensors')
     latents, t, text = _inputs()
     expected = _torch_forward(torch_model, dict(torch_model.config), latents, t, text)
   finally:
     torch_model.delete_adapters('default')
-  model = load_cogvideox(folder, dtype='float32')
-  names = lora_files.load(model, tmp_path)
-  assert len(names) == 2 * 4  # two blocks, to_q/to_k/to_v/to_out.0
-  assert_close(model(latents, t, text), expected, atol=1e-5, rtol=1e-5)
+  for layout in ('diffusers', 'peft'):
+    model = load_cogvideox(folder, dtype='float32')
+    names = lora_files.load(model, tmp_path / layout)
+    assert len(names) == 2 * 4  # two blocks, to_q/to_k/to_v/to_out.0
+    assert_close(model(latents, t, text), expected, atol=1e-5, rtol=1e-5, what=layout)
 
 
 def test_our_adapters_load_in_diffusers(diffusers_base, tmp_path):
