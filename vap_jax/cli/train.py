@@ -1,11 +1,13 @@
 """``vap-train``: train the VAP expert on a frozen base, from `vap-precompute` shards; or (config
-``task='base'``) a whole base transformer without an expert, or (``task='vae'``) a
-CogVideoX-family VAE on the target clips of a VAP-Data table.
+``task='base'``) a whole base transformer without an expert, (``task='vae'``) a
+CogVideoX-family VAE on the target clips of a VAP-Data table, or LoRA adapters on a frozen
+transformer by SFT (``task='lora'``) or the official DPO (``task='dpo'``).
 
   vap-train --config configs/train_wan.py:d10 --workdir runs/wan \\
       --set model.checkpoint=Wan2.1-I2V-14B-480P-Diffusers --set data.latents=latents/wan
   vap-train --config configs/train_cogvideox.py:tiny --workdir /tmp/run --set steps=50
   vap-train --config configs/train_vae.py:toy_frames --workdir runs/toy_vae  # then vap-export
+  vap-train --config configs/dpo_cogvideox.py --workdir runs/dpo --set dpo.table=vap_data.csv ...
 
 The config (a file read by path, ``PATH[:VARIANT]``) holds the model, data, optimizer, schedule,
 mesh, logging and checkpoint settings; ``--set dotted.key=VALUE`` (JSON values) changes any of

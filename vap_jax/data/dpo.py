@@ -169,6 +169,14 @@ class ReadPair(grain.transforms.Map):
     return out
 
 
+def _with_position(position: int, row: int) -> tuple[int, int]:
+  return position, row
+
+
+def _is_pair(element) -> bool:
+  return element is not None
+
+
 def _rows(batch: dict) -> dict:
   """(B, 2, ...) pairs -> (2B, ...) rows [win_0, lose_0, win_1, ...]."""
   return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
@@ -188,9 +196,9 @@ def make_dpo_loader(folder, table, *, batch_size: int, seed: int = 42,
   index, count = shard
   the_pairing, kinds = pairing_for(source, table, seed=seed, **pairing)
   ds = grain.MapDataset.range(len(kinds)).shuffle(seed=seed).repeat(None)
-  ds = ds.map_with_index(lambda position, row: (position, row))
+  ds = ds.map_with_index(_with_position)  # module functions: worker processes pickle them
   ds = ds[index::count].map(ReadPair(source, the_pairing, kinds, TRAIN_KEYS[source.family]))
-  it = ds.to_iter_dataset().filter(lambda x: x is not None)
+  it = ds.to_iter_dataset().filter(_is_pair)
   failures = FailureCounter(max_failure_fraction, min_samples_before_cap)
   it = SkipFailures(it, failures)
   if workers > 0:
