@@ -26,7 +26,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config='',                            # or: a model config file for a random init
       block_idx_with_mot_ref=tuple(range(41)),
       dtypes=dict(compute='bfloat16', params='bfloat16', trainable='float32'),
-      attention='cudnn', remat='full', scan_layers=True)
+      attention='cudnn', remat='full', scan_layers=True,
+      context_parallel='gspmd')  # on a context axis: 'allgather' or 'ulysses' joint attention
   c.data = dict(latents='latents/cog', batch_size=8, caption_dropout=0.02,
                 reference_dropout=0.0, workers=2, max_failure_fraction=0.05,
                 min_samples_before_cap=100)

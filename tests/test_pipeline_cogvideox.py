@@ -112,7 +112,11 @@ def test_two_references(pipe, golden):
   assert np.isfinite(two.video).all()
 
 
-def test_sharded_pipeline_equals_one_device(pipe, golden):
+@pytest.mark.parametrize('mesh_shape,context_parallel', [
+    ({'fsdp': 2, 'context': 2, 'tensor': 2}, 'gspmd'),
+    ({'data': 2, 'context': 4}, 'allgather'),  # CFG halves over data x sequence over context
+])
+def test_sharded_pipeline_equals_one_device(pipe, golden, mesh_shape, context_parallel):
   """The whole pipeline on an 8-device mesh (weights and activations sharded) gives the frames of
   one device."""
   from vap_jax.parallel import make_mesh
@@ -120,5 +124,6 @@ def test_sharded_pipeline_equals_one_device(pipe, golden):
             progress=False)
   args = (golden['inputs']['image'], list(golden['inputs']['ref_videos']), 'a', ['b'])
   sharded = CogVideoXVAPPipeline.from_pretrained(
-      GOLDEN / 'components', dtype='float32', mesh=make_mesh({'fsdp': 2, 'context': 2, 'tensor': 2}))
+      GOLDEN / 'components', dtype='float32', mesh=make_mesh(mesh_shape),
+      context_parallel=context_parallel)
   assert_close(sharded(*args, **kw).video, pipe(*args, **kw).video, atol=1e-5, what='frames')

@@ -73,6 +73,11 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--mesh', default=None, metavar='AXIS=N,...',
                  help='shard over a device mesh, e.g. fsdp=8 or fsdp=4,tensor=2 (default: one '
                       'device)')
+  p.add_argument('--context-parallel', default='gspmd',
+                 choices=['gspmd', 'allgather', 'ulysses'],
+                 help='joint attention on a mesh with a context axis: each device keeps its '
+                      'sequence shard of every stream and gathers keys/values (allgather) or '
+                      'swaps to head shards (ulysses); gspmd leaves it to the compiler')
   p.add_argument('--lora', default=None, metavar='PATH',
                  help='LoRA adapters for the transformer: a diffusers pytorch_lora_weights.'
                       'safetensors or PEFT adapter folder/file (vap-export of a lora/dpo run)')
@@ -220,7 +225,8 @@ def main(argv=None) -> int:
     start = time.time()
     pipe = Pipeline.from_pretrained(args.ckpt, dtype=args.dtype, vae_dtype=args.vae_dtype,
                                     mesh=mesh, attention=args.attention,
-                                    vae_tiling=args.vae_tiling, lora=args.lora,
+                                    vae_tiling=args.vae_tiling,
+                                    context_parallel=args.context_parallel, lora=args.lora,
                                     lora_scale=args.lora_scale,
                                     lora_merge=not args.lora_unmerged)
     print(f'loaded the {family} pipeline from {args.ckpt} in {time.time() - start:.1f} s')

@@ -35,6 +35,7 @@ from vap_jax.nn.layers import (AdaLayerNorm, FeedForward, LayerNorm, LayerNormZe
                                TimestepEmbedding, buffer)
 from vap_jax.nn.rope import RopeTable, cogvideox_rope
 from vap_jax.parallel import TOKEN_AXES, constrain
+from vap_jax.parallel.context import CONTEXT_PARALLEL
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class CogVideoXConfig:
   attention: str = 'xla'
   scan_layers: bool = True
   remat: str = 'none'
+  context_parallel: str = 'gspmd'  # vap_jax.parallel.context.CONTEXT_PARALLEL
 
   @property
   def inner_dim(self) -> int:
@@ -92,6 +94,9 @@ class CogVideoXConfig:
     check_expert_blocks(self.block_idx_with_mot_ref, self.num_layers)
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat {self.remat!r} is not one of {REMAT_POLICIES}')
+    if self.context_parallel not in CONTEXT_PARALLEL:
+      raise ValueError(f'context_parallel {self.context_parallel!r} is not one of '
+                       f'{CONTEXT_PARALLEL}')
     if self.use_rotary_positional_embeddings and self.attention_head_dim % 16:
       raise ValueError(f'3D RoPE splits attention_head_dim into [d/4, 3d/8, 3d/8] channel pairs: '
                        f'it must be a multiple of 16, got {self.attention_head_dim}')
@@ -193,6 +198,7 @@ class CogVideoXLayer(nnx.Module):
   """One stream's block weights: norm1, attn1, norm2, ff (the base or the expert copy)."""
   after_attention = ('attn1/to_out', 'norm2', 'ff')  # what follows the joint attention
   attention_tokens = ('text', 'video')               # its joint-attention tokens, in order
+  rotated = ('video',)                               # RoPE rotates the video tokens only
 
   def __init__(self, cfg: CogVideoXConfig, dtypes: DTypePolicy, *, rngs: nnx.Rngs):
     d, kw = cfg.inner_dim, dict(rngs=rngs, **dtypes.kw())
@@ -205,18 +211,18 @@ class CogVideoXLayer(nnx.Module):
 
   def attention_input(self, s: Stream):
     video, text, gate, text_gate = self.norm1(s.video, s.text, s.temb)
-    # [text ; video]; RoPE rotates the video part only.
-    return jnp.concatenate([text, video], axis=1), s.text.shape[1], (gate, text_gate)
+    return (text, video), (gate, text_gate)
 
-  def finish(self, s: Stream, attn: jax.Array, gates) -> Stream:
-    """Gated attention residual, then the gated feed-forward on [text ; video]."""
-    n_text, (gate, text_gate) = s.text.shape[1], gates
-    video = s.video + gate * attn[:, n_text:]
-    text = s.text + text_gate * attn[:, :n_text]
+  def finish(self, s: Stream, attn, gates) -> Stream:
+    """Gated attention residual, then the gated feed-forward (per token: the official applies
+    it to [text ; video] concatenated; kept apart, neither is ever resharded at their boundary)."""
+    (attn_text, attn_video), (gate, text_gate) = attn, gates
+    video = s.video + gate * attn_video
+    text = s.text + text_gate * attn_text
     norm_video, norm_text, gate, text_gate = self.norm2(video, text, s.temb)
-    ff = checkpoint_name(self.ff(jnp.concatenate([norm_text, norm_video], axis=1)), 'ffn')
-    video = constrain(video + gate * ff[:, n_text:], TOKEN_AXES)
-    return s._replace(video=video, text=text + text_gate * ff[:, :n_text])
+    ff_text, ff_video = (checkpoint_name(self.ff(x), 'ffn') for x in (norm_text, norm_video))
+    video = constrain(video + gate * ff_video, TOKEN_AXES)
+    return s._replace(video=video, text=text + text_gate * ff_text)
 
 
 def rope_table(cfg: CogVideoXConfig, frames: int, height: int, width: int,

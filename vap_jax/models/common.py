@@ -103,7 +103,7 @@ def from_diffusers_config(cls, config: dict[str, Any], unsupported: dict[str, An
 
 
 # Config fields that are runtime choices of ours, not architecture: never written to config.json.
-RUNTIME_FIELDS = ('dtypes', 'attention', 'scan_layers', 'remat')
+RUNTIME_FIELDS = ('dtypes', 'attention', 'scan_layers', 'remat', 'context_parallel')
 
 
 def to_diffusers_config(config, class_names: tuple[str, str], fixed: dict[str, Any],

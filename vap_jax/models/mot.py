@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -20,7 +21,7 @@ from vap_jax.models import stack
 from vap_jax.nn.attention import attention
 from vap_jax.nn.layers import LayerNorm, Linear, RMSNorm
 from vap_jax.nn.rope import RopeTable, apply_rope
-from vap_jax.parallel import constrain
+from vap_jax.parallel import constrain, context
 
 QK_NORMS = (None, 'layer_norm', 'rms_norm_across_heads')
 HEADS_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
@@ -52,8 +53,8 @@ class StreamAttention(nnx.Module):
     else:
       self.norm_q = self.norm_k = None
 
-  def qkv(self, x: jax.Array, rope: RopeTable | None = None, rope_start: int = 0):
-    """x: (B, S, dim) -> q, k, v: (B, S, heads, head_dim); RoPE on tokens [rope_start:]."""
+  def qkv(self, x: jax.Array, rope: RopeTable | None = None):
+    """x: (B, S, dim) -> q, k, v: (B, S, heads, head_dim), RoPE on q and k when given."""
     q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
     if self.qk_norm == 'rms_norm_across_heads':
       q, k = self.norm_q(q), self.norm_k(k)
@@ -61,8 +62,7 @@ class StreamAttention(nnx.Module):
     if self.qk_norm == 'layer_norm':
       q, k = self.norm_q(q), self.norm_k(k)
     if rope is not None:
-      q, k = (jnp.concatenate([t[:, :rope_start], apply_rope(t[:, rope_start:], rope)], axis=1)
-              for t in (q, k))
+      q, k = apply_rope(q, rope), apply_rope(k, rope)
     return tuple(constrain(t, HEADS_AXES) for t in (q, k, v))
 
   def split_heads(self, t: jax.Array) -> jax.Array:
@@ -73,65 +73,76 @@ class StreamAttention(nnx.Module):
     return self.to_out(o.reshape(*o.shape[:-2], self.heads * self.head_dim))
 
 
-def joint_attention(streams: Sequence[StreamAttention], tokens: Sequence[jax.Array],
-                    ropes: Sequence[RopeTable | None], rope_starts: Sequence[int], *,
-                    implementation: str = 'xla',
-                    key_masks: Sequence[jax.Array | None] | None = None) -> list[jax.Array]:
-  """One attention over all streams' tokens; returns each stream's projected output.
+def joint_attention(streams: Sequence[StreamAttention], parts: Sequence[Sequence[jax.Array]],
+                    ropes: Sequence[Sequence[RopeTable | None]], *, implementation: str = 'xla',
+                    key_masks: Sequence[Sequence[jax.Array | None]] | None = None,
+                    context_parallel: str = 'gspmd') -> list[list[jax.Array]]:
+  """One attention over all streams' tokens; returns each stream's projected output per part.
 
-  ``tokens[i]`` is stream i's (B, S_i, dim) input, ``ropes[i]`` its RoPE table for the tokens from
-  ``rope_starts[i]`` on (CogVideoX leaves its text prefix unrotated); ``key_masks[i]`` (B, S_i)
-  (or None: all kept) removes tokens as keys, e.g. a dropped reference's.
+  Stream i's tokens come in parts (CogVideoX: its text, then its video; Wan: its video):
+  ``parts[i][j]`` (B, S_ij, dim) with RoPE table ``ropes[i][j]`` (or None) and key mask
+  ``key_masks[i][j]`` (B, S_ij) (or None: all kept; False removes a token as a key, e.g. a dropped
+  reference's). The parts are projected on their own (every projection is per token), so no
+  part is ever concatenated to another outside the attention: on a mesh with a context axis,
+  ``context_parallel`` 'allgather' or 'ulysses' keeps each part sequence-sharded through the
+  attention (`vap_jax.parallel.context`); 'gspmd' concatenates them and leaves the layout to the
+  compiler.
   """
-  qkvs = [s.qkv(x, rope, start) for s, x, rope, start in zip(streams, tokens, ropes, rope_starts)]
-  q, k, v = (checkpoint_name(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0], name)
-             for parts, name in zip(zip(*qkvs), ('query', 'key', 'value')))
-  key_mask = None
-  if key_masks is not None and any(m is not None for m in key_masks):
-    key_mask = jnp.concatenate([jnp.ones(x.shape[:2], bool) if m is None else m
-                                for x, m in zip(tokens, key_masks)], axis=1)
-  o = checkpoint_name(attention(q, k, v, key_mask=key_mask, implementation=implementation),
-                      'attention')
-  bounds, offset = [], 0
-  for x in tokens[:-1]:
-    offset += x.shape[1]
-    bounds.append(offset)
-  return [s.out(part) for s, part in zip(streams, jnp.split(o, bounds, axis=1))]
+  owners = [s for s, ps in zip(streams, parts) for _ in ps]
+  flat_masks = ([m for ms in key_masks for m in ms] if key_masks is not None
+                else [None] * len(owners))
+  qkvs = [s.qkv(x, rope) for s, ps, rs in zip(streams, parts, ropes) for x, rope in zip(ps, rs)]
+  if context.active(context_parallel):
+    outs = context.joint_attention(qkvs, flat_masks, kind=context_parallel,
+                                   implementation=implementation)
+  else:
+    q, k, v = (jnp.concatenate(t, axis=1) if len(t) > 1 else t[0] for t in zip(*qkvs))
+    key_mask = None
+    if any(m is not None for m in flat_masks):
+      key_mask = jnp.concatenate([jnp.ones(t[0].shape[:2], bool) if m is None else m
+                                  for t, m in zip(qkvs, flat_masks)], axis=1)
+    o = attention(checkpoint_name(q, 'query'), checkpoint_name(k, 'key'),
+                  checkpoint_name(v, 'value'), key_mask=key_mask, implementation=implementation)
+    bounds = np.cumsum([t[0].shape[1] for t in qkvs])[:-1]
+    outs = jnp.split(o, bounds, axis=1)
+  projected = iter([s.out(checkpoint_name(o, 'attention')) for s, o in zip(owners, outs)])
+  return [[next(projected) for _ in ps] for ps in parts]
 
 
-def reference_key_mask(layer: nnx.Module, stream) -> jax.Array | None:
-  """(B, S) keys of a stream whose ``mask`` (B, R) marks its kept references, for the tokens it
-  puts into the attention: the layer's ``attention_tokens`` fields in order (CogVideoX: the R
-  captions then the R videos; Wan: the R videos), each made of R equal chunks. None when every
+def reference_key_masks(layer: nnx.Module, stream) -> list[jax.Array | None]:
+  """(B, S_j) keys of each of a stream's parts (the layer's ``attention_tokens`` fields, each
+  made of R equal chunks) whose ``mask`` (B, R) marks its kept references; Nones when every
   reference is kept."""
   mask = getattr(stream, 'mask', None)
   if mask is None:
-    return None
+    return [None] * len(layer.attention_tokens)
   r = mask.shape[1]
-  return jnp.concatenate([jnp.repeat(mask, getattr(stream, f).shape[1] // r, axis=1)
-                          for f in layer.attention_tokens], axis=1)
+  return [jnp.repeat(mask, getattr(stream, f).shape[1] // r, axis=1)
+          for f in layer.attention_tokens]
 
 
 def mot_block(base: nnx.Module, expert: nnx.Module | None, target, ref, *,
-              implementation: str = 'xla'):
+              implementation: str = 'xla', context_parallel: str = 'gspmd'):
   """One transformer block of either backbone: the base layer on the target stream and, on
   expert blocks, the expert layer on the reference stream, meeting in `joint_attention`. Without
   an expert layer (or without references) the reference stream passes through unchanged.
 
-  Layers provide ``attn1`` (a `StreamAttention`), ``attention_input(stream) -> (tokens,
-  rope_start, carry)``, ``finish(stream, attention_output, carry) -> stream`` and
-  ``attention_tokens`` (the stream fields its tokens come from); streams carry their RoPE table
-  as ``.rope`` and may carry ``.mask`` (B, R): the references to keep.
+  Layers provide ``attn1`` (a `StreamAttention`), ``attention_tokens`` (the stream fields its
+  tokens come from, in order) and ``rotated`` (those RoPE applies to),
+  ``attention_input(stream) -> (parts, carry)`` (one token array per field) and
+  ``finish(stream, outputs, carry) -> stream`` (one attention output per part); streams carry
+  their RoPE table as ``.rope`` and may carry ``.mask`` (B, R): the references to keep.
   """
   pairs = [(base, target)]
   if expert is not None and ref is not None:
     pairs.append((expert, ref))
   inputs = [layer.attention_input(s) for layer, s in pairs]
-  attn = joint_attention([layer.attn1 for layer, _ in pairs], [x for x, _, _ in inputs],
-                         [s.rope for _, s in pairs], [start for _, start, _ in inputs],
-                         implementation=implementation,
-                         key_masks=[reference_key_mask(layer, s) for layer, s in pairs])
-  out = [layer.finish(s, a, carry) for (layer, s), a, (_, _, carry) in zip(pairs, attn, inputs)]
+  ropes = [[s.rope if f in layer.rotated else None for f in layer.attention_tokens]
+           for layer, s in pairs]
+  attn = joint_attention([layer.attn1 for layer, _ in pairs], [p for p, _ in inputs], ropes,
+                         implementation=implementation, context_parallel=context_parallel,
+                         key_masks=[reference_key_masks(layer, s) for layer, s in pairs])
+  out = [layer.finish(s, a, carry) for (layer, s), a, (_, carry) in zip(pairs, attn, inputs)]
   return out[0], (out[1] if len(out) > 1 else ref)
 
 
@@ -139,7 +150,8 @@ class MoTTransformer(nnx.Module):
   """What both VAP transformers share: the base layers stacked in ``blocks`` (L, ...), the expert
   layers in ``expert.blocks`` (E, ...), and how they run (`vap_jax.models.stack`). Subclasses set
   ``config`` (num_layers, block_idx_with_mot_ref, attention, scan_layers, remat), ``blocks`` and
-  ``expert`` (None without expert blocks)."""
+  ``expert`` (None without expert blocks); the config's ``context_parallel`` picks the joint
+  attention's layout on a context-parallel mesh."""
 
   @property
   def runs(self) -> tuple[stack.Run, ...]:
@@ -153,7 +165,8 @@ class MoTTransformer(nnx.Module):
 
   def block(self, base: nnx.Module, expert: nnx.Module | None, target, ref):
     """One block: `mot_block` with this model's attention implementation."""
-    return mot_block(base, expert, target, ref, implementation=self.config.attention)
+    return mot_block(base, expert, target, ref, implementation=self.config.attention,
+                     context_parallel=self.config.context_parallel)
 
   def unreachable(self) -> list[tuple[tuple, int]]:
     """(path, slot) of the expert parameters no loss can reach: the last expert block's reference

@@ -40,6 +40,7 @@ from vap_jax.nn.embeddings import timestep_features
 from vap_jax.nn.layers import FeedForward, LayerNorm, Linear, RMSNorm, TimestepEmbedding, param
 from vap_jax.nn.rope import RopeTable, wan_rope
 from vap_jax.parallel import TOKEN_AXES, constrain
+from vap_jax.parallel.context import CONTEXT_PARALLEL
 
 F32 = jnp.float32
 # The official ``_keep_in_fp32_modules``, as policy roles.
@@ -76,6 +77,7 @@ class WanConfig:
   attention: str = 'xla'
   scan_layers: bool = True
   remat: str = 'none'
+  context_parallel: str = 'gspmd'  # vap_jax.parallel.context.CONTEXT_PARALLEL
 
   @property
   def inner_dim(self) -> int:
@@ -88,6 +90,9 @@ class WanConfig:
     check_expert_blocks(self.block_idx_with_mot_ref, self.num_layers)
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat {self.remat!r} is not one of {REMAT_POLICIES}')
+    if self.context_parallel not in CONTEXT_PARALLEL:
+      raise ValueError(f'context_parallel {self.context_parallel!r} is not one of '
+                       f'{CONTEXT_PARALLEL}')
     if (self.image_dim is None) != (self.added_kv_proj_dim is None):
       raise ValueError('image_dim and added_kv_proj_dim must both be set (I2V) or both be None')
 
@@ -207,6 +212,7 @@ class WanLayer(nnx.Module):
   """One stream's block weights (the base or the expert copy)."""
   after_attention = ('attn1/to_out', 'attn2', 'norm2', 'ffn')  # what follows the joint attention
   attention_tokens = ('video',)                                  # its joint-attention tokens
+  rotated = ('video',)                                           # all rotated by RoPE
 
   def __init__(self, cfg: WanConfig, dtypes: DTypePolicy, *, rngs: nnx.Rngs):
     d = cfg.inner_dim
@@ -233,10 +239,10 @@ class WanLayer(nnx.Module):
 
   def attention_input(self, s: Stream):
     mods = [m[:, :, None] for m in jnp.unstack(self.scale_shift_table[...] + s.modulation, axis=2)]
-    return self._modulated(s, self.norm1, s.video, mods[0], mods[1]), 0, mods
+    return (self._modulated(s, self.norm1, s.video, mods[0], mods[1]),), mods
 
-  def finish(self, s: Stream, attn: jax.Array, mods) -> Stream:
-    _, _, gate, c_shift, c_scale, c_gate = mods
+  def finish(self, s: Stream, attn, mods) -> Stream:
+    (attn,), (_, _, gate, c_shift, c_scale, c_gate) = attn, mods
     x = s.video
     x = (x.astype(F32) + (self._chunked(s, attn) * gate).reshape(x.shape)).astype(x.dtype)
     normed = x if self.norm2 is None else self.norm2(x.astype(F32)).astype(x.dtype)

@@ -169,6 +169,11 @@ def sharding_context(mesh: Mesh, rules: Rules = DEFAULT_RULES):
     _context.mesh, _context.rules = previous
 
 
+def current() -> tuple[Mesh | None, Rules]:
+  """The (mesh, rules) of the active `sharding_context` ((None, ()) outside one)."""
+  return _context.mesh, _context.rules
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   """with_sharding_constraint by logical names, when a sharding context is active."""
   if _context.mesh is None:

@@ -15,13 +15,16 @@ log = logging.getLogger(__name__)
 
 def load_components(path: str | Path, family: str, *, dtype: str = 'bfloat16',
                     vae_dtype: str = 'float32', image_encoder_dtype: str = 'float32', mesh=None,
-                    attention: str = 'xla', vae_tiling: bool = False, lora: str | Path | None = None,
+                    attention: str = 'xla', vae_tiling: bool = False,
+                    context_parallel: str = 'gspmd', lora: str | Path | None = None,
                     lora_scale: float = 1.0, lora_merge: bool = True) -> dict:
   """Keyword arguments for the family's pipeline constructor: every component, loaded.
 
   ``dtype`` is the transformer's and text encoder's; the VAE and (Wan) CLIP image encoder run in
   float32 unless ``vae_dtype`` / ``image_encoder_dtype`` say otherwise, for both families.
-  ``mesh`` shards every component; ``attention`` picks the attention op. ``lora``: a diffusers
+  ``mesh`` shards every component; ``attention`` picks the attention op and
+  ``context_parallel`` the joint attention's layout on a context axis (`vap_jax.parallel.
+  context`). ``lora``: a diffusers
   or PEFT LoRA file (or folder) for the transformer, at ``lora_scale``, merged into its weights
   (the base model's speed) unless ``lora_merge`` is False.
   """
@@ -39,12 +42,14 @@ def load_components(path: str | Path, family: str, *, dtype: str = 'bfloat16',
   if family == 'cogvideox':
     from vap_jax.weights.cogvideox import load_cogvideox
     from vap_jax.weights.vae import load_cogvideox_vae
-    parts['transformer'] = load_cogvideox(path, mesh=mesh, dtype=dtype, attention=attention)
+    parts['transformer'] = load_cogvideox(path, mesh=mesh, dtype=dtype, attention=attention,
+                                          context_parallel=context_parallel)
     parts['vae'] = load_cogvideox_vae(path, mesh=mesh, dtype=vae_dtype)
   else:
     from vap_jax.weights.vae import load_wan_vae
     from vap_jax.weights.wan import load_wan
-    parts['transformer'] = load_wan(path, mesh=mesh, dtype=dtype, attention=attention)
+    parts['transformer'] = load_wan(path, mesh=mesh, dtype=dtype, attention=attention,
+                                    context_parallel=context_parallel)
     parts['vae'] = load_wan_vae(path, mesh=mesh, dtype=vae_dtype)
     parts['image_encoder'] = load_image_encoder(path, mesh=mesh, dtype=image_encoder_dtype,
                                                 attention=attention)

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 # Run settings a resumed run may change (how it runs, not what it trains).
 CHANGEABLE = ('mesh', 'rules', 'log', 'steps', 'checkpoint', 'data.workers', 'model.remat',
-              'model.attention', 'model.scan_layers', 'accumulation', 'data.batch_size')
+              'model.attention', 'model.scan_layers', 'model.context_parallel', 'accumulation',
+              'data.batch_size')
 
 
 # What a run trains (its config's ``task``; runs from before tasks have none: 'vap').

@@ -38,7 +38,8 @@ def runtime(model_config) -> dict:
   d = model_config.dtypes
   return dict(dtype=d.compute, param_dtype=d.params, trainable_dtype=d.trainable,
               attention=model_config.attention, scan_layers=model_config.scan_layers,
-              remat=model_config.remat)
+              remat=model_config.remat,
+              context_parallel=model_config.get('context_parallel', 'gspmd'))
 
 
 def build_model(family: str, model_config, *, mesh: Mesh | None, rules: Rules,
@@ -70,7 +71,8 @@ def build_model(family: str, model_config, *, mesh: Mesh | None, rules: Rules,
   d = model_config.dtypes
   fields.update(dtypes=dict(compute=d.compute, params=d.params, trainable=d.trainable),
                 attention=model_config.attention, scan_layers=model_config.scan_layers,
-                remat=model_config.remat)
+                remat=model_config.remat,
+                context_parallel=model_config.get('context_parallel', 'gspmd'))
   if family == 'wan':
     from vap_jax.models.wan import KEEP_FP32
     fields['dtypes']['keep_fp32'] = KEEP_FP32
