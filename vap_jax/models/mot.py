@@ -5,7 +5,9 @@ projects its own tokens to Q/K/V and normalises them, applies its own RoPE table
 full, unmasked, bidirectional attention runs over the concatenation of all streams' tokens, in
 stream order (target first). The result is split back at the stream boundaries and each stream
 applies its own output projection. With a single stream this is ordinary self-attention, which is
-how the base model (expert off) runs through the same code.
+how the base model (expert off) runs through the same code. A stream's tokens come in parts
+(CogVideoX: text, video), each projected on its own, so that on a context-parallel mesh no part
+is concatenated to another outside the attention (`vap_jax.parallel.context`).
 """
 from __future__ import annotations
 
