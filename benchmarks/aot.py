@@ -54,7 +54,7 @@ def target_devices(target: str) -> list:
 
 def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwise',
             batch: int | None = None, train: bool | str = False, remat: str = 'none',
-            scan: bool = True, devices=None) -> dict:
+            scan: bool = True, devices=None, context_parallel: str = 'gspmd') -> dict:
   """Compile the sharded step for ``model`` on ``devices`` (default: the current, fake, ones);
   memory per device."""
   import dataclasses
@@ -71,7 +71,8 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
   from vap_jax.weights.loading import abstract_model
 
   case = CASES[model]()
-  cfg = dataclasses.replace(case.config, attention=attention, scan_layers=scan, remat=remat)
+  cfg = dataclasses.replace(case.config, attention=attention, scan_layers=scan, remat=remat,
+                            context_parallel=context_parallel)
   if train is True:  # float32 master weights for what trains (DPO: the frozen expert stays bf16)
     cfg = dataclasses.replace(cfg, dtypes=dataclasses.replace(cfg.dtypes, trainable='float32'))
   build = CogVideoXTransformer if case.family == 'cogvideox' else WanTransformer
@@ -109,6 +110,7 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
            for name in ('argument', 'output', 'temp', 'alias', 'generated_code')}
   total = sizes['argument'] + sizes['output'] + sizes['temp'] - sizes['alias']
   return dict(model=model, mesh=mesh_shape, devices=mesh.size, attention=attention, batch=batch,
+              context_parallel=context_parallel,
               train=train, remat=remat, scan=scan, compile_seconds=round(seconds, 1),
               per_device_bytes=total, bf16_weight_bytes_unsharded=bf16_weights,
               **{f'{k}_bytes': v for k, v in sizes.items()})
@@ -205,6 +207,9 @@ def main(argv=None) -> dict:
                            'one per data replica for training)')
   parser.add_argument('--remat', default='none', help='remat policy (vap_jax.models.stack)')
   parser.add_argument('--no-scan', action='store_true', help='unrolled blocks instead of scan')
+  parser.add_argument('--context-parallel', default='gspmd',
+                      choices=['gspmd', 'allgather', 'ulysses'],
+                      help='joint attention layout on a context axis (vap_jax.parallel.context)')
   args = parser.parse_args(argv)
   count, capacity, topology = TARGETS[args.target]
   mesh = _parse_mesh(args.mesh) or {'fsdp': count}
@@ -213,7 +218,8 @@ def main(argv=None) -> dict:
                                f' --xla_force_host_platform_device_count={count}')
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   result = analyze(args.model, mesh, attention=args.attention, train=args.train, batch=args.batch,
-                   remat=args.remat, scan=not args.no_scan, devices=target_devices(args.target))
+                   remat=args.remat, scan=not args.no_scan, devices=target_devices(args.target),
+                   context_parallel=args.context_parallel)
   result['compiler'] = 'tpu' if topology else "cpu"
   result.update(target=args.target, capacity_bytes=capacity,
                 fits=result['per_device_bytes'] <= capacity)
