@@ -61,3 +61,12 @@ def test_checksum_cost_harness():
   assert row['files'] > 0 and row['state_mb'] > 0
   for key in ('convert_seconds', 'record_seconds', 'full_check_seconds', 'restore_seconds'):
     assert row[key] > 0, key
+
+
+def test_scaling_harness_runs_each_layout():
+  from benchmarks import scaling
+  rows = scaling.main(['--model', 'cogvideox-tiny', '--devices', '1,8', '--repeats', '1',
+                       '--attention', 'xla', '--layouts', 'fsdp,cfg_allgather,fsdp_tensor'])
+  assert [(r['devices'], r['layout']) for r in rows] == [
+      (1, 'one device'), (8, 'fsdp'), (8, 'cfg_allgather'), (8, 'fsdp_tensor')]
+  assert all(r['seconds'] > 0 and r['speedup'] > 0 for r in rows)

@@ -90,8 +90,10 @@ def joint_attention(qkvs: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
     return [jax.lax.all_to_all(p, CONTEXT, 1, 2, tiled=True) for p in parts]
 
   specs = [(spec, spec, spec) for _ in qkvs]
+  # check_vma off: the attention ops' loops (blockwise) start from device-invariant zeros that
+  # the sequence-sharded body makes varying; every output here is varying by construction.
   outs = jax.shard_map(local, mesh=mesh, in_specs=(specs, [mask_spec] * len(masks)),
-                       out_specs=[spec] * len(qkvs))(qkvs, masks)
+                       out_specs=[spec] * len(qkvs), check_vma=False)(qkvs, masks)
   return [o[:, :n] for o, n in zip(outs, lengths)]
 
 
