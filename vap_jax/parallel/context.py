@@ -1,9 +1,10 @@
 """Context-parallel joint attention: each device holds a sequence shard of every stream.
 
 The MoT joint attention runs one softmax over the concatenation of the streams (target, then the
-reference expert). Left to GSPMD, concatenating sequence-sharded streams whose boundaries do not
-fall on shard boundaries reshards Q, K and V in every block. Here each stream stays sharded on
-its own, inside one `jax.shard_map` over the whole mesh:
+reference expert), each made of token parts (CogVideoX: text, video). Left to GSPMD,
+concatenating sequence-sharded parts whose boundaries do not fall on shard boundaries reshards
+Q, K and V in every block. Here every part stays sharded on its own, inside one `jax.shard_map`
+over the whole mesh:
 
 * ``allgather``: every device keeps its shard of each stream's queries and gathers the keys and
   values of all streams over the ``context`` axis; its queries attend to the whole joint
@@ -12,7 +13,7 @@ its own, inside one `jax.shard_map` over the whole mesh:
   1/c of the heads), the joint attention runs whole per head, and a second all-to-all turns the
   output back into sequence shards. The local head count must divide by the context degree.
 
-A stream whose length does not divide the context degree is zero-padded to the next multiple,
+A part whose length does not divide the context degree is zero-padded to the next multiple,
 its padded keys masked out and its padded outputs dropped. ``gspmd`` (the default) leaves the
 layout to the compiler (the path every config had before).
 """
@@ -23,6 +24,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from vap_jax.nn.attention import attention
@@ -56,9 +58,9 @@ def _pad(x: jax.Array, multiple: int) -> jax.Array:
 def joint_attention(qkvs: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
                     key_masks: Sequence[jax.Array | None], *, kind: str,
                     implementation: str) -> list[jax.Array]:
-  """Each stream's attention output (B, S_i, H, D) over the joint sequence of all streams
-  (see the module docstring); ``qkvs[i]`` = stream i's q, k, v (B, S_i, H, D), ``key_masks[i]``
-  (B, S_i) or None (every key kept). Call inside `sharding.sharding_context`."""
+  """Each token part's attention output (B, S_i, H, D) over the joint sequence of all parts
+  of all streams (see the module docstring); ``qkvs[i]`` = part i's q, k, v (B, S_i, H, D),
+  ``key_masks[i]`` (B, S_i) or None (every key kept). Call inside `sharding.sharding_context`."""
   mesh, rules = sharding.current()
   c = mesh.shape[CONTEXT]
   spec = sharding.logical_to_spec(HEADS_AXES, rules, mesh)
@@ -104,8 +106,4 @@ def _size(mesh, axes) -> int:
 
 
 def _split(x: jax.Array, sizes: Sequence[int]) -> list[jax.Array]:
-  bounds, offset = [], 0
-  for n in sizes[:-1]:
-    offset += n
-    bounds.append(offset)
-  return jnp.split(x, bounds, axis=1)
+  return jnp.split(x, np.cumsum(sizes)[:-1], axis=1)
