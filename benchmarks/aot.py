@@ -54,9 +54,11 @@ def target_devices(target: str) -> list:
 
 def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwise',
             batch: int | None = None, train: bool | str = False, remat: str = 'none',
-            scan: bool = True, devices=None, context_parallel: str = 'gspmd') -> dict:
+            scan: bool = True, devices=None, context_parallel: str = 'gspmd',
+            rules=None) -> dict:
   """Compile the sharded step for ``model`` on ``devices`` (default: the current, fake, ones);
-  memory per device."""
+  memory per device. ``rules``: the logical->mesh rules (default `DEFAULT_RULES`; the
+  inference step only)."""
   import dataclasses
 
   import jax
@@ -70,6 +72,7 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
                                 sharding_context)
   from vap_jax.weights.loading import abstract_model
 
+  rules = DEFAULT_RULES if rules is None else rules
   case = CASES[model]()
   cfg = dataclasses.replace(case.config, attention=attention, scan_layers=scan, remat=remat,
                             context_parallel=context_parallel)
@@ -81,11 +84,11 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
   if batch is None:  # CFG pair for inference; one video per data replica for training
     batch = mesh.shape['data'] * mesh.shape['fsdp'] if train else 2
   graphdef, state = nnx.split(abstract_model(lambda: build(cfg, rngs=nnx.Rngs(0))))
-  shardings = dict(nnx.to_flat_state(param_shardings(state, mesh, DEFAULT_RULES)))
+  shardings = dict(nnx.to_flat_state(param_shardings(state, mesh, rules)))
   abstract_state = nnx.from_flat_state([
       (path, var.replace(value=jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[path])))
       for path, var in nnx.to_flat_state(state)])
-  batch_spec = logical_to_spec(('activation_batch',), DEFAULT_RULES, mesh)
+  batch_spec = logical_to_spec(('activation_batch',), rules, mesh)
 
   def arg(a):  # batch-sharded where the batch divides, else replicated
     spec = batch_spec if batch_spec[0] is None or a.shape[0] % math.prod(
@@ -99,7 +102,7 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
   else:
     args, kw = jax.tree.map(arg, inputs(case, batch))
     step = lambda s, a, k: nnx.merge(graphdef, s)(*a, **k)
-    with sharding_context(mesh, DEFAULT_RULES):
+    with sharding_context(mesh, rules):
       start = time.perf_counter()
       compiled = jax.jit(step).lower(abstract_state, args, kw).compile()
       seconds = time.perf_counter() - start

@@ -8,8 +8,9 @@ each layout, and the speedup over one device.
 Layouts (`LAYOUTS`), for n devices: ``fsdp`` (weights sharded n ways, batch over fsdp),
 ``cfg_allgather`` (the CFG halves over data=2, the sequence over context=n/2, all-gather K/V
 joint attention), ``ulysses`` (sequence over context=n, Ulysses joint attention), ``cfg_ulysses``
-(data=2 x Ulysses context=n/2), ``fsdp_tensor`` (fsdp=n/2 x tensor=2). One device runs the
-model unsharded. The step is the pipelines' transformer call: CFG batch 2, one reference, bf16,
+(data=2 x Ulysses context=n/2), ``fsdp_tensor`` (fsdp=n/2 x tensor=2); in every layout the
+weights are sharded over all devices but the tensor axis (`rules`). One device runs the model
+unsharded. The step is the pipelines' transformer call: CFG batch 2, one reference, bf16,
 the official shapes (`benchmarks.step.CASES`). Measured mode times the compiled step
 (``--repeats``, after a warm-up) and reads each device's peak memory where the backend reports it;
 ``--aot TARGET`` compiles for the target's device count on fake host devices (TPU targets with
@@ -34,6 +35,14 @@ LAYOUTS = {  # name -> (mesh for n devices, joint attention layout)
 }
 
 
+def rules():
+  """The weights sharded over every mesh axis but tensor (FSDP across the data and context
+  shards too: inference holds no optimizer state, so nothing is gained by replicating them)."""
+  from vap_jax.parallel import DEFAULT_RULES, with_rules
+  everywhere = ('fsdp', 'context', 'data')
+  return with_rules(DEFAULT_RULES, embed=everywhere, text_embed=everywhere)
+
+
 def _applies(layout: str, n: int, heads: int) -> bool:
   if n == 1:
     return layout == 'fsdp'  # one device: the unsharded model, once
@@ -56,7 +65,7 @@ def measure(case_name: str, layout: str, devices: list, *, repeats: int = 5,
   from benchmarks.step import CASES, inputs
   from vap_jax.models.cogvideox import CogVideoXTransformer
   from vap_jax.models.wan import WanTransformer
-  from vap_jax.parallel import DEFAULT_RULES, make_mesh, sharding_context
+  from vap_jax.parallel import make_mesh, sharding_context
   from vap_jax.weights.loading import shard_model
 
   case = CASES[case_name]()
@@ -66,10 +75,10 @@ def measure(case_name: str, layout: str, devices: list, *, repeats: int = 5,
                             context_parallel=kind if n > 1 else 'gspmd')
   build = CogVideoXTransformer if case.family == 'cogvideox' else WanTransformer
   mesh = make_mesh(mesh_shape(n) if n > 1 else {}, devices=devices)
-  model = shard_model(build(cfg, rngs=nnx.Rngs(0)), mesh, DEFAULT_RULES)
+  model = shard_model(build(cfg, rngs=nnx.Rngs(0)), mesh, rules())
   args, kw = inputs(case, batch=2)
   step = nnx.jit(lambda m, *a, **k: m(*a, **k))
-  with sharding_context(mesh, DEFAULT_RULES):
+  with sharding_context(mesh, rules()):
     start = time.perf_counter()
     step(model, *args, **kw).block_until_ready()
     compile_s = time.perf_counter() - start
@@ -89,7 +98,8 @@ def aot(case_name: str, layout: str, target: str, n: int) -> dict:
   mesh_shape, kind = LAYOUTS[layout]
   devices = ahead.target_devices(target)[:n]
   result = ahead.analyze(case_name, mesh_shape(n) if n > 1 else {'fsdp': 1}, devices=devices,
-                         attention='blockwise', context_parallel=kind if n > 1 else 'gspmd')
+                         attention='blockwise', context_parallel=kind if n > 1 else 'gspmd',
+                         rules=rules())
   return dict(peak_bytes_per_device=result['per_device_bytes'],
               compile_seconds=result['compile_seconds'])
 
