@@ -125,3 +125,34 @@ def test_stacked_parameters_shard_as_the_rules_say(mesh_shape, rules, q_kernel, 
     assert model.expert.blocks.attn1.to_q.kernel[...].sharding.spec == q_kernel
     ffn = model.blocks.ff if name.startswith('cog') else model.blocks.ffn
     assert ffn.proj_out.kernel[...].sharding.spec == ff_out
+
+
+def test_scanned_fsdp_gathers_one_layer_at_a_time():
+  """Layer-wise FSDP: with the blocks scanned on fsdp=8, the compiled forward gathers each
+  layer's weights inside the loop body (one layer at a time); outside it only the non-block
+  weights (embeddings, head) are gathered -- never a whole stack."""
+  import re
+  from vap_jax.weights.loading import shard_model as shard
+  config = config_file('cogvideox_tiny.py')
+  fields = dict(config.model, num_layers=6, block_idx_with_mot_ref=tuple(range(6)))
+  model = CogVideoXTransformer(CogVideoXConfig(**fields), rngs=nnx.Rngs(0))
+  mesh = make_mesh(dict(fsdp=8))
+  graphdef, state = nnx.split(shard(model, mesh, config.rules))
+  args, kw = _cog_inputs(np.random.default_rng(0), batch=8, n_refs=1)
+  with sharding_context(mesh, config.rules):
+    hlo = jax.jit(lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k)).lower(
+        state, *args, **kw).compile().as_text()
+  computations, name = {}, None
+  for line in hlo.split('\n'):
+    header = re.match(r'^(?:ENTRY )?%?([\w.\-]+) \(.*\{$', line)
+    if header:
+      name = header.group(1)
+      computations[name] = []
+    elif name is not None and re.search(r' all-gather(?:-start)?\(', line):
+      computations[name].append(re.search(r'= (\w+\[[\d,]*\])', line).group(1))
+  bodies = set(re.findall(r'body=%?([\w.\-]+)', hlo))
+  inside = [s for n, shapes in computations.items() if n in bodies for s in shapes]
+  outside = [s for n, shapes in computations.items() if n not in bodies for s in shapes]
+  width = 16 * 4  # attention_head_dim x heads of the tiny config
+  assert f'f32[{width},{width}]' in inside  # the q/k/v/out kernels of the layer in flight
+  assert not any(re.match(r'f32\[6,', s) for s in outside), outside  # no whole-stack gather
