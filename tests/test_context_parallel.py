@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import assert_close, config_file
+from test_sharding import _cog_inputs, _wan_inputs, perturbed
 from vap_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer
 from vap_jax.models.wan import WanConfig, WanTransformer
 from vap_jax.parallel import make_mesh, sharding_context
@@ -19,21 +20,12 @@ from vap_jax.weights.loading import shard_model
 
 def _cog(rng, batch, n_refs, text=5):
   """CogVideoX streams of 5 + 72 tokens per reference: 77 does not divide 4 or 8."""
-  cfg = config_file('cogvideox_tiny.py').model
-  lat = lambda f: rng.standard_normal((batch, f, cfg.in_channels, 8, 12)).astype(np.float32)
-  txt = lambda n: rng.standard_normal((batch, n, cfg.text_embed_dim)).astype(np.float32)
-  return (lat(3), np.arange(batch) * 97 + 5, txt(text)), dict(ref_latents=lat(3 * n_refs),
-                                                              ref_text=txt(text * n_refs))
+  return _cog_inputs(rng, batch, n_refs, text=text)
 
 
 def _wan(rng, batch, n_refs):
   """Wan streams of 3 x 3 x 5 = 45 video tokens per reference (6 x 10 latents)."""
-  cfg = config_file('wan_tiny.py').model
-  lat = lambda f: rng.standard_normal((batch, cfg.in_channels, f, 6, 10)).astype(np.float32)
-  seq = lambda n, d: rng.standard_normal((batch, n, d)).astype(np.float32)
-  return (lat(3), np.arange(batch) * 97 + 5, seq(6, cfg.text_dim)), dict(
-      image=seq(5, cfg.image_dim), ref_latents=lat(3 * n_refs),
-      ref_text=seq(6 * n_refs, cfg.text_dim), ref_image=seq(5 * n_refs, cfg.image_dim))
+  return _wan_inputs(rng, batch, n_refs, size=(6, 10))
 
 
 # 8 heads, so Ulysses can split them over a context axis of 8 (Wan keeps its width of 48);
@@ -47,11 +39,7 @@ FAMILIES = {'cogvideox': ('cogvideox_tiny.py', CogVideoXConfig, CogVideoXTransfo
 def _model(family, **changes):
   name, config_cls, model_cls, _ = FAMILIES[family]
   config = config_cls(**{**config_file(name).model, **EIGHT_HEADS[family], **changes})
-  model = model_cls(config, rngs=nnx.Rngs(0))
-  state = nnx.state(model)  # perturb zero biases / unit norms so every parameter matters
-  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
-  nnx.update(model, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state))
-  return model
+  return perturbed(model_cls(config, rngs=nnx.Rngs(0)))
 
 
 def _forward(model, inputs):

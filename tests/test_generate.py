@@ -161,12 +161,13 @@ def test_outputs_are_checked_before_loading(converted, inputs, tmp_path, capsys)
 def test_generate_with_lora_merged_or_not(converted, inputs, tmp_path, capsys):
   """--lora: adapters change the video; merged into the weights or run beside them, the same
   video; a bad adapter file fails before the model loads."""
+  import jax
+
+  from vap_jax.nn.lora import adapted
   from vap_jax.weights import lora as lora_files
   from vap_jax.weights.cogvideox import load_cogvideox
-  import jax
   transformer = load_cogvideox(converted['cogvideox'], dtype='float32')
   lora_files.add(transformer, rank=2, alpha=2)
-  from vap_jax.nn.lora import adapted
   for i, (_, layer) in enumerate(adapted(transformer)):
     layer.lora.b[...] = 0.5 * jax.random.normal(jax.random.key(i), layer.lora.b.shape)
   file = lora_files.save(transformer, tmp_path / 'lora')

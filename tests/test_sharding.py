@@ -14,21 +14,29 @@ from vap_jax.parallel import (DEFAULT_RULES, FSDP_CONTEXT_RULES, logical_to_spec
 from vap_jax.weights.loading import shard_model
 
 
-def _cog_inputs(rng, batch, n_refs=2):
+def _cog_inputs(rng, batch, n_refs=2, text=8):
   cfg = config_file('cogvideox_tiny.py').model
   lat = lambda f: rng.standard_normal((batch, f, cfg.in_channels, 8, 12)).astype(np.float32)
   txt = lambda n: rng.standard_normal((batch, n, cfg.text_embed_dim)).astype(np.float32)
-  return (lat(3), np.arange(batch) * 97 + 5, txt(8)), dict(ref_latents=lat(3 * n_refs),
-                                                           ref_text=txt(8 * n_refs))
+  return (lat(3), np.arange(batch) * 97 + 5, txt(text)), dict(ref_latents=lat(3 * n_refs),
+                                                              ref_text=txt(text * n_refs))
 
 
-def _wan_inputs(rng, batch, n_refs=2):
+def _wan_inputs(rng, batch, n_refs=2, size=(8, 8)):
   cfg = config_file('wan_tiny.py').model
-  lat = lambda f: rng.standard_normal((batch, cfg.in_channels, f, 8, 8)).astype(np.float32)
+  lat = lambda f: rng.standard_normal((batch, cfg.in_channels, f, *size)).astype(np.float32)
   seq = lambda n, d: rng.standard_normal((batch, n, d)).astype(np.float32)
   return (lat(3), np.arange(batch) * 97 + 5, seq(6, cfg.text_dim)), dict(
       image=seq(5, cfg.image_dim), ref_latents=lat(3 * n_refs),
       ref_text=seq(6 * n_refs, cfg.text_dim), ref_image=seq(5 * n_refs, cfg.image_dim))
+
+
+def perturbed(model):
+  """``model`` with every parameter moved by 0.1 N(0, 1): zero biases and unit norms matter."""
+  state = nnx.state(model)
+  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
+  nnx.update(model, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state))
+  return model
 
 
 MODELS = {
@@ -42,10 +50,7 @@ MODELS = {
 def reference(request):
   name, build, make_inputs = MODELS[request.param]
   config = config_file(name)
-  model = build(config.model)
-  state = nnx.state(model)  # perturb zero biases / unit norms so every parameter matters
-  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
-  nnx.update(model, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state))
+  model = perturbed(build(config.model))
   inputs = make_inputs(np.random.default_rng(0), batch=8)
   expected = np.asarray(nnx.jit(lambda m, *a, **k: m(*a, **k))(model, *inputs[0], **inputs[1]))
   return config, model, inputs, expected

@@ -116,7 +116,8 @@ class DPOPairing:
 
 def pairing_for(source: LatentSource, table: str | Path, **settings) -> tuple[DPOPairing, list]:
   """The pairing over ``source``'s videos, their scores from the VAP-Data ``table``, and the
-  kinds of its rows (one per record). A ValueError names a video the table lacks."""
+  (path, kind) of every record (`LatentSource.videos`). A ValueError names a video the table
+  lacks."""
   scores = {r['video_paths']: r['reference_alignment_score'] for r in read_vap_csv(table)}
   videos = source.videos()
   missing = sorted({p for p, _ in videos if p not in scores})
@@ -125,17 +126,19 @@ def pairing_for(source: LatentSource, table: str | Path, **settings) -> tuple[DP
                      f'videos of {source.folder}, e.g. {missing[:3]} (the table it was '
                      'precomputed from?)')
   unique = {p: (k, scores[p]) for p, k in videos}
-  return DPOPairing(unique, len(videos), **settings), [k for _, k in videos]
+  return DPOPairing(unique, len(videos), **settings), videos
 
 
 class ReadPair(grain.transforms.Map):
   """(position, row) -> the pair's two rows (leading axis 2) in the trainer's record layout,
   or None when the row makes no pair; a failure marker when a record cannot be read."""
 
-  def __init__(self, source: LatentSource, pairing: DPOPairing, kinds: Sequence[str], keys):
-    self.source, self.pairing, self.kinds, self.keys = source, pairing, list(kinds), keys
+  def __init__(self, source: LatentSource, pairing: DPOPairing,
+               videos: Sequence[tuple[str, str]], keys):
+    self.source, self.pairing, self.keys = source, pairing, keys
+    self.kinds = [kind for _, kind in videos]
     self.record_of = {}
-    for i, (path, _) in enumerate(source.videos()):
+    for i, (path, _) in enumerate(videos):
       self.record_of.setdefault(path, i)
     self.empty_text = None
 
@@ -194,10 +197,10 @@ def make_dpo_loader(folder, table, *, batch_size: int, seed: int = 42,
     import jax
     shard = jax.process_index(), jax.process_count()
   index, count = shard
-  the_pairing, kinds = pairing_for(source, table, seed=seed, **pairing)
-  ds = grain.MapDataset.range(len(kinds)).shuffle(seed=seed).repeat(None)
+  the_pairing, videos = pairing_for(source, table, seed=seed, **pairing)
+  ds = grain.MapDataset.range(len(videos)).shuffle(seed=seed).repeat(None)
   ds = ds.map_with_index(_with_position)  # module functions: worker processes pickle them
-  ds = ds[index::count].map(ReadPair(source, the_pairing, kinds, TRAIN_KEYS[source.family]))
+  ds = ds[index::count].map(ReadPair(source, the_pairing, videos, TRAIN_KEYS[source.family]))
   it = ds.to_iter_dataset().filter(_is_pair)
   failures = FailureCounter(max_failure_fraction, min_samples_before_cap)
   it = SkipFailures(it, failures)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vap_jax.nn.lora import adapters_off
-from vap_jax.train.objectives import Draws, Objective, _per_sample_mean
+from vap_jax.train.objectives import Draws, Objective, per_sample_mean
 
 BETA = 500.0  # the official dpo beta: the logit is -0.5 * 500 * (...)
 
@@ -57,7 +57,7 @@ class DPOObjective:
     # equals L - L_ref without subtracting two float32 means that agree in their first three
     # digits (the logit multiplies that difference by 250).
     e, e_ref = aux['error'], jax.lax.stop_gradient(ref_aux['error'])
-    gap = pairs(_per_sample_mean(aux['weights'] * (e - e_ref) * (e + e_ref)))
+    gap = pairs(per_sample_mean(aux['weights'] * (e - e_ref) * (e + e_ref)))
     logit = -0.5 * self.beta * (gap[:, 0] - gap[:, 1])
     per_pair = -jax.nn.log_sigmoid(logit) * pairs(batch['dpo_weight'])[:, 0]
     (lw, ll), (lw_ref, ll_ref) = pairs(policy).T, pairs(reference).T

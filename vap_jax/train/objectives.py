@@ -92,7 +92,7 @@ def _index(u: jax.Array) -> jax.Array:
                   NUM_TRAIN_TIMESTEPS - 1)
 
 
-def _per_sample_mean(x: jax.Array) -> jax.Array:
+def per_sample_mean(x: jax.Array) -> jax.Array:
   return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
 
 
@@ -137,7 +137,7 @@ class Objective:
     acp = jnp.asarray(self.schedule.alphas_cumprod.astype(np.float32))[t]
     weights = (1.0 / (1.0 - acp)).reshape(-1, 1, 1, 1, 1)
     error = pred_x0 - x0
-    per_sample = _per_sample_mean(weights * jnp.square(error))
+    per_sample = per_sample_mean(weights * jnp.square(error))
     return jnp.mean(per_sample), per_sample, dict(timesteps=t, prediction=v, error=error,
                                                   weights=weights)
 
@@ -154,7 +154,7 @@ class Objective:
     refs = self._refs(batch, refs, ref_text=batch['ref_text'], ref_image=batch['ref_clip'])
     pred = model(hidden, t, batch['text'], image=batch['clip'], **refs)  # references at t = 1
     error = pred.astype(jnp.float32) - (d.noise - x0)
-    per_sample = _per_sample_mean(jnp.square(error))
+    per_sample = per_sample_mean(jnp.square(error))
     return jnp.mean(per_sample), per_sample, dict(timesteps=t, prediction=pred, error=error,
                                                   weights=jnp.ones((), jnp.float32))
 

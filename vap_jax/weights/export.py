@@ -168,7 +168,7 @@ def shard_names(count: int) -> list[str]:
 Source = Callable[[list[km.Slot], Any], Iterator[np.ndarray]]
 
 
-def _to_host(value: jax.Array) -> np.ndarray:
+def to_host(value: jax.Array) -> np.ndarray:
   """A device array as one host array: gathered over processes if it spans several."""
   if value.is_fully_addressable:
     return np.asarray(jax.device_get(value))
@@ -186,7 +186,7 @@ def model_source(model: nnx.Module) -> Source:
       value = variables[path][...]
       if layer is not None:
         value = value[layer]
-      yield _to_host(value.astype(dtype))
+      yield to_host(value.astype(dtype))
   return read
 
 

@@ -33,7 +33,7 @@ from vap_jax.models.stack import checkpoint_blocks
 from vap_jax.nn import lora
 from vap_jax.nn.layers import Linear
 from vap_jax.weights import keymap as km
-from vap_jax.weights.export import _to_host, family_of
+from vap_jax.weights.export import to_host, family_of
 
 # The official DPO target (VAP_SPEC §5.5): every attention projection of the base and the expert.
 OFFICIAL_TARGET = r'(transformer_blocks|single_transformer_blocks).*(to_q|to_k|to_v|to_out.0)'
@@ -111,7 +111,7 @@ def state_dict(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict]:
     adapter = site.layer.lora
     if adapter is None:
       continue
-    a, b = (_to_host(v[...]).astype(np.float32) for v in (adapter.a, adapter.b))
+    a, b = (to_host(v[...]).astype(np.float32) for v in (adapter.a, adapter.b))
     for i, name in enumerate(site.names):
       a_i, b_i = (a[i], b[i]) if site.stacked else (a, b)
       tensors[f'{name}.lora_A.weight'] = np.ascontiguousarray(a_i.T)
