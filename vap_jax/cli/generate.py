@@ -78,6 +78,11 @@ def parser() -> argparse.ArgumentParser:
                  help='joint attention on a mesh with a context axis: each device keeps its '
                       'sequence shard of every stream and gathers keys/values (allgather) or '
                       'swaps to head shards (ulysses); gspmd leaves it to the compiler')
+  p.add_argument('--offload', action='store_true',
+                 help='keep every weight in pinned host memory and stream the transformer to '
+                      'the device one layer at a time (one small GPU: CogVideoX-VAP in 24 GB, '
+                      'Wan-VAP in 80 GB; add --vae-tiling for the 480p decode); slower, same '
+                      'numbers')
   p.add_argument('--lora', default=None, metavar='PATH',
                  help='LoRA adapters for the transformer: a diffusers pytorch_lora_weights.'
                       'safetensors or PEFT adapter folder/file (vap-export of a lora/dpo run)')
@@ -228,7 +233,7 @@ def main(argv=None) -> int:
                                     vae_tiling=args.vae_tiling,
                                     context_parallel=args.context_parallel, lora=args.lora,
                                     lora_scale=args.lora_scale,
-                                    lora_merge=not args.lora_unmerged)
+                                    lora_merge=not args.lora_unmerged, offload=args.offload)
     print(f'loaded the {family} pipeline from {args.ckpt} in {time.time() - start:.1f} s')
     loaded = time.time()
     options = dict(num_frames=args.frames, num_inference_steps=args.steps,

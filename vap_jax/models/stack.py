@@ -12,6 +12,8 @@ the same step functions, for debugging and equality tests), each block under `ja
 with the chosen remat policy. The frozen base stack is indexed inside the loop (no copy of the
 weights per run, gathered layer by layer under FSDP); the expert stack of a run is scanned over
 (its gradient is stacked per step, not accumulated into a full-size buffer per step).
+A stack whose weights live in host memory (`offload`) is streamed: each layer is indexed there
+and copied to the device inside the loop, so the device holds one layer group at a time.
 Loop-invariant inputs (RoPE tables, the reference timestep embedding, cross-attention context)
 are read from the streams' non-carried fields; only the fields a stream names in ``carried`` flow
 through the loop.
@@ -145,15 +147,48 @@ def _with(stream, carry):
 
 
 def _layer(graphdef, state, index) -> nnx.Module:
-  """Layer ``index`` (static int or traced) of a stacked state, as a module."""
+  """Layer ``index`` (static int or traced) of a stacked state, as a module on the device."""
   if isinstance(index, int):
     def take(a):
       if isinstance(a, jax.ShapeDtypeStruct):  # an abstract model (`abstract_variables`)
         return jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
       return a[index]
-    return nnx.merge(graphdef, jax.tree.map(take, state))
-  return nnx.merge(graphdef, jax.tree.map(
-      lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), state))
+    return nnx.merge(graphdef, fetch(jax.tree.map(take, state)))
+  return nnx.merge(graphdef, fetch(jax.tree.map(
+      lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), state)))
+
+
+def on_host(a) -> bool:
+  """Whether the array (or tracer) ``a`` lives in host memory."""
+  return getattr(jax.typeof(a), 'memory_space', None) == jax.memory.Space.Host
+
+
+def fetch(tree):
+  """``tree`` with its host-memory arrays copied to the device (the rest as they are)."""
+  return jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Device) if on_host(a) else a,
+                      tree)
+
+
+def offload(module: nnx.Module) -> nnx.Module:
+  """``module`` with every weight moved to pinned host memory, keeping its sharding: stacked
+  layers are then streamed to the device one at a time by `run_blocks`, other weights are copied
+  in when a compiled call starts (`fetch_unstacked`). Needs a backend with pinned host memory."""
+  kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+  if 'pinned_host' not in kinds:
+    raise ValueError(f'offload needs pinned host memory, which the {jax.devices()[0].platform} '
+                     f'backend does not offer (it has {sorted(kinds)})')
+  graphdef, state = nnx.split(module)
+  to_host = lambda a: jax.device_put(a, a.sharding.with_memory_kind('pinned_host'))
+  return nnx.merge(graphdef, jax.tree.map(to_host, state))
+
+
+def fetch_unstacked(state: nnx.State) -> nnx.State:
+  """Inside a compiled call: the host-memory weights of ``state`` that are not in a layer stack,
+  copied to the device (the stacks stream layer by layer in `run_blocks`)."""
+  def one(path, var):
+    axes = var.get_metadata().get('logical_axes') or ()
+    return var if axes[:1] == (LAYER_AXIS,) else var.replace(value=fetch(var.get_value()))
+  return nnx.map_state(one, state)
 
 
 def unstack(stack: nnx.Module, index: int) -> nnx.Module:
@@ -172,6 +207,16 @@ def run_blocks(runs: Sequence[Run], base: nnx.Module, expert: nnx.Module | None,
   base_graphdef, base_state = nnx.split(base)
   expert_graphdef, expert_state = nnx.split(expert) if expert is not None else (None, None)
 
+  # Offloaded (frozen) experts are indexed in host memory inside the loop like the base stack:
+  # slicing a run out of the stack first would copy the whole run to the device. Experts on the
+  # device are scanned over (their gradient is then stacked per step).
+  experts_on_host = any(on_host(a) for a in jax.tree.leaves(expert_state))
+
+  def expert_layer(slot):  # a slot number (offloaded) or the slot's weights
+    if experts_on_host:
+      return _layer(expert_graphdef, expert_state, slot)
+    return nnx.merge(expert_graphdef, slot)
+
   def checkpointed(fn):
     if remat == 'none':
       return fn
@@ -186,10 +231,9 @@ def run_blocks(runs: Sequence[Run], base: nnx.Module, expert: nnx.Module | None,
     return _carry(block(_layer(base_graphdef, base_state, index), None, t, None)[0])
 
   @checkpointed
-  def expert_step(index, slot_state, t, r):
+  def expert_step(index, slot, t, r):
     t, r = _with(target, tagged(t)), _with(ref, tagged(r))
-    t, r = block(_layer(base_graphdef, base_state, index),
-                 nnx.merge(expert_graphdef, slot_state), t, r)
+    t, r = block(_layer(base_graphdef, base_state, index), expert_layer(slot), t, r)
     return _carry(t), _carry(r)
 
   def base_run(t, start, count, unrolled=not scan):
@@ -208,7 +252,11 @@ def run_blocks(runs: Sequence[Run], base: nnx.Module, expert: nnx.Module | None,
       t = base_run(t, run.base_start, run.base_layers)
       continue
     size = 1 + run.gap
-    slots = jax.tree.map(lambda a: a[run.expert_start:run.expert_start + run.count], expert_state)
+    if experts_on_host:  # the run's slot numbers
+      slots = jnp.arange(run.expert_start, run.expert_start + run.count, dtype=jnp.int32)
+    else:
+      slots = jax.tree.map(lambda a: a[run.expert_start:run.expert_start + run.count],
+                           expert_state)
     if not scan:
       for g in range(run.count):
         b = run.base_start + g * size

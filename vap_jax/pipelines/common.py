@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from vap_jax.data.video_io import select_frames
 from vap_jax.diffusion import apply_guidance
+from vap_jax.models import stack
 from vap_jax.parallel.sharding import sharding_context
 
 log = logging.getLogger(__name__)
@@ -128,12 +129,14 @@ def method(name: str, **kwargs) -> Callable:
 
 def compiled(module: nnx.Module, fn: Callable, mesh=None, **jit_kwargs) -> Callable:
   """``fn(module, *args)`` compiled once: the module is split a single time so each call passes
-  only its state (no per-call graph traversal), and runs under the mesh's sharding rules."""
+  only its state (no per-call graph traversal), and runs under the mesh's sharding rules.
+  Weights offloaded to host memory (`stack.offload`) are copied in by the call: layer stacks one
+  layer at a time, the rest when it starts."""
   graphdef, state = nnx.split(module)
 
   @functools.wraps(fn)  # compiles as jit(<fn's name>)
   def with_state(state, *args):
-    return fn(nnx.merge(graphdef, state), *args)
+    return fn(nnx.merge(graphdef, stack.fetch_unstacked(state)), *args)
   run = jax.jit(with_state, **jit_kwargs)
 
   def call(*args):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vap_jax.models.stack import fetch_unstacked
 from vap_jax.models.t5 import T5Encoder
 from vap_jax.text.tokenizer import Tokenizer, prompt_clean
 
@@ -22,7 +23,8 @@ WAN_MAX_LENGTH = 512
 
 @nnx.jit
 def _encode(encoder: T5Encoder, ids, mask):
-  return encoder(ids, mask)
+  graphdef, state = nnx.split(encoder)  # weights offloaded to host memory come in for the call
+  return nnx.merge(graphdef, fetch_unstacked(state))(ids, mask)
 
 
 def encode_cogvideox(tokenizer: Tokenizer, encoder: T5Encoder, prompts: Sequence[str],
