@@ -5,6 +5,7 @@
   python -m benchmarks.aot --model wan-vap --target h100-80g-x8 --train --remat full
   python -m benchmarks.aot --model wan-vap --target tpu-v5p-8 --train --remat full   # libtpu
   python -m benchmarks.aot --model cogvideox-vap --target h100-80g-x8 --train dpo --remat full
+  python -m benchmarks.aot --model wan-vap --target tpu-v5e-4 --devices 1 --offload  # one chip
 
 Lowers and compiles the sharded inference step (one transformer call at the official shapes,
 CFG batch 2, one reference, bf16 weights) -- or with ``--train`` a forward and backward w.r.t.
@@ -23,6 +24,10 @@ temporaries include float32 copies of the (gathered) bf16 weights -- up to 2x
 TPU targets compile with the TPU compiler itself, no TPU needed: with ``jax[tpu]`` installed
 (libtpu; not a dependency of vap_jax), ``jax.experimental.topologies`` describes the slice's
 devices and the figures are the TPU compiler's own memory plan, without the CPU caveat.
+
+``--offload``: the weights in pinned host memory, the layer stacks streamed one layer at a time
+(`vap_jax.models.stack.offload`; inference only). Only TPU targets: the TPU compiler plans the
+copies and reports host and device memory apart; XLA:CPU has one memory for both.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ TARGETS = {  # devices, memory per device in bytes, TPU topology (None: fake CPU
     'h200-141g-x1': (1, 141 * 10**9, None),
     'tpu-v5p-8': (4, 95 * 10**9, 'v5p:2x2x1'),
     'tpu-v5p-64': (32, 95 * 10**9, 'v5p:4x4x2'),
+    'tpu-v5e-4': (4, 16 * 2**30, 'v5e:2x2'),
 }
 
 
@@ -55,10 +61,10 @@ def target_devices(target: str) -> list:
 def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwise',
             batch: int | None = None, train: bool | str = False, remat: str = 'none',
             scan: bool = True, devices=None, context_parallel: str = 'gspmd',
-            rules=None) -> dict:
+            rules=None, offload: bool = False) -> dict:
   """Compile the sharded step for ``model`` on ``devices`` (default: the current, fake, ones);
   memory per device. ``rules``: the logical->mesh rules (default `DEFAULT_RULES`; the
-  inference step only)."""
+  inference step only). ``offload``: the weights in pinned host memory (inference)."""
   import dataclasses
 
   import jax
@@ -70,8 +76,11 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
   from vap_jax.models.wan import WanTransformer
   from vap_jax.parallel import (DEFAULT_RULES, logical_to_spec, make_mesh, param_shardings,
                                 sharding_context)
+  from vap_jax.models import stack
   from vap_jax.weights.loading import abstract_model
 
+  if offload and train:
+    raise ValueError('--offload is for inference (the frozen weights), not with --train')
   rules = DEFAULT_RULES if rules is None else rules
   case = CASES[model]()
   cfg = dataclasses.replace(case.config, attention=attention, scan_layers=scan, remat=remat,
@@ -85,6 +94,9 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
     batch = mesh.shape['data'] * mesh.shape['fsdp'] if train else 2
   graphdef, state = nnx.split(abstract_model(lambda: build(cfg, rngs=nnx.Rngs(0))))
   shardings = dict(nnx.to_flat_state(param_shardings(state, mesh, rules)))
+  if offload:  # as `stack.offload` places them
+    shardings = {path: shardings[path].with_memory_kind('pinned_host') if stack.offloads(var)
+                 else shardings[path] for path, var in nnx.to_flat_state(state)}
   abstract_state = nnx.from_flat_state([
       (path, var.replace(value=jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[path])))
       for path, var in nnx.to_flat_state(state)])
@@ -101,7 +113,7 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
                                             task='dpo' if train == 'dpo' else 'vap')
   else:
     args, kw = jax.tree.map(arg, inputs(case, batch))
-    step = lambda s, a, k: nnx.merge(graphdef, s)(*a, **k)
+    step = lambda s, a, k: nnx.merge(graphdef, stack.fetch_unstacked(s))(*a, **k)
     with sharding_context(mesh, rules):
       start = time.perf_counter()
       compiled = jax.jit(step).lower(abstract_state, args, kw).compile()
@@ -111,8 +123,13 @@ def analyze(model: str, mesh_shape: dict[str, int], *, attention: str = 'blockwi
   mem = compiled.memory_analysis()
   sizes = {name: int(getattr(mem, f'{name}_size_in_bytes', 0) or 0)
            for name in ('argument', 'output', 'temp', 'alias', 'generated_code')}
+  host = int(getattr(mem, 'host_argument_size_in_bytes', 0) or 0)
+  if offload and not host:
+    raise ValueError('--offload needs a TPU target: XLA:CPU has one memory for host and device, '
+                     'drops the copies and converts the whole offloaded stacks to float32, so its '
+                     'plan says nothing about an accelerator with offload')
   total = sizes['argument'] + sizes['output'] + sizes['temp'] - sizes['alias']
-  return dict(model=model, mesh=mesh_shape, devices=mesh.size, attention=attention, batch=batch,
+  return dict(offload=offload, host_bytes=host,model=model, mesh=mesh_shape, devices=mesh.size, attention=attention, batch=batch,
               context_parallel=context_parallel,
               train=train, remat=remat, scan=scan, compile_seconds=round(seconds, 1),
               per_device_bytes=total, bf16_weight_bytes_unsharded=bf16_weights,
@@ -213,16 +230,20 @@ def main(argv=None) -> dict:
   parser.add_argument('--context-parallel', default='gspmd',
                       choices=['gspmd', 'allgather', 'ulysses'],
                       help='joint attention layout on a context axis (vap_jax.parallel.context)')
+  parser.add_argument('--offload', action='store_true',
+                      help='weights in pinned host memory, streamed layer by layer (inference)')
+  parser.add_argument('--devices', type=int, default=None,
+                      help="use this many of the target's devices (e.g. 1: one chip of a slice)")
   args = parser.parse_args(argv)
   count, capacity, topology = TARGETS[args.target]
-  mesh = _parse_mesh(args.mesh) or {'fsdp': count}
+  mesh = _parse_mesh(args.mesh) or {'fsdp': args.devices or count}
   if 'jax' not in sys.modules:  # fake exactly the target's device count
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={count}')
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   result = analyze(args.model, mesh, attention=args.attention, train=args.train, batch=args.batch,
                    remat=args.remat, scan=not args.no_scan, devices=target_devices(args.target),
-                   context_parallel=args.context_parallel)
+                   context_parallel=args.context_parallel, offload=args.offload)
   result['compiler'] = 'tpu' if topology else "cpu"
   result.update(target=args.target, capacity_bytes=capacity,
                 fits=result['per_device_bytes'] <= capacity)
@@ -232,7 +253,8 @@ def main(argv=None) -> dict:
           if args.train else 'inference step')
   print(f"{args.model} {what} on {args.target} (mesh {mesh}, {args.attention} attention): per device "
         f"{gib(result['per_device_bytes'])} = weights+inputs {gib(result['argument_bytes'])} + "
-        f"temporaries {gib(result['temp_bytes'])} + outputs {gib(result['output_bytes'])}; "
+        f"temporaries {gib(result['temp_bytes'])} + outputs {gib(result['output_bytes'])}"
+        f"{'; host ' + gib(result['host_bytes']) if args.offload else ''}; "
         f"capacity {gib(capacity)} -> {'fits' if result['fits'] else 'DOES NOT FIT'} " +
         ('(TPU compiler)' if topology else
          f"(CPU estimate; its temporaries hold float32 copies of up to "

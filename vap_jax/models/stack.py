@@ -170,24 +170,39 @@ def fetch(tree):
 
 
 def offload(module: nnx.Module) -> nnx.Module:
-  """``module`` with every weight moved to pinned host memory, keeping its sharding: stacked
+  """``module`` with its weights moved to pinned host memory, keeping their sharding: stacked
   layers are then streamed to the device one at a time by `run_blocks`, other weights are copied
-  in when a compiled call starts (`fetch_unstacked`). Needs a backend with pinned host memory."""
+  in when a compiled call starts (`fetch_unstacked`). Stacked vectors (biases, norm scales: a
+  fraction of a percent of the bytes) stay on the device, since a TPU cannot copy one row of a
+  host array whose rows are its tiled minor dimension. Needs a backend with pinned host memory."""
   kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
   if 'pinned_host' not in kinds:
     raise ValueError(f'offload needs pinned host memory, which the {jax.devices()[0].platform} '
                      f'backend does not offer (it has {sorted(kinds)})')
+
+  def place(path, var):
+    if not offloads(var):
+      return var
+    a = var.get_value()
+    return var.replace(value=jax.device_put(a, a.sharding.with_memory_kind('pinned_host')))
   graphdef, state = nnx.split(module)
-  to_host = lambda a: jax.device_put(a, a.sharding.with_memory_kind('pinned_host'))
-  return nnx.merge(graphdef, jax.tree.map(to_host, state))
+  return nnx.merge(graphdef, nnx.map_state(place, state))
+
+
+def _is_stacked(var: nnx.Variable) -> bool:
+  return (var.get_metadata().get('logical_axes') or ())[:1] == (LAYER_AXIS,)
+
+
+def offloads(var: nnx.Variable) -> bool:
+  """Whether `offload` moves ``var`` (concrete or abstract) to host memory."""
+  return not (_is_stacked(var) and len(var.shape) <= 2)
 
 
 def fetch_unstacked(state: nnx.State) -> nnx.State:
   """Inside a compiled call: the host-memory weights of ``state`` that are not in a layer stack,
   copied to the device (the stacks stream layer by layer in `run_blocks`)."""
   def one(path, var):
-    axes = var.get_metadata().get('logical_axes') or ()
-    return var if axes[:1] == (LAYER_AXIS,) else var.replace(value=fetch(var.get_value()))
+    return var if _is_stacked(var) else var.replace(value=fetch(var.get_value()))
   return nnx.map_state(one, state)
 
 
