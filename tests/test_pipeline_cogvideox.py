@@ -1,7 +1,9 @@
 """CogVideoX VAP pipeline against the official pipeline run (golden/cogvideox_pipeline), stage by
 stage, with the official random draws injected."""
 import json
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -127,3 +129,57 @@ def test_sharded_pipeline_equals_one_device(pipe, golden, mesh_shape, context_pa
       GOLDEN / 'components', dtype='float32', mesh=make_mesh(mesh_shape),
       context_parallel=context_parallel)
   assert_close(sharded(*args, **kw).video, pipe(*args, **kw).video, atol=1e-5, what='frames')
+
+
+def _replica_groups(line: str) -> list[list[int]]:
+  """The device groups of one collective in compiled HLO text (explicit or iota form; a
+  collective-permute's source/target pairs)."""
+  m = re.search(r'source_target_pairs=\{([^=]*?)\}(,|$| )', line)
+  if m:
+    return [list(map(int, p.split(','))) for p in re.findall(r'\{(\d+,\d+)\}', m.group(0))]
+  m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](T\(([\d,]+)\))?', line)
+  if m:
+    dims = [int(d) for d in m.group(3).split(',')]
+    ids = np.arange(np.prod(dims)).reshape(dims)
+    if m.group(5):
+      ids = ids.transpose([int(p) for p in m.group(5).split(',')])
+    return ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
+  m = re.search(r'replica_groups=\{(.*?)\}\}', line)
+  if m:
+    return [list(map(int, g.split(','))) for g in re.findall(r'\{([\d,]+)', m.group(0))]
+  return []
+
+
+def test_cfg_halves_exchange_only_the_guidance(golden):
+  """CFG halves over data=2, the sequence over context=4 (all-gather K/V): in the compiled
+  denoising step no collective inside the transformer's loops joins devices of the two halves;
+  the only ones that do come after it, on the model output, for the guidance combination."""
+  from vap_jax.parallel import make_mesh
+  pipe = CogVideoXVAPPipeline.from_pretrained(
+      GOLDEN / 'components', dtype='float32', mesh=make_mesh({'data': 2, 'context': 4}),
+      context_parallel='allgather')
+  calls = []  # the step's arguments, as shapes (it donates its state)
+  step = pipe._step
+  spec = lambda a: (jax.ShapeDtypeStruct(  # mesh-placed as called; the rest left to jit
+      a.shape, a.dtype, sharding=a.sharding if len(a.sharding.device_set) > 1 else None)
+      if isinstance(a, jax.Array) else a)
+  pipe._step = lambda *args: calls.append(jax.tree.map(spec, args)) or step(*args)
+  pipe(golden['inputs']['image'], list(golden['inputs']['ref_videos']), 'a', ['b'], height=64,
+       width=96, num_frames=9, num_inference_steps=1, noise=_noise(golden), progress=False)
+  hlo = step.lower(*calls[0]).compile().as_text()
+  half = lambda device: device // 4  # mesh devices in order: data major
+  crossing, in_loops, entry = [], 0, False
+  for line in hlo.splitlines():
+    if line.startswith(('%', 'ENTRY')):  # a computation begins: loop bodies are not the entry
+      entry = line.startswith('ENTRY')
+    if re.search(r'= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)'
+                 r'(-start)?\(', line):
+      in_loops += not entry
+      if any(len({half(d) for d in g}) > 1 for g in _replica_groups(line)):
+        crossing.append((entry, line.split('=')[1].split('{')[0].strip()))
+  assert in_loops  # the K/V gathers of the blocks, within each half
+  assert crossing and all(at_entry for at_entry, _ in crossing), crossing
+  latent = np.prod(calls[0][0].shape)  # (1, F', C, h, w): one half's model output
+  for _, shape in crossing:
+    size = np.prod([int(d) for d in re.findall(r'\d+', shape.split('[')[1])])
+    assert size <= 2 * latent, shape

@@ -139,9 +139,17 @@ def compiled(module: nnx.Module, fn: Callable, mesh=None, **jit_kwargs) -> Calla
     return fn(nnx.merge(graphdef, stack.fetch_unstacked(state)), *args)
   run = jax.jit(with_state, **jit_kwargs)
 
+  def context():
+    return sharding_context(mesh) if mesh is not None else contextlib.nullcontext()
+
   def call(*args):
-    with sharding_context(mesh) if mesh is not None else contextlib.nullcontext():
+    with context():
       return run(state, *args)
+
+  def lower(*args):  # for inspection: the lowered program of a call with these arguments
+    with context():
+      return run.lower(state, *args)
+  call.lower = lower
   return call
 
 
