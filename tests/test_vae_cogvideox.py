@@ -169,14 +169,21 @@ def test_released_config_builds_abstractly_with_diffusers_parameter_count():
   assert count_params(model) == expected
 
 
-def test_decode_sharded_over_batch_and_width_equals_one_device(cog, jax_cog):
-  from vap_jax.parallel import make_mesh, sharding_context
-  mesh = make_mesh(dict(data=2, context=4))  # batch over 2 devices, width over 4
+@pytest.mark.parametrize('mesh_shape,batch,vae_rules', [
+    (dict(data=2, context=4), 2, False),  # batch over 2 devices, width over 4
+    (dict(fsdp=8), 1, True),  # a pipeline's one video: width strips over every device
+])
+def test_decode_sharded_over_batch_and_width_equals_one_device(cog, jax_cog, mesh_shape, batch,
+                                                               vae_rules):
+  from vap_jax.parallel import DEFAULT_RULES, VAE_RULES, make_mesh, sharding_context
+  mesh = make_mesh(mesh_shape)
   model = load_cogvideox_vae(cog[1], mesh=mesh)
-  z = np.random.default_rng(5).standard_normal((2, 4, 3, 4, 8)).astype(np.float32)
+  z = np.random.default_rng(5).standard_normal((batch, 4, 3, 4, 8)).astype(np.float32)
   expected = np.asarray(_decode(jax_cog, z, False))
-  with sharding_context(mesh):
+  with sharding_context(mesh, VAE_RULES if vae_rules else DEFAULT_RULES):
     actual = _decode(model, z, False)
   assert len(actual.sharding.device_set) == 8
+  if vae_rules:
+    assert actual.sharding.shard_shape(actual.shape)[-1] == actual.shape[-1] // 8
   scale = np.abs(expected).max()
   assert_close(np.asarray(actual) / scale, expected / scale, what='sharded decode')

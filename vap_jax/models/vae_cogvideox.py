@@ -107,6 +107,7 @@ class SpatialNorm3D(nnx.Module):
                             _resize_nearest(zq[:, 1:], (t - 1,) + f.shape[2:4])], axis=1)
     else:
       zq = _resize_nearest(zq, f.shape[1:4])
+    zq = constrain(zq, ACT)  # the resize gathers: keep it (and so the product) in width strips
     return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
 
 
@@ -303,4 +304,4 @@ class AutoencoderKLCogVideoX(nnx.Module):
       x = blend_tiles(rows, bh, bw, sh - bh, sw - bw)
     else:
       x = self._run(self.decoder, z, batch, chunked)
-    return to_channels_first(x)
+    return to_channels_first(constrain(x, ACT))

@@ -151,9 +151,12 @@ class GroupNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = x.shape
-    xf = x.astype(jnp.float32).reshape(shape[0], -1, self.groups, shape[-1] // self.groups)
-    mean = xf.mean((1, 3), keepdims=True)
-    var = jnp.square(xf - mean).mean((1, 3), keepdims=True)
+    # Only the channels are split into groups: merging the spatial axes would undo a sharding
+    # of the width (GSPMD gathers a sharded axis that a reshape folds into another).
+    xf = x.astype(jnp.float32).reshape(shape[:-1] + (self.groups, shape[-1] // self.groups))
+    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    mean = xf.mean(axes, keepdims=True)
+    var = jnp.square(xf - mean).mean(axes, keepdims=True)
     y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
     y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
     return y.astype(x.dtype)

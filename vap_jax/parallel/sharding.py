@@ -63,6 +63,12 @@ FSDP_CONTEXT_RULES = with_rules(DEFAULT_RULES, embed=('fsdp', 'context'),
                                 text_embed=('fsdp', 'context'))
 
 
+# A pipeline's VAE and encoder calls take one video: every device of the mesh takes a strip of
+# its width instead (the convolutions exchange their edges), the VAE weights replicated.
+VAE_RULES = with_rules(DEFAULT_RULES, activation_batch=None,
+                       activation_width=('data', 'fsdp', 'context', 'tensor'))
+
+
 def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
   """Mesh over MESH_AXES. ``shape`` maps axis -> size (missing axes are 1); -1 takes the rest."""
   if not isinstance(shape, dict):

@@ -44,8 +44,8 @@ class CogVideoXVAPPipeline:
     self._latent_sharding = common.replicated(mesh)
     self._step = common.compiled(transformer, _step, mesh, donate_argnums=(1,),
                                  out_shardings=self._latent_sharding)
-    self._encode = common.compiled(vae, common.method('encode', tiled=vae_tiling), mesh)
-    self._decode = common.compiled(vae, common.method('decode', tiled=vae_tiling), mesh)
+    self._encode = common.compiled_vae(vae, 'encode', mesh, tiled=vae_tiling)
+    self._decode = common.compiled_vae(vae, 'decode', mesh, tiled=vae_tiling)
 
   @classmethod
   def from_pretrained(cls, path: str | Path, **kwargs) -> 'CogVideoXVAPPipeline':

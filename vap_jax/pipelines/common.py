@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from vap_jax.data.video_io import select_frames
 from vap_jax.diffusion import apply_guidance
 from vap_jax.models import stack
-from vap_jax.parallel.sharding import sharding_context
+from vap_jax.parallel.sharding import DEFAULT_RULES, VAE_RULES, sharding_context
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,10 @@ def method(name: str, **kwargs) -> Callable:
   return call
 
 
-def compiled(module: nnx.Module, fn: Callable, mesh=None, **jit_kwargs) -> Callable:
+def compiled(module: nnx.Module, fn: Callable, mesh=None, rules=DEFAULT_RULES,
+             **jit_kwargs) -> Callable:
   """``fn(module, *args)`` compiled once: the module is split a single time so each call passes
-  only its state (no per-call graph traversal), and runs under the mesh's sharding rules.
+  only its state (no per-call graph traversal), and runs under the mesh's sharding ``rules``.
   Weights offloaded to host memory (`stack.offload`) are copied in by the call: layer stacks one
   layer at a time, the rest when it starts."""
   graphdef, state = nnx.split(module)
@@ -140,7 +141,7 @@ def compiled(module: nnx.Module, fn: Callable, mesh=None, **jit_kwargs) -> Calla
   run = jax.jit(with_state, **jit_kwargs)
 
   def context():
-    return sharding_context(mesh) if mesh is not None else contextlib.nullcontext()
+    return sharding_context(mesh, rules) if mesh is not None else contextlib.nullcontext()
 
   def call(*args):
     with context():
@@ -151,6 +152,12 @@ def compiled(module: nnx.Module, fn: Callable, mesh=None, **jit_kwargs) -> Calla
       return run.lower(state, *args)
   call.lower = lower
   return call
+
+
+def compiled_vae(vae: nnx.Module, name: str, mesh=None, **kwargs) -> Callable:
+  """The VAE's method ``name`` compiled, one video's width strips over every device of the mesh
+  (`VAE_RULES`)."""
+  return compiled(vae, method(name, **kwargs), mesh, VAE_RULES)
 
 
 def replicated(mesh=None) -> jax.sharding.Sharding:

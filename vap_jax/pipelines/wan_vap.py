@@ -49,8 +49,8 @@ class WanVAPPipeline:
     self._latent_sharding = common.replicated(mesh)
     self._step = common.compiled(transformer, _step, mesh, donate_argnums=(1,),
                                  out_shardings=self._latent_sharding)
-    self._encode = common.compiled(vae, common.method('encode_normalized', tiled=vae_tiling), mesh)
-    self._decode = common.compiled(vae, common.method('decode_normalized', tiled=vae_tiling), mesh)
+    self._encode = common.compiled_vae(vae, 'encode_normalized', mesh, tiled=vae_tiling)
+    self._decode = common.compiled_vae(vae, 'decode_normalized', mesh, tiled=vae_tiling)
     self._clip = common.compiled(image_encoder, conditioning.clip_tokens, mesh)
 
   @classmethod
