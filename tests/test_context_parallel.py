@@ -60,8 +60,11 @@ def one_device(request):
     ('ulysses', dict(context=8)),
     ('allgather', dict(context=4, tensor=2)),
     ('ulysses', dict(context=2, tensor=4)),
+    ('gspmd', dict(fsdp=8)),  # layer-wise FSDP (the batch of 2 padded over 8)
+    ('gspmd', dict(fsdp=4, tensor=2)),
 ])
 def test_context_parallel_forward_equals_one_device(one_device, kind, mesh_shape):
+  """Every inference layout on 8 devices gives the one-device output."""
   family, model, inputs, expected = one_device
   config = config_file(FAMILIES[family][0])
   parallel = nnx.clone(model)
