@@ -42,7 +42,9 @@ def _timed_video(pipe, image, refs, kwargs) -> tuple[float, list[float]]:
 
 def run(ckpt: str, *, steps: int = 50, frames: int = 49, height: int | None = None,
         width: int | None = None, refs: int = 1, dtype: str = 'bfloat16',
-        attention: str = 'xla', mesh: str | None = None) -> dict:
+        attention: str = 'xla', mesh=None, context_parallel: str = 'gspmd',
+        offload: bool = False) -> dict:
+  """``mesh``: a `make_mesh` mesh or its ``AXIS=N,...`` text (None: one device)."""
   from vap_jax.pipelines import Pipeline
   from vap_jax.cli.generate import _mesh
   from vap_jax.weights.checkpoint import check_components
@@ -50,7 +52,11 @@ def run(ckpt: str, *, steps: int = 50, frames: int = 49, height: int | None = No
   height = height or 480
   width = width or (720 if family == 'cogvideox' else 832)
   start = time.perf_counter()
-  pipe = Pipeline.from_pretrained(ckpt, dtype=dtype, attention=attention, mesh=_mesh(mesh))
+  mesh_text = mesh if mesh is None or isinstance(mesh, str) else ','.join(
+      f'{k}={v}' for k, v in mesh.shape.items() if v > 1)
+  pipe = Pipeline.from_pretrained(ckpt, dtype=dtype, attention=attention,
+                                  mesh=_mesh(mesh) if isinstance(mesh, str) else mesh,
+                                  context_parallel=context_parallel, offload=offload)
   load = time.perf_counter() - start
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -60,7 +66,8 @@ def run(ckpt: str, *, steps: int = 50, frames: int = 49, height: int | None = No
   warm, step_times = _timed_video(pipe, image, clips, kwargs)
   device = jax.devices()[0]
   return dict(ckpt=ckpt, family=family, frames=frames, height=height, width=width, refs=refs,
-              steps=steps, dtype=dtype, attention=attention, mesh=mesh,
+              steps=steps, dtype=dtype, attention=attention, mesh=mesh_text,
+              context_parallel=context_parallel, offload=offload,
               devices=len(jax.devices()), device=device.device_kind, platform=device.platform,
               jax_version=jax.__version__, date=datetime.date.today().isoformat(),
               host=platform.node(), load_seconds=load, video_seconds_cold=cold,
@@ -87,11 +94,14 @@ def main(argv=None) -> dict:
   parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'])
   parser.add_argument('--attention', default='xla', choices=['xla', 'cudnn', 'blockwise'])
   parser.add_argument('--mesh', help='e.g. fsdp=8')
+  parser.add_argument('--context-parallel', default='gspmd',
+                      choices=['gspmd', 'allgather', 'ulysses'])
+  parser.add_argument('--offload', action='store_true', help='weights in pinned host memory')
   parser.add_argument('--out', help='append the JSON line to this file')
   args = parser.parse_args(argv)
   row = run(args.ckpt, steps=args.steps, frames=args.frames, height=args.height,
             width=args.width, refs=args.refs, dtype=args.dtype, attention=args.attention,
-            mesh=args.mesh)
+            mesh=args.mesh, context_parallel=args.context_parallel, offload=args.offload)
   print(json.dumps(row))
   print(format_row(row))
   if args.out:

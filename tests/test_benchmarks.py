@@ -70,3 +70,15 @@ def test_scaling_harness_runs_each_layout():
   assert [(r['devices'], r['layout']) for r in rows] == [
       (1, 'one device'), (8, 'fsdp'), (8, 'cfg_allgather'), (8, 'fsdp_tensor')]
   assert all(r['seconds'] > 0 and r['speedup'] > 0 for r in rows)
+
+
+def test_scaling_harness_times_whole_videos():
+  """``--video``: whole videos of a checkpoint per layout, and the offloaded one-device row."""
+  from benchmarks import scaling
+  from conftest import DATA
+  rows = scaling.main(['--video', str(DATA / 'cogvideox_pipeline' / 'components'), '--devices',
+                       '1,8', '--layouts', 'cfg_allgather', '--offload', '--steps', '2',
+                       '--frames', '9', '--height', '64', '--width', '96', '--attention', 'xla'])
+  assert [(r['devices'], r['layout']) for r in rows] == [
+      (1, 'one device'), (1, 'one device, offload'), (8, 'cfg_allgather')]
+  assert all(r['seconds'] > 0 and r['step_seconds'] > 0 and r['speedup'] > 0 for r in rows)
