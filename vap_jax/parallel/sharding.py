@@ -63,8 +63,8 @@ FSDP_CONTEXT_RULES = with_rules(DEFAULT_RULES, embed=('fsdp', 'context'),
                                 text_embed=('fsdp', 'context'))
 
 
-# A pipeline's VAE and encoder calls take one video: every device of the mesh takes a strip of
-# its width instead (the convolutions exchange their edges), the VAE weights replicated.
+# A pipeline's VAE calls take one video: every device of the mesh takes a strip of its width
+# instead (the convolutions exchange their edges), the VAE weights replicated.
 VAE_RULES = with_rules(DEFAULT_RULES, activation_batch=None,
                        activation_width=('data', 'fsdp', 'context', 'tensor'))
 
