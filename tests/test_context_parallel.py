@@ -64,7 +64,8 @@ def one_device(request):
     ('gspmd', dict(fsdp=4, tensor=2)),
 ])
 def test_context_parallel_forward_equals_one_device(one_device, kind, mesh_shape):
-  """Every inference layout on 8 devices gives the one-device output."""
+  """Every inference layout on 8 devices gives the one-device output (offload:
+  tests/test_offload.py, on the same inputs)."""
   family, model, inputs, expected = one_device
   config = config_file(FAMILIES[family][0])
   parallel = nnx.clone(model)
@@ -76,11 +77,10 @@ def test_context_parallel_forward_equals_one_device(one_device, kind, mesh_shape
   assert_close(actual, expected, atol=1e-5, rtol=1e-5, what=f'{family} {kind} {mesh_shape}')
 
 
-@pytest.mark.parametrize('attention', ['xla', 'blockwise'])
-def test_context_parallel_gradients_equal_one_device(attention):
-  """The same op trains: gradients w.r.t. the expert through both layouts (blockwise: the
-  training op, its flash backward inside the shard_map)."""
-  model = _model('cogvideox', attention=attention)
+def test_context_parallel_gradients_equal_one_device():
+  """The same op trains: gradients w.r.t. the expert through both layouts (blockwise, the
+  training op: its flash backward inside the shard_map)."""
+  model = _model('cogvideox', attention='blockwise')
   inputs = _cog(np.random.default_rng(1), batch=2, n_refs=2)
   config = config_file('cogvideox_tiny.py')
 
@@ -98,6 +98,22 @@ def test_context_parallel_gradients_equal_one_device(attention):
       actual = grads(parallel)
     for (path, a), (_, b) in zip(nnx.to_flat_state(actual), nnx.to_flat_state(expected)):
       assert_close(a[...], b[...], atol=1e-6, rtol=1e-5, what=f'{kind} {path}')
+
+
+def test_offloaded_forward_equals_one_device(one_device):
+  """The weights in pinned host memory, the stacks streamed layer by layer (`stack.offload`;
+  the rest of its tests: tests/test_offload.py)."""
+  from vap_jax.models import stack
+  from vap_jax.pipelines import common
+  family, model, inputs, expected = one_device
+  offloaded = stack.offload(nnx.clone(model))
+  for path, var in nnx.to_flat_state(nnx.state(offloaded)):  # all but the stacked vectors
+    kind = var.get_value().sharding.memory_kind
+    assert kind == ('pinned_host' if stack.offloads(var) else 'device'), path
+    assert stack.offloads(var) or len(var.shape) == 2
+  actual = common.compiled(offloaded, lambda m, a, k: m(*a, **k))(*inputs)
+  assert actual.sharding.memory_kind == 'device'
+  assert_close(actual, expected, atol=1e-5, rtol=1e-5, what=f'{family} offloaded')
 
 
 COLLECTIVES = ('all-gather', 'all-to-all', 'collective-permute', 'all-reduce', 'reduce-scatter')

@@ -99,8 +99,7 @@ def _expert_grads(model, args, refs):
     (functools.partial(_cog, experts=(1,), layers=3), REMAT_POLICIES),
     # The remat machinery is shared (models/stack.py): the other backbone checks its own tags,
     # and offloading, whose groups with base-only blocks run unrolled.
-    (functools.partial(_wan, experts=(0, 2), layers=3), ('none', 'save_attention',
-                                                         'offload_hidden')),
+    (functools.partial(_wan, experts=(0, 2), layers=3), ('save_attention', 'offload_hidden')),
 ], ids=['cogvideox', 'wan'])
 def test_expert_gradients_through_scan_and_every_remat_policy(build, policies):
   """The float32 gradient of a scalar loss w.r.t. every expert parameter is the same whether the
