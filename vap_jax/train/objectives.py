@@ -107,6 +107,9 @@ class Objective:
   schedule: CogVideoXSchedule | None = None    # CogVideoX's training schedule
   mask_references: bool = False                # drop the references batch['ref_mask'] drops
   references: bool = True                      # False: the base model alone (task 'base')
+  # u is mapped into [low, high) of the timestep table before use: (0, 1) the official
+  # whole table; (0, 0.5) CogVideoX's noisier half (t >= 500), where a reference decides most.
+  noise_window: tuple[float, float] = (0.0, 1.0)
 
   def draws(self, key: jax.Array, batch: dict) -> Draws:
     return draws(key, batch, self.family)
@@ -121,13 +124,19 @@ class Objective:
       refs['ref_mask'] = batch['ref_mask']
     return refs
 
+  def _windowed(self, u: jax.Array) -> jax.Array:
+    low, high = self.noise_window
+    if (low, high) == (0.0, 1.0):
+      return u  # bit for bit the official draw
+    return jnp.float32(low) + jnp.float32(high - low) * u
+
   def __call__(self, model: Callable, batch: dict, d: Draws):
     return (self._cogvideox if self.family == 'cogvideox' else self._wan)(model, batch, d)
 
   def _cogvideox(self, model, batch, d: Draws):
     lat = conditioning.cogvideox_latents(batch, d.posterior, self.vae['scaling_factor'])
     x0 = lat['latents']
-    sigmas = jnp.asarray(cogvideox_sigma_table())[_index(d.u)]
+    sigmas = jnp.asarray(cogvideox_sigma_table())[_index(self._windowed(d.u))]
     t = timesteps_of(sigmas)
     x_t = self.schedule.add_noise(x0, d.noise, t)
     hidden = conditioning.cogvideox_inputs(x_t, lat['image_latents'])
@@ -145,7 +154,7 @@ class Objective:
     lat = conditioning.wan_latents(batch, d.posterior, self.vae['latents_mean'],
                                    self.vae['latents_std'])
     x0 = lat['latents']
-    sigmas = jnp.asarray(wan_sigma_table())[_index(d.u)]
+    sigmas = jnp.asarray(wan_sigma_table())[_index(self._windowed(d.u))]
     t = timesteps_of(sigmas)
     s = sigmas.reshape(-1, 1, 1, 1, 1)
     x_t = (1.0 - s) * x0 + s * d.noise

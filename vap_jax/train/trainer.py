@@ -50,15 +50,21 @@ log = logging.getLogger(__name__)
 
 
 def objective_for(family: str, data_folder, *, references: bool = True,
-                  mask_references: bool = False) -> objectives.Objective:
+                  mask_references: bool = False,
+                  noise_window=(0.0, 1.0)) -> objectives.Objective:
   """The family's objective with the VAE statistics `vap-precompute` recorded; without
-  ``references``, the base model's (the references of the data are not read)."""
+  ``references``, the base model's (the references of the data are not read); timesteps drawn
+  in ``noise_window`` of the table (`objectives.Objective`)."""
+  low, high = (float(x) for x in noise_window)
+  if not 0.0 <= low < high <= 1.0:
+    raise ValueError(f'noise_window {tuple(noise_window)}: expected 0 <= low < high <= 1')
   info = LatentSource(data_folder, allow_incomplete=True).info
   if info['settings']['family'] != family:
     raise ValueError(f'data {data_folder} was precomputed for {info["settings"]["family"]}, '
                      f'the run trains {family}')
   schedule = CogVideoXDDIMScheduler() if family == 'cogvideox' else None
-  return objectives.Objective(family, info['vae'], schedule, mask_references, references)
+  return objectives.Objective(family, info['vae'], schedule, mask_references, references,
+                              (low, high))
 
 
 def optimizer_for(config, trainable, unreachable):
@@ -123,7 +129,8 @@ class Trainer:
       # The references are read by a model with an expert (LoRA on a base model: none).
       references = not base and model.expert is not None
       self.objective = objective_for(self.family, data.latents, references=references,
-                                     mask_references=data.reference_dropout > 0 and references)
+                                     mask_references=data.reference_dropout > 0 and references,
+                                     noise_window=config.get('noise_window', (0.0, 1.0)))
       self.unreachable = model.unreachable()
       if self.task in ('lora', 'dpo'):
         names = add_adapters(model, config)
