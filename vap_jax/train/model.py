@@ -56,8 +56,10 @@ def build_model(family: str, model_config, *, mesh: Mesh | None, rules: Rules,
     model = load(model_config.checkpoint, mesh=mesh, rules=rules, **runtime(model_config))
     have = model.config.block_idx_with_mot_ref
     if not have and experts:
-      log.info('adding the expert on blocks %s as copies of the base blocks', list(experts))
-      return with_expert(model, experts, mesh=mesh, rules=rules)
+      init = model_config.get('expert_init', 'copy')
+      log.info('adding the expert on blocks %s as copies of the base blocks (%s)',
+               list(experts), init)
+      return with_expert(model, experts, mesh=mesh, rules=rules, init=init)
     if experts and tuple(have) != experts:
       raise ValueError(f'model.block_idx_with_mot_ref {list(experts)} differs from the '
                        f'checkpoint {model_config.checkpoint}\'s {list(have)}')
@@ -227,10 +229,19 @@ def _made_on_mesh(factory, mesh, rules):
   return nnx.merge(graphdef, make())
 
 
+EXPERT_INITS = ('copy', 'copy_zero_values')
+
+
 def with_expert(base: MoTTransformer, experts: tuple[int, ...], *, mesh: Mesh | None,
-                rules: Rules) -> MoTTransformer:
+                rules: Rules, init: str = 'copy') -> MoTTransformer:
   """``base`` (no expert) with an expert on ``experts``: every expert tensor an exact copy of
-  its base counterpart (expert slot j <- base layer experts[j]), in the expert's dtype."""
+  its base counterpart (expert slot j <- base layer experts[j]), in the expert's dtype -- the
+  official init. ``init='copy_zero_values'`` zeroes the expert's joint-attention value
+  projections too: the references then add nothing to what the target reads at step 0 (with a
+  copy, the target reads the reference's subject as its own: its loss starts several times the
+  base's, and the first thing a small expert learns is to shut the reference out)."""
+  if init not in EXPERT_INITS:
+    raise ValueError(f'model.expert_init {init!r}: expected one of {EXPERT_INITS}')
   config = dataclasses.replace(base.config, block_idx_with_mot_ref=tuple(experts))
   graphdef, state = nnx.split(abstract_model(lambda: type(base)(config, rngs=nnx.Rngs(0))))
   old = km.flat_variables(nnx.state(base))
@@ -245,6 +256,8 @@ def with_expert(base: MoTTransformer, experts: tuple[int, ...], *, mesh: Mesh | 
       value = jnp.take(old[path[1:]][...], layers, axis=0)
     else:
       value = old[path[1:]][...]
+    if init == 'copy_zero_values' and path[1:4] == ('blocks', 'attn1', 'to_v'):
+      value = jnp.zeros_like(value)
     value = value.astype(var.dtype)
     values[path] = jax.device_put(value, where[path]) if path in where else value
   return fill(graphdef, state, values)
