@@ -114,6 +114,21 @@ def test_two_references(pipe, golden):
   assert np.isfinite(two.video).all()
 
 
+def test_reference_guidance_guides_from_the_base_alone(pipe, golden):
+  """With ``reference_guidance`` the negative half reads no reference: one step's latents are
+  then (affine in the model output) neg_without + g (pos_with - neg_without), each half taken
+  from a plain run at guidance 0 (no references) or 1 (the references)."""
+  image, video = golden['inputs']['image'], golden['inputs']['ref_videos'][0]
+  run = lambda refs, prompts, g, **kw: pipe(
+      image, refs, 'a', prompts, negative_prompt='n', negative_ref_prompt='m', height=64,
+      width=96, num_frames=9, num_inference_steps=1, guidance_scale=g, use_dynamic_cfg=False,
+      progress=False, **kw).latents
+  negative, positive = run([], [], 0.0), run([video], ['b'], 1.0)
+  guided = run([video], ['b'], 3.0, reference_guidance=True)
+  assert_close(guided, negative + 3.0 * (positive - negative), atol=1e-5, what='guided latents')
+  assert np.abs(guided - run([video], ['b'], 3.0)).max() > 1e-3  # not the official CFG
+
+
 @pytest.mark.parametrize('mesh_shape,context_parallel', [
     ({'fsdp': 2, 'context': 2, 'tensor': 2}, 'gspmd'),
     ({'data': 2, 'context': 4}, 'allgather'),  # CFG halves over data x sequence over context

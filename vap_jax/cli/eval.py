@@ -22,6 +22,8 @@ def main(argv=None) -> int:
   p.add_argument('--out', default=None, help='write the report (JSON, every item) here')
   p.add_argument('--steps', type=int, default=20, help='denoising steps (default 20)')
   p.add_argument('--guidance', type=float, default=2.0, help='constant CFG scale (default 2)')
+  p.add_argument('--reference-guidance', action='store_true',
+                 help="CFG's negative half without the reference (vap-generate's option)")
   p.add_argument('--limit', type=int, default=None,
                  help='score this many rows, spread over the conditions (default: all)')
   p.add_argument('--settings', default='vap,shuffled,no_expert,caption',
@@ -42,13 +44,15 @@ def main(argv=None) -> int:
       common.writable_file(args.out, '--out')
     report = evaluate(toy.resolve(args.ckpt), args.data, settings=settings, steps=args.steps,
                       guidance=args.guidance, limit=args.limit, seed=args.seed,
+                      reference_guidance=args.reference_guidance,
                       progress=not args.no_progress)
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     return common.error(e)
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(report, f, indent=1)
-  print(f'{report["rows"]} held-out pairs, {args.steps} steps, guidance {args.guidance}; '
+  print(f'{report["rows"]} held-out pairs, {args.steps} steps, guidance {args.guidance}'
+        f'{" (reference guidance)" if args.reference_guidance else ""}; '
         f'chance {report["chance"]:.3f}; {report["seconds"]:.0f} s')
   for s in settings:
     r = report[s]

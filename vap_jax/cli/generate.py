@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--width', type=int, help='default 720 (CogVideoX) / 832 (Wan)')
   p.add_argument('--steps', type=int, default=50, help='denoising steps (default 50)')
   p.add_argument('--guidance', type=float, help='CFG scale (default 6 CogVideoX, 5 Wan)')
+  p.add_argument('--reference-guidance', action='store_true',
+                 help="CFG's negative half without the references, so guidance amplifies what "
+                      'they add too (the official pipelines give both halves the references)')
   p.add_argument('--static-cfg', action='store_true',
                  help='CogVideoX: a constant guidance scale instead of the official dynamic one')
   p.add_argument('--frames-selection', default='evenly', choices=['evenly', 'first', 'random'],
@@ -239,7 +242,8 @@ def main(argv=None) -> int:
     options = dict(num_frames=args.frames, num_inference_steps=args.steps,
                    frames_selection=args.frames_selection, seed=args.seed,
                    negative_prompt=args.negative_prompt,
-                   negative_ref_prompt=args.negative_ref_prompt)
+                   negative_ref_prompt=args.negative_ref_prompt,
+                   reference_guidance=args.reference_guidance)
     options.update({k: v for k, v in (('height', args.height), ('width', args.width),
                                       ('guidance_scale', args.guidance)) if v is not None})
     if family == 'cogvideox':

@@ -109,7 +109,7 @@ class CogVideoXVAPPipeline:
 
   def sample(self, lat: dict, text, ref_text, *, num_inference_steps: int,
              guidance_scale: float, use_dynamic_cfg: bool, key: jax.Array, progress: bool = True,
-             on_step: Callable | None = None) -> jax.Array:
+             on_step: Callable | None = None, reference_guidance: bool = False) -> jax.Array:
     """The denoising loop; returns the final latents (1, F', C, h, w)."""
     plan = self.scheduler.set_timesteps(num_inference_steps)
     timesteps = np.asarray(plan.timesteps)
@@ -121,8 +121,9 @@ class CogVideoXVAPPipeline:
     image = pair(lat['image'])
     refs = None if lat['ref'] is None else pair(  # references along frames
         conditioning.cogvideox_inputs(lat['ref'], lat['ref_image']))
+    num_refs = 0 if refs is None else lat['ref'].shape[1] // lat['latents'].shape[1]
     cond = self._condition(conditioning.cogvideox_inputs(pair(lat['latents']), image), text,
-                           refs, ref_text)
+                           refs, ref_text, common.cfg_ref_mask(num_refs, reference_guidance))
     step = lambda x, state, plan, i, g, key: self._step(x, state, plan, i, g, key, image, cond)
     return common.denoise(step, lat['latents'], plan, guidance, key,
                           sharding=self._latent_sharding, progress=progress,
@@ -142,11 +143,13 @@ class CogVideoXVAPPipeline:
                guidance_scale: float = 6.0, use_dynamic_cfg: bool = True,
                frames_selection: str = 'evenly', max_sequence_length: int | None = None,
                seed: int = 42, noise: dict | None = None, progress: bool = True,
-               on_step: Callable | None = None) -> VideoOutput:
+               on_step: Callable | None = None,
+               reference_guidance: bool = False) -> VideoOutput:
     """``image`` uint8 (H, W, 3); ``ref_videos`` uint8 (F_i, H_i, W_i, 3) each, with one entry of
     ``ref_prompts`` per reference; no references (``[]``, ``[]``) runs the base model alone, the
     expert off. Defaults are the official demo's (dynamic CFG on); the text length defaults to
-    the transformer's ``max_text_seq_length`` (226)."""
+    the transformer's ``max_text_seq_length`` (226). ``reference_guidance``: CFG's negative half
+    without the references (`common.cfg_ref_mask`)."""
     image = common.check_image(image)
     if isinstance(ref_prompts, str):
       ref_prompts = [ref_prompts]
@@ -166,7 +169,8 @@ class CogVideoXVAPPipeline:
     lat = self.encode_latents(image, refs, num_frames, latent_key, noise)
     latents = self.sample(lat, text, ref_text, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
-                          key=sample_key, progress=progress, on_step=on_step)
+                          key=sample_key, progress=progress, on_step=on_step,
+                          reference_guidance=reference_guidance)
     video, frames = common.postprocess(self.decode(latents))
     return VideoOutput(frames, video, np.asarray(latents), np.stack(refs) if refs else None)
 
@@ -175,8 +179,8 @@ def _nth(items, i):
   return None if items is None else items[i]
 
 
-def _condition(model: CogVideoXTransformer, latents, text, ref, ref_text):
-  return model.condition(latents, text, ref_latents=ref, ref_text=ref_text)
+def _condition(model: CogVideoXTransformer, latents, text, ref, ref_text, ref_mask):
+  return model.condition(latents, text, ref_latents=ref, ref_text=ref_text, ref_mask=ref_mask)
 
 
 def _step(model: CogVideoXTransformer, latents, state, plan, i, guidance, key, image_latents,

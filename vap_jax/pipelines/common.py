@@ -192,6 +192,15 @@ def cfg_pair(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x, x])
 
 
+def cfg_ref_mask(num_refs: int, reference_guidance: bool):
+  """The references' mask for the [negative, positive] CFG batch: None (both halves read them,
+  the official pipelines) or, with ``reference_guidance``, the negative half without any -- the
+  base model alone -- so that guidance amplifies what the references add, not only the prompt."""
+  if not reference_guidance or not num_refs:
+    return None
+  return jnp.array([[False] * num_refs, [True] * num_refs])
+
+
 def guided(output: jax.Array, scale) -> jax.Array:
   """Guidance from a model output on the [negative, positive] CFG batch, in float32."""
   output = output.astype(jnp.float32)

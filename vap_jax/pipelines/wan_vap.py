@@ -102,15 +102,18 @@ class WanVAPPipeline:
 
   def sample(self, lat: dict, text, ref_text, clip_tokens, ref_clip_tokens, *,
              num_inference_steps: int, guidance_scale: float, key: jax.Array,
-             progress: bool = True, on_step: Callable | None = None) -> jax.Array:
+             progress: bool = True, on_step: Callable | None = None,
+             reference_guidance: bool = False) -> jax.Array:
     """The denoising loop (CFG as one batch-2 pass); returns the final latents (1, z, F', h, w)."""
     plan = self.scheduler.set_timesteps(num_inference_steps)
     guidance = np.full(int(plan.timesteps.shape[0]), guidance_scale, np.float64)
     pair = common.cfg_pair
     target = conditioning.wan_inputs(lat['latents'], lat['condition'])
     ref = conditioning.wan_inputs(lat['ref'], lat['ref_condition'])  # references along frames
+    mask = common.cfg_ref_mask(lat['ref'].shape[2] // lat['latents'].shape[2],
+                               reference_guidance)
     cond = self._condition(pair(target), text, pair(clip_tokens), pair(ref), ref_text,
-                           pair(ref_clip_tokens))
+                           pair(ref_clip_tokens), mask)
     step = lambda x, state, plan, i, g, key: self._step(x, state, plan, i, g, key,
                                                         lat['condition'], cond)
     return common.denoise(step, lat['latents'], plan, guidance, key,
@@ -129,9 +132,11 @@ class WanVAPPipeline:
                width: int = 832, num_frames: int = 49, num_inference_steps: int = 50,
                guidance_scale: float = 5.0, frames_selection: str = 'evenly',
                max_sequence_length: int = 512, seed: int = 42, noise: dict | None = None,
-               progress: bool = True, on_step: Callable | None = None) -> VideoOutput:
+               progress: bool = True, on_step: Callable | None = None,
+               reference_guidance: bool = False) -> VideoOutput:
     """``image`` uint8 (H, W, 3); ``ref_videos`` uint8 (F_i, H_i, W_i, 3) each, with one entry of
-    ``ref_prompts`` per reference. Defaults are the official demo's (480x832, 49 frames)."""
+    ``ref_prompts`` per reference. Defaults are the official demo's (480x832, 49 frames).
+    ``reference_guidance``: CFG's negative half without the references (`common.cfg_ref_mask`)."""
     image = common.check_image(image)
     if isinstance(ref_prompts, str):
       ref_prompts = [ref_prompts]
@@ -150,14 +155,15 @@ class WanVAPPipeline:
     lat = self.encode_latents(image, refs, num_frames, latent_key, noise)
     latents = self.sample(lat, text, ref_text, clip_tokens, ref_clip_tokens,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          key=sample_key, progress=progress, on_step=on_step)
+                          key=sample_key, progress=progress, on_step=on_step,
+                          reference_guidance=reference_guidance)
     video, frames = common.postprocess(self.decode(latents))
     return VideoOutput(frames, video, np.asarray(latents), np.stack(refs))
 
 
-def _condition(model: WanTransformer, latents, text, image, ref, ref_text, ref_image):
+def _condition(model: WanTransformer, latents, text, image, ref, ref_text, ref_image, ref_mask):
   return model.condition(latents, text, image=image, ref_latents=ref, ref_text=ref_text,
-                         ref_image=ref_image, ref_timestep=1)
+                         ref_image=ref_image, ref_timestep=1, ref_mask=ref_mask)
 
 
 def _step(model: WanTransformer, latents, state, plan, i, guidance, key, condition, cond):

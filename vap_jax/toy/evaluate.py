@@ -77,8 +77,8 @@ def subject_rank(video: np.ndarray, subject: toy.Subject, condition: toy.Conditi
 
 
 def evaluate(ckpt, root, *, settings=SETTINGS, steps: int = 20, guidance: float = 2.0,
-             limit: int | None = None, seed: int = 0, pipeline=None,
-             progress: bool = True) -> dict:
+             limit: int | None = None, seed: int = 0, reference_guidance: bool = False,
+             pipeline=None, progress: bool = True) -> dict:
   """Scores of the checkpoint ``ckpt`` (any folder `Pipeline.from_pretrained` reads, or an
   already loaded ``pipeline``) on the VAP-Toy dataset at ``root``; see the module docstring."""
   from PIL import Image
@@ -110,14 +110,16 @@ def evaluate(ckpt, root, *, settings=SETTINGS, steps: int = 20, guidance: float 
       ref_prompts = [toy.subject_caption(toy.subject_by_name(ref_subject))]
     out = pipe(image, refs, prompt, ref_prompts, height=size, width=size,
                num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
-               use_dynamic_cfg=False, seed=seed + i, progress=False, **UNCONDITIONAL)
+               use_dynamic_cfg=False, seed=seed + i, progress=False,
+               reference_guidance=reference_guidance, **UNCONDITIONAL)
     predicted, dist = toy.nearest_condition(out.frames, subject)
     results[setting].append(dict(
         subject=row['subject'], kind=row['kind'], reference_kind=ref_kind,
         predicted=predicted.kind, distance=float(dist.min()),
         subject_rank=subject_rank(out.frames, subject, predicted, subjects)))
   report = dict(checkpoint=str(ckpt), data=str(root), rows=len(rows), steps=steps,
-                guidance=guidance, seed=seed, chance=1 / len(toy.KINDS),
+                guidance=guidance, reference_guidance=reference_guidance, seed=seed,
+                chance=1 / len(toy.KINDS),
                 seconds=round(time.perf_counter() - start, 1))
   for setting, items in results.items():
     report[setting] = _scores(items)
