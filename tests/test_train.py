@@ -3,6 +3,7 @@ train step on 8-device meshes equal to one device, gradient accumulation, clear 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -137,6 +138,23 @@ def test_reference_dropout_keeps_at_least_one_reference_last(latents):
   assert mask.shape == (4, 2) and (mask.sum(1) == 1).all() and mask[:, -1].all()
 
 
+@pytest.mark.parametrize('family', ['cogvideox', 'wan'])
+def test_noise_window_draws_timesteps_inside_it(family):
+  """``noise_window`` (low, high) maps the draw into that part of the timestep table: (0, 0.25)
+  keeps the noisiest quarter (t >= 750); the whole table is the official draw itself."""
+  u = jnp.linspace(0.0, 0.9999, 64, dtype=jnp.float32)
+  table = (objectives.cogvideox_sigma_table() if family == 'cogvideox'
+           else objectives.wan_sigma_table())
+  noisy = objectives.Objective(family, {}, noise_window=(0.0, 0.25))
+  t = objectives.timesteps_of(jnp.asarray(table)[objectives._index(noisy._windowed(u))])
+  assert int(t.min()) >= 749 and int(t.max()) >= 995
+  whole = objectives.Objective(family, {})
+  assert whole._windowed(u) is u
+  with pytest.raises(ValueError, match='noise_window'):
+    from vap_jax.train.trainer import objective_for
+    objective_for(family, DATA / 'missing', noise_window=(0.5, 0.5))
+
+
 def test_base_task_trains_a_whole_base_model_that_a_vap_run_starts_from(latents, tmp_path):
   """task 'base' (the stage before VAP): every parameter of a transformer without an expert
   trains on the same latents, the references unread; written as a converted transformer it is
@@ -165,5 +183,14 @@ def test_base_task_trains_a_whole_base_model_that_a_vap_run_starts_from(latents,
   expert = vap.model().expert.blocks
   np.testing.assert_array_equal(expert.attn1.to_q.kernel[...][1],
                                 loaded.blocks.attn1.to_q.kernel[...][1])
+  # The other init: the same copy, but the references' values zero (they add nothing at step 0).
+  zeroed = Trainer(_config(latents, model__checkpoint=str(tmp_path / 'transformer'),
+                           model__expert_init='copy_zero_values'), tmp_path / 'z').model()
+  assert not np.any(zeroed.expert.blocks.attn1.to_v.kernel[...])
+  assert not np.any(zeroed.expert.blocks.attn1.to_v.bias[...])
+  np.testing.assert_array_equal(zeroed.expert.blocks.attn1.to_k.kernel[...],
+                                expert.attn1.to_k.kernel[...])
+  np.testing.assert_array_equal(zeroed.expert.blocks.ff.proj_in.kernel[...],
+                                expert.ff.proj_in.kernel[...])
   with pytest.raises(ValueError, match="task 'base' trains a transformer without an expert"):
     Trainer(_config(latents, task='base'), tmp_path / 'refused')
