@@ -237,9 +237,10 @@ def with_expert(base: MoTTransformer, experts: tuple[int, ...], *, mesh: Mesh | 
   """``base`` (no expert) with an expert on ``experts``: every expert tensor an exact copy of
   its base counterpart (expert slot j <- base layer experts[j]), in the expert's dtype -- the
   official init. ``init='copy_zero_values'`` zeroes the expert's joint-attention value
-  projections too: the references then add nothing to what the target reads at step 0 (with a
-  copy, the target reads the reference's subject as its own: its loss starts several times the
-  base's, and the first thing a small expert learns is to shut the reference out)."""
+  projections too: the references then add no content to what the target reads at step 0, only
+  take some of its attention weight (with a copy, the target reads the reference's subject as
+  its own: its loss starts several times the base's, and the first thing a small expert learns
+  is to shut the reference out)."""
   if init not in EXPERT_INITS:
     raise ValueError(f'model.expert_init {init!r}: expected one of {EXPERT_INITS}')
   config = dataclasses.replace(base.config, block_idx_with_mot_ref=tuple(experts))
