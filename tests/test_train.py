@@ -183,7 +183,7 @@ def test_base_task_trains_a_whole_base_model_that_a_vap_run_starts_from(latents,
   expert = vap.model().expert.blocks
   np.testing.assert_array_equal(expert.attn1.to_q.kernel[...][1],
                                 loaded.blocks.attn1.to_q.kernel[...][1])
-  # The other init: the same copy, but the references' values zero (they add nothing at step 0).
+  # The other init: the same copy, the references' values zero (no content read at step 0).
   zeroed = Trainer(_config(latents, model__checkpoint=str(tmp_path / 'transformer'),
                            model__expert_init='copy_zero_values'), tmp_path / 'z').model()
   assert not np.any(zeroed.expert.blocks.attn1.to_v.kernel[...])
