@@ -130,10 +130,12 @@ def _decode_container(path: Path, max_frames: int | None = None, pick=None):
     stream.thread_type = 'AUTO' if length_known else 'SLICE'
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else 0.0
+    # Header fields read while the container is open (PyAV >= 18.1.1 refuses them after).
+    stated, duration, time_base = stream.frames, stream.duration, stream.time_base
     planned = None
-    if pick is not None and max_frames is None and stream.frames > 0 and fps > 0:
+    if pick is not None and max_frames is None and stated > 0 and fps > 0:
       try:
-        planned = [int(i) for i in pick(stream.frames, fps, stream.codec_context.height,
+        planned = [int(i) for i in pick(stated, fps, stream.codec_context.height,
                                         stream.codec_context.width)]
       except ValueError:
         planned = None  # decide on the decoded count instead
@@ -155,12 +157,12 @@ def _decode_container(path: Path, max_frames: int | None = None, pick=None):
       if max_frames is not None and count >= max_frames:
         break
   if planned is not None:
-    if count == stream.frames:
+    if count == stated:
       return [kept[i] for i in planned], fps, True
     # Not damaged (checked above), so the header over-reports: a rare second pass.
     return _decode_container(path, max_frames)
-  if fps <= 0 and frames and stream.duration and stream.time_base:
-    fps = len(frames) / float(stream.duration * stream.time_base)
+  if fps <= 0 and frames and duration and time_base:
+    fps = len(frames) / float(duration * time_base)
   return frames, fps, False
 
 
