@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer = dict(learning_rate=1e-5, b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4,
                      max_grad_norm=1.0)
   c.schedule = dict(kind='constant', warmup_steps=1000, end_value=0.0)
+  c.noise_window = (0.0, 1.0)  # timesteps drawn from this part of the table: all (official)
   c.steps = 60_000
   c.accumulation = 1
   c.mesh = dict(data=1, fsdp=-1, context=1, tensor=1)

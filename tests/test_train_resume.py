@@ -178,9 +178,15 @@ def test_a_checkpoint_of_another_run_is_refused_by_name(cog_latents, two_steps, 
     Trainer(_config(cog_latents, data__caption_dropout=0.1), tmp_path)
   with pytest.raises(CheckpointError, match='optimizer.learning_rate: saved 0.001, now 0.002'):
     Trainer(_config(cog_latents, optimizer__learning_rate=2e-3), tmp_path)
-  config = json.loads((tmp_path / 'checkpoints' / '2' / 'config' / 'metadata').read_text())
-  (tmp_path / 'checkpoints' / '2' / 'config' / 'metadata').write_text(
-      json.dumps(dict(config, family='wan')))
+  with pytest.raises(CheckpointError,
+                     match=r'noise_window: saved \[0.0, 1.0\], now \[0.5, 1.0\]'):
+    Trainer(_config(cog_latents, noise_window=(0.5, 1.0)), tmp_path)
+  metadata = tmp_path / 'checkpoints' / '2' / 'config' / 'metadata'
+  config = json.loads(metadata.read_text())
+  # A run from before the setting existed drew from the whole table: it resumes as that.
+  metadata.write_text(json.dumps({k: v for k, v in config.items() if k != 'noise_window'}))
+  assert Trainer(_config(cog_latents), tmp_path).resumed_from == 2
+  metadata.write_text(json.dumps(dict(config, family='wan')))
   with pytest.raises(CheckpointError, match='is of a wan run, this run trains cogvideox'):
     Trainer(_config(cog_latents), tmp_path)
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == saved

@@ -34,6 +34,10 @@ TASKS = {'vap': 'the VAP expert', 'base': 'a whole base transformer', 'vae': 'a 
          'lora': 'LoRA adapters (SFT)', 'dpo': 'LoRA adapters by DPO'}
 
 
+# Settings added after runs were made: the value a run from before one trained with.
+ADDED = {'noise_window': [0.0, 1.0]}
+
+
 def task_of(config) -> str:
   task = config.get('task') or 'vap'
   if task not in TASKS:
@@ -155,8 +159,8 @@ class Checkpointer:
     except (OSError, ValueError) as e:
       raise CheckpointError(f'checkpoint {where} is damaged or partial: its config cannot be '
                             f'read ({_first_line(e)})') from e
-    saved = dict(saved, task=task_of(saved))
-    current = dict(self.config, task=task_of(self.config))
+    saved = {**ADDED, **saved, 'task': task_of(saved)}
+    current = {**ADDED, **self.config, 'task': task_of(self.config)}
     if saved['task'] != current['task']:
       a, b = saved['task'], current['task']
       raise CheckpointError(f'checkpoint {where} is of a run that trains {TASKS[a]} (task={a!r}), '

@@ -4,7 +4,8 @@ metrics (what ``vap-train`` runs).
 The run config is a big_vision-style file (``configs/train_<family>.py``): ``family``, ``task``,
 ``model`` (checkpoint or config, expert placement, dtypes, attention, remat, scan), ``data`` (the
 `vap-precompute` folder, global batch, dropouts, workers), ``optimizer``, ``schedule``,
-``steps``, ``accumulation``, ``mesh``, ``rules``, ``log``, ``seed``.
+``noise_window`` (the part of the timestep table the draw maps into; (0, 1), the official draw,
+when absent), ``steps``, ``accumulation``, ``mesh``, ``rules``, ``log``, ``seed``.
 
 ``task`` says what trains: 'vap' (default) the VAP expert on a frozen transformer, from
 precomputed latents; 'base' every parameter of a transformer without an expert (an image-to-video
