@@ -21,6 +21,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from vap_jax.train.objectives import WHOLE_TABLE
+
 log = logging.getLogger(__name__)
 
 # Run settings a resumed run may change (how it runs, not what it trains).
@@ -35,7 +37,7 @@ TASKS = {'vap': 'the VAP expert', 'base': 'a whole base transformer', 'vae': 'a 
 
 
 # Settings added after runs were made: the value a run from before one trained with.
-ADDED = {'noise_window': [0.0, 1.0]}
+ADDED = {'noise_window': list(WHOLE_TABLE)}
 
 
 def task_of(config) -> str:

@@ -28,6 +28,9 @@ import numpy as np
 from vap_jax import conditioning
 from vap_jax.diffusion.schedulers import CogVideoXSchedule, FlowMatchEulerDiscreteScheduler
 
+# The official draw's window: the whole timestep table (`Objective.noise_window`).
+WHOLE_TABLE = (0.0, 1.0)
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -109,7 +112,7 @@ class Objective:
   references: bool = True                      # False: the base model alone (task 'base')
   # u is mapped into [low, high) of the timestep table before use: (0, 1) the official
   # whole table; (0, 0.5) CogVideoX's noisier half (t >= 500), where a reference decides most.
-  noise_window: tuple[float, float] = (0.0, 1.0)
+  noise_window: tuple[float, float] = WHOLE_TABLE
 
   def draws(self, key: jax.Array, batch: dict) -> Draws:
     return draws(key, batch, self.family)
@@ -126,7 +129,7 @@ class Objective:
 
   def _windowed(self, u: jax.Array) -> jax.Array:
     low, high = self.noise_window
-    if (low, high) == (0.0, 1.0):
+    if (low, high) == WHOLE_TABLE:
       return u  # bit for bit the official draw
     return jnp.float32(low) + jnp.float32(high - low) * u
 

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 def objective_for(family: str, data_folder, *, references: bool = True,
                   mask_references: bool = False,
-                  noise_window=(0.0, 1.0)) -> objectives.Objective:
+                  noise_window=objectives.WHOLE_TABLE) -> objectives.Objective:
   """The family's objective with the VAE statistics `vap-precompute` recorded; without
   ``references``, the base model's (the references of the data are not read); timesteps drawn
   in ``noise_window`` of the table (`objectives.Objective`)."""
@@ -129,9 +129,10 @@ class Trainer:
                          f'{config.model.checkpoint} has one')
       # The references are read by a model with an expert (LoRA on a base model: none).
       references = not base and model.expert is not None
+      window = config.get('noise_window', objectives.WHOLE_TABLE)
       self.objective = objective_for(self.family, data.latents, references=references,
                                      mask_references=data.reference_dropout > 0 and references,
-                                     noise_window=config.get('noise_window', (0.0, 1.0)))
+                                     noise_window=window)
       self.unreachable = model.unreachable()
       if self.task in ('lora', 'dpo'):
         names = add_adapters(model, config)
