@@ -100,19 +100,16 @@ def train_sentencepiece(texts: Sequence[str], folder: str | Path, vocab_size: in
   ``T5Tokenizer`` wrote before version 5, so both `Tokenizer` and transformers read it.
   ``vocab_size`` is an upper bound when the texts have fewer pieces. Deterministic (one thread).
   """
+  import io
   import sentencepiece
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  corpus = folder / 'corpus.txt'
-  corpus.write_text('\n'.join(texts) + '\n')
-  try:
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / 'spiece'), vocab_size=vocab_size,
-        model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-        hard_vocab_limit=False, num_threads=1, minloglevel=2)
-  finally:
-    corpus.unlink()
-    (folder / 'spiece.vocab').unlink(missing_ok=True)
+  model = io.BytesIO()  # trained from memory: the model file records no corpus path
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+      model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+      hard_vocab_limit=False, num_threads=1, minloglevel=2)
+  (folder / 'spiece.model').write_bytes(model.getvalue())
   special = {'eos_token': '</s>', 'pad_token': '<pad>', 'unk_token': '<unk>'}
   token = dict(lstrip=False, normalized=False, rstrip=False, single_word=False)
   _write_json(folder / 'special_tokens_map.json',
