@@ -37,8 +37,8 @@ stage vae_clips "$work/runs/vae/done" bash -c "vap-train --config configs/train_
   --set model.checkpoint='$(json "$work/vae_frames")' && touch $work/runs/vae/done"
 stage vae_export "$work/vae/config.json" vap-export --run "$work/runs/vae" --dst "$work/vae" \
   --no-progress
-stage vae_scale "$work/vae/scaled" bash -c "vap-toy scale --vae $work/vae --data $work/data \
-  && touch $work/vae/scaled"
+stage vae_scale "$work/vae.scaled" bash -c "vap-toy scale --vae $work/vae --data $work/data \
+  && touch $work/vae.scaled"  # the marker beside vae/, which ships
 stage precompute "$work/latents/done" bash -c "vap-precompute cogvideox --model $work/frozen \
   --vae $work/vae --data $work/data --out $work/latents --set 'buckets=[[17,64,64]]' \
   --text-max-length 32 --store-dtype float32 --text-dtype float32 --workers 0 \
