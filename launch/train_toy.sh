@@ -57,6 +57,6 @@ stage pack "$work/packed" bash -c "vap-toy pack --transformer $work/vap/transfor
   --vae $work/vae --frozen $work/frozen --examples-from $work/data --dst $dst --overwrite \
   && touch $work/packed"
 stage eval "$work/eval.json" vap-eval --ckpt "$dst" --data "$work/data" --out "$work/eval.json" \
-  --guidance 4 --reference-guidance --no-progress  # the demo's settings (vap-toy demo)
+  --guidance 4 --reference-guidance --guidance-min-timestep 500 --no-progress  # vap-toy demo's
 awk '{ s += $2; print } END { print "total", s }' "$times"
 du -sh "$dst"

@@ -105,6 +105,7 @@ def test_generate_wan_at_the_reference_fps(converted, inputs, tmp_path):
     (dict(height=60), '--height 60: expected a positive multiple of 16'),
     (dict(width=-96), '--width -96: expected a positive multiple of 16'),
     (dict(guidance='nan'), '--guidance nan: expected a finite scale >= 0'),
+    (dict(guidance_min_timestep=1500), '--guidance-min-timestep 1500.0: expected a timestep'),
     (dict(seed=-1), '--seed -1: expected an integer in [0, 2**32)'),
     (dict(fps='0'), "--fps '0': expected a positive number or 'ref'"),
     (dict(fps='fast'), "--fps 'fast': expected a positive number or 'ref'"),

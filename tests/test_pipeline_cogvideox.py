@@ -129,6 +129,27 @@ def test_reference_guidance_guides_from_the_base_alone(pipe, golden):
   assert np.abs(guided - run([video], ['b'], 3.0)).max() > 1e-3  # not the official CFG
 
 
+def test_guidance_interval_leaves_the_low_timesteps_unguided(pipe, golden):
+  """``guidance_min_timestep`` above every timestep: each step takes the positive half alone,
+  as guidance 1 does; at 0 (the default) every step is guided."""
+  image, video = golden['inputs']['image'], golden['inputs']['ref_videos'][0]
+  run = lambda g, **kw: pipe(
+      image, [video], 'a', ['b'], height=64, width=96, num_frames=9, num_inference_steps=2,
+      guidance_scale=g, use_dynamic_cfg=False, reference_guidance=True, progress=False,
+      **kw).latents
+  unguided = run(3.0, guidance_min_timestep=1000)
+  assert_close(unguided, run(1.0), atol=1e-6, what='latents with guidance off at every step')
+  assert_close(run(3.0, guidance_min_timestep=0), run(3.0), what='the default')
+  assert np.abs(unguided - run(3.0)).max() > 1e-3
+
+
+def test_guidance_interval_schedule():
+  from vap_jax.pipelines.common import guidance_interval
+  scales = guidance_interval(np.array([4.0, 4.0, 4.0, 4.0]), np.array([999, 749, 499, 249]), 500)
+  np.testing.assert_array_equal(scales, [4.0, 4.0, 1.0, 1.0])
+  np.testing.assert_array_equal(guidance_interval(scales, [999, 749, 499, 249], 0), scales)
+
+
 @pytest.mark.parametrize('mesh_shape,context_parallel', [
     ({'fsdp': 2, 'context': 2, 'tensor': 2}, 'gspmd'),
     ({'data': 2, 'context': 4}, 'allgather'),  # CFG halves over data x sequence over context

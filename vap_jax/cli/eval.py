@@ -24,6 +24,8 @@ def main(argv=None) -> int:
   p.add_argument('--guidance', type=float, default=2.0, help='constant CFG scale (default 2)')
   p.add_argument('--reference-guidance', action='store_true',
                  help="CFG's negative half without the reference (vap-generate's option)")
+  p.add_argument('--guidance-min-timestep', type=float, default=0, metavar='T',
+                 help='no guidance below timestep T (vap-generate\'s option; default 0)')
   p.add_argument('--limit', type=int, default=None,
                  help='score this many rows, spread over the conditions (default: all)')
   p.add_argument('--settings', default='vap,shuffled,no_expert,caption',
@@ -40,19 +42,27 @@ def main(argv=None) -> int:
     settings = tuple(s for s in args.settings.split(',') if s)
     if not settings or set(settings) - set(SETTINGS):
       raise ValueError(f'--settings {args.settings!r}: expected some of {",".join(SETTINGS)}')
+    if not 0 <= args.guidance_min_timestep <= 1000:
+      raise ValueError(f'--guidance-min-timestep {args.guidance_min_timestep}: expected a '
+                       'timestep in [0, 1000]')
     if args.out:
       common.writable_file(args.out, '--out')
     report = evaluate(toy.resolve(args.ckpt), args.data, settings=settings, steps=args.steps,
                       guidance=args.guidance, limit=args.limit, seed=args.seed,
                       reference_guidance=args.reference_guidance,
+                      guidance_min_timestep=args.guidance_min_timestep,
                       progress=not args.no_progress)
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     return common.error(e)
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(report, f, indent=1)
-  print(f'{report["rows"]} held-out pairs, {args.steps} steps, guidance {args.guidance}'
-        f'{" (reference guidance)" if args.reference_guidance else ""}; '
+  guidance = f'guidance {args.guidance}'
+  if args.reference_guidance:
+    guidance += ' (reference guidance)'
+  if args.guidance_min_timestep:
+    guidance += f' at t >= {args.guidance_min_timestep:g}'
+  print(f'{report["rows"]} held-out pairs, {args.steps} steps, {guidance}; '
         f'chance {report["chance"]:.3f}; {report["seconds"]:.0f} s')
   for s in settings:
     r = report[s]

@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--reference-guidance', action='store_true',
                  help="CFG's negative half without the references, so guidance amplifies what "
                       'they add too (the official pipelines give both halves the references)')
+  p.add_argument('--guidance-min-timestep', type=float, default=0, metavar='T',
+                 help='no guidance below timestep T (0-1000): guidance only on the noisier '
+                      'steps, e.g. those an expert was trained on (default 0: every step)')
   p.add_argument('--static-cfg', action='store_true',
                  help='CogVideoX: a constant guidance scale instead of the official dynamic one')
   p.add_argument('--frames-selection', default='evenly', choices=['evenly', 'first', 'random'],
@@ -175,6 +178,9 @@ def _check_numbers(args) -> None:
       raise ValueError(f'{flag} {value}: expected a positive multiple of 16')
   if args.guidance is not None and not 0 <= args.guidance < math.inf:
     raise ValueError(f'--guidance {args.guidance}: expected a finite scale >= 0')
+  if not 0 <= args.guidance_min_timestep <= 1000:
+    raise ValueError(f'--guidance-min-timestep {args.guidance_min_timestep}: expected a '
+                     'timestep in [0, 1000]')
   if not 0 <= args.seed < 2**32:
     raise ValueError(f'--seed {args.seed}: expected an integer in [0, 2**32)')
   if args.fps != 'ref':
@@ -243,7 +249,8 @@ def main(argv=None) -> int:
                    frames_selection=args.frames_selection, seed=args.seed,
                    negative_prompt=args.negative_prompt,
                    negative_ref_prompt=args.negative_ref_prompt,
-                   reference_guidance=args.reference_guidance)
+                   reference_guidance=args.reference_guidance,
+                   guidance_min_timestep=args.guidance_min_timestep)
     options.update({k: v for k, v in (('height', args.height), ('width', args.width),
                                       ('guidance_scale', args.guidance)) if v is not None})
     if family == 'cogvideox':

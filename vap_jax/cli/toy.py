@@ -19,8 +19,9 @@ import time
 from vap_jax.cli import common
 
 # How the toy checkpoint generates: its clips' size, few steps, a constant guidance that also
-# amplifies the reference (CFG's negative half is the base alone: --reference-guidance).
-DEMO = dict(frames=17, height=64, width=64, steps=20, guidance=4.0)
+# amplifies the reference (CFG's negative half is the base alone: --reference-guidance), only
+# at the timesteps the expert was trained on (configs/train_toy.py: t >= 500).
+DEMO = dict(frames=17, height=64, width=64, steps=20, guidance=4.0, guidance_min_timestep=500)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,7 +84,7 @@ def _demo(args) -> int:
           '--prompt', example['prompt'], '--frames', str(DEMO['frames']),
           '--height', str(DEMO['height']), '--width', str(DEMO['width']),
           '--steps', str(DEMO['steps']), '--guidance', str(DEMO['guidance']), '--static-cfg',
-          '--reference-guidance',
+          '--reference-guidance', '--guidance-min-timestep', str(DEMO['guidance_min_timestep']),
           '--negative-prompt', '', '--negative-ref-prompt', '',  # what caption dropout taught
           '--dtype', 'float32', '--seed', str(args.seed), '--side-by-side', '--preview', 'gif',
           '--out', str(out)]

@@ -109,7 +109,8 @@ class CogVideoXVAPPipeline:
 
   def sample(self, lat: dict, text, ref_text, *, num_inference_steps: int,
              guidance_scale: float, use_dynamic_cfg: bool, key: jax.Array, progress: bool = True,
-             on_step: Callable | None = None, reference_guidance: bool = False) -> jax.Array:
+             on_step: Callable | None = None, reference_guidance: bool = False,
+             guidance_min_timestep: float = 0) -> jax.Array:
     """The denoising loop; returns the final latents (1, F', C, h, w)."""
     plan = self.scheduler.set_timesteps(num_inference_steps)
     timesteps = np.asarray(plan.timesteps)
@@ -117,6 +118,7 @@ class CogVideoXVAPPipeline:
       guidance = cogvideox_dynamic_guidance(guidance_scale, timesteps)
     else:
       guidance = np.full(len(timesteps), guidance_scale, np.float64)
+    guidance = common.guidance_interval(guidance, timesteps, guidance_min_timestep)
     pair = common.cfg_pair
     image = pair(lat['image'])
     refs = None if lat['ref'] is None else pair(  # references along frames
@@ -144,12 +146,14 @@ class CogVideoXVAPPipeline:
                frames_selection: str = 'evenly', max_sequence_length: int | None = None,
                seed: int = 42, noise: dict | None = None, progress: bool = True,
                on_step: Callable | None = None,
-               reference_guidance: bool = False) -> VideoOutput:
+               reference_guidance: bool = False,
+               guidance_min_timestep: float = 0) -> VideoOutput:
     """``image`` uint8 (H, W, 3); ``ref_videos`` uint8 (F_i, H_i, W_i, 3) each, with one entry of
     ``ref_prompts`` per reference; no references (``[]``, ``[]``) runs the base model alone, the
     expert off. Defaults are the official demo's (dynamic CFG on); the text length defaults to
     the transformer's ``max_text_seq_length`` (226). ``reference_guidance``: CFG's negative half
-    without the references (`common.cfg_ref_mask`)."""
+    without the references (`common.cfg_ref_mask`); ``guidance_min_timestep``: no guidance below
+    that timestep (`common.guidance_interval`)."""
     image = common.check_image(image)
     if isinstance(ref_prompts, str):
       ref_prompts = [ref_prompts]
@@ -170,7 +174,8 @@ class CogVideoXVAPPipeline:
     latents = self.sample(lat, text, ref_text, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
                           key=sample_key, progress=progress, on_step=on_step,
-                          reference_guidance=reference_guidance)
+                          reference_guidance=reference_guidance,
+                          guidance_min_timestep=guidance_min_timestep)
     video, frames = common.postprocess(self.decode(latents))
     return VideoOutput(frames, video, np.asarray(latents), np.stack(refs) if refs else None)
 

@@ -201,6 +201,13 @@ def cfg_ref_mask(num_refs: int, reference_guidance: bool):
   return jnp.array([[False] * num_refs, [True] * num_refs])
 
 
+def guidance_interval(scales: np.ndarray, timesteps, min_timestep: float) -> np.ndarray:
+  """Per-step CFG ``scales`` with guidance off (scale 1: the positive half alone) at timesteps
+  below ``min_timestep`` -- guidance limited to the noisier steps (Kynkaanniemi et al. 2024,
+  "Applying guidance in a limited interval"), e.g. those an expert was trained on."""
+  return np.where(np.asarray(timesteps) >= min_timestep, scales, 1.0)
+
+
 def guided(output: jax.Array, scale) -> jax.Array:
   """Guidance from a model output on the [negative, positive] CFG batch, in float32."""
   output = output.astype(jnp.float32)

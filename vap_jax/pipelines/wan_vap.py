@@ -103,10 +103,12 @@ class WanVAPPipeline:
   def sample(self, lat: dict, text, ref_text, clip_tokens, ref_clip_tokens, *,
              num_inference_steps: int, guidance_scale: float, key: jax.Array,
              progress: bool = True, on_step: Callable | None = None,
-             reference_guidance: bool = False) -> jax.Array:
+             reference_guidance: bool = False, guidance_min_timestep: float = 0) -> jax.Array:
     """The denoising loop (CFG as one batch-2 pass); returns the final latents (1, z, F', h, w)."""
     plan = self.scheduler.set_timesteps(num_inference_steps)
-    guidance = np.full(int(plan.timesteps.shape[0]), guidance_scale, np.float64)
+    timesteps = np.asarray(plan.timesteps)
+    guidance = common.guidance_interval(np.full(len(timesteps), guidance_scale, np.float64),
+                                        timesteps, guidance_min_timestep)
     pair = common.cfg_pair
     target = conditioning.wan_inputs(lat['latents'], lat['condition'])
     ref = conditioning.wan_inputs(lat['ref'], lat['ref_condition'])  # references along frames
@@ -133,10 +135,12 @@ class WanVAPPipeline:
                guidance_scale: float = 5.0, frames_selection: str = 'evenly',
                max_sequence_length: int = 512, seed: int = 42, noise: dict | None = None,
                progress: bool = True, on_step: Callable | None = None,
-               reference_guidance: bool = False) -> VideoOutput:
+               reference_guidance: bool = False,
+               guidance_min_timestep: float = 0) -> VideoOutput:
     """``image`` uint8 (H, W, 3); ``ref_videos`` uint8 (F_i, H_i, W_i, 3) each, with one entry of
     ``ref_prompts`` per reference. Defaults are the official demo's (480x832, 49 frames).
-    ``reference_guidance``: CFG's negative half without the references (`common.cfg_ref_mask`)."""
+    ``reference_guidance``: CFG's negative half without the references (`common.cfg_ref_mask`);
+    ``guidance_min_timestep``: no guidance below that timestep (`common.guidance_interval`)."""
     image = common.check_image(image)
     if isinstance(ref_prompts, str):
       ref_prompts = [ref_prompts]
@@ -156,7 +160,8 @@ class WanVAPPipeline:
     latents = self.sample(lat, text, ref_text, clip_tokens, ref_clip_tokens,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           key=sample_key, progress=progress, on_step=on_step,
-                          reference_guidance=reference_guidance)
+                          reference_guidance=reference_guidance,
+                          guidance_min_timestep=guidance_min_timestep)
     video, frames = common.postprocess(self.decode(latents))
     return VideoOutput(frames, video, np.asarray(latents), np.stack(refs))
 

@@ -78,7 +78,7 @@ def subject_rank(video: np.ndarray, subject: toy.Subject, condition: toy.Conditi
 
 def evaluate(ckpt, root, *, settings=SETTINGS, steps: int = 20, guidance: float = 2.0,
              limit: int | None = None, seed: int = 0, reference_guidance: bool = False,
-             pipeline=None, progress: bool = True) -> dict:
+             guidance_min_timestep: float = 0, pipeline=None, progress: bool = True) -> dict:
   """Scores of the checkpoint ``ckpt`` (any folder `Pipeline.from_pretrained` reads, or an
   already loaded ``pipeline``) on the VAP-Toy dataset at ``root``; see the module docstring."""
   from PIL import Image
@@ -111,14 +111,16 @@ def evaluate(ckpt, root, *, settings=SETTINGS, steps: int = 20, guidance: float 
     out = pipe(image, refs, prompt, ref_prompts, height=size, width=size,
                num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
                use_dynamic_cfg=False, seed=seed + i, progress=False,
-               reference_guidance=reference_guidance, **UNCONDITIONAL)
+               reference_guidance=reference_guidance,
+               guidance_min_timestep=guidance_min_timestep, **UNCONDITIONAL)
     predicted, dist = toy.nearest_condition(out.frames, subject)
     results[setting].append(dict(
         subject=row['subject'], kind=row['kind'], reference_kind=ref_kind,
         predicted=predicted.kind, distance=float(dist.min()),
         subject_rank=subject_rank(out.frames, subject, predicted, subjects)))
   report = dict(checkpoint=str(ckpt), data=str(root), rows=len(rows), steps=steps,
-                guidance=guidance, reference_guidance=reference_guidance, seed=seed,
+                guidance=guidance, reference_guidance=reference_guidance,
+                guidance_min_timestep=guidance_min_timestep, seed=seed,
                 chance=1 / len(toy.KINDS),
                 seconds=round(time.perf_counter() - start, 1))
   for setting, items in results.items():
