@@ -101,6 +101,16 @@ def test_two_references(pipe, golden):
   assert np.isfinite(two.video).all()
 
 
+def test_guidance_interval_leaves_the_low_timesteps_unguided(pipe, golden):
+  """``guidance_min_timestep`` above every timestep: each step unguided, as guidance 1 gives."""
+  run = lambda g, **kw: pipe(golden['inputs']['image'], [golden['inputs']['ref_videos'][0]],
+                             'a', ['b'], height=48, width=64, num_frames=9, num_inference_steps=2,
+                             guidance_scale=g, progress=False, **kw).latents
+  unguided = run(3.0, guidance_min_timestep=1000)
+  assert_close(unguided, run(1.0), atol=1e-6, what='latents with guidance off at every step')
+  assert np.abs(unguided - run(3.0)).max() > 1e-3
+
+
 def test_sharded_pipeline_equals_one_device(pipe, golden):
   """CFG batch over 'data', weights over 'fsdp': same frames as one device."""
   from vap_jax.parallel import make_mesh
